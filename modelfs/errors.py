@@ -1,0 +1,33 @@
+"""One exception hierarchy for everything a user can cause or meet.
+
+The CLI turns any :class:`ModelfsError` into one line on stderr and a non-zero
+exit; anything else is a bug and keeps its traceback (with ``--debug`` always).
+"""
+
+
+class ModelfsError(Exception):
+    """Base class: the message is meant for the user, on one line."""
+
+    exit_code = 1
+
+
+class UsageError(ModelfsError):
+    """A malformed reference, option or argument."""
+
+    exit_code = 2
+
+
+class ManifestError(ModelfsError):
+    """A manifest that is malformed, hostile or of an unknown format."""
+
+
+class NotFoundError(ModelfsError):
+    """A model, tag, version or object that does not exist."""
+
+
+class StoreError(ModelfsError):
+    """The object store failed: unreachable, denied, missing bucket, 5xx after retries."""
+
+
+class IntegrityError(ModelfsError):
+    """Bytes whose hash does not match what the manifest promises."""

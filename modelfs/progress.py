@@ -1,0 +1,44 @@
+"""Progress display for long work (publish, pull): a tqdm bar on stderr, or nothing.
+
+tqdm draws only on a terminal by default, so CI logs and pipes stay clean.
+Workers call ``advance`` from many threads; the lock keeps updates whole.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, desc: str, enabled: bool | None = None):
+        self.desc = desc
+        self.enabled = enabled  # None: only on a terminal
+        self._bar: tqdm | None = None
+        self._lock = threading.Lock()
+
+    def start(self, total: int) -> None:
+        self._bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True,
+                         unit_divisor=1024, disable=None if self.enabled is None else not self.enabled,
+                         dynamic_ncols=True, leave=False)
+
+    def advance(self, n: int, note: str | None = None) -> None:
+        if self._bar is None:
+            return
+        with self._lock:
+            self._bar.update(n)
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class NullProgress(Progress):
+    def __init__(self) -> None:
+        super().__init__("", enabled=False)
+
+    def start(self, total: int) -> None:
+        pass

@@ -1,0 +1,119 @@
+"""Materializing a model version on local disk, for places that cannot use FUSE.
+
+Chunks are fetched in parallel and verified (BLAKE3) as they arrive, written
+in place into ``<file>.modelfs-partial``, and each finished file is checked
+against its SHA-256 before it is renamed into place — so a destination never
+holds a half-written file under its real name, and a re-run skips files that
+are already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import IntegrityError, UsageError
+from .manifest import FileEntry, Manifest, all_directories
+from .registry import Registry
+
+PARTIAL = ".modelfs-partial"
+
+
+@dataclass
+class PullStats:
+    files: int = 0
+    skipped_files: int = 0
+    bytes: int = 0
+    fetched_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inside(dest: Path, rel: str) -> Path:
+    """``dest/rel``, refusing anything that resolves outside ``dest`` (planted symlinks)."""
+    target = dest / rel
+    real_dest = os.path.realpath(dest)
+    if os.path.commonpath([real_dest, os.path.realpath(target.parent)]) != real_dest:
+        raise UsageError(f"refusing to write {rel!r}: it resolves outside {dest}")
+    return target
+
+
+def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int = 16,
+         on_progress: Callable[[int], None] | None = None) -> PullStats:
+    on_progress = on_progress or (lambda n: None)
+    stats = PullStats()
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, mode in sorted(all_directories(manifest).items()):
+        d = _inside(dest, rel)
+        d.mkdir(exist_ok=True)
+        os.chmod(d, mode | 0o700)  # keep it writable for us while filling it
+    slots = threading.BoundedSemaphore(2 * concurrency)
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="pull") as pool:
+        for entry in manifest.files:
+            target = _inside(dest, entry.path)
+            if target.is_file() and target.stat().st_size == entry.size \
+                    and file_sha256(target) == entry.sha256:
+                stats.add(skipped_files=1, bytes=entry.size)
+                on_progress(entry.size)
+                continue
+            _pull_file(registry, entry, target, pool, slots, stats, on_progress)
+    for rel, mode in sorted(all_directories(manifest).items(), reverse=True):
+        os.chmod(dest / rel, mode)
+    return stats
+
+
+def _pull_file(registry: Registry, entry: FileEntry, target: Path, pool: ThreadPoolExecutor,
+               slots: threading.BoundedSemaphore, stats: PullStats,
+               on_progress: Callable[[int], None]) -> None:
+    partial = target.with_name(target.name + PARTIAL)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+
+    def fetch(i: int) -> None:
+        try:
+            h, n = entry.chunks[i]
+            os.pwrite(fd, registry.get_chunk(h, n), entry.offsets[i])
+            stats.add(fetched_bytes=n)
+            on_progress(n)
+        finally:
+            slots.release()
+
+    futures: list[Future] = []
+    try:
+        os.ftruncate(fd, entry.size)
+        for i in range(len(entry.chunks)):
+            slots.acquire()
+            futures.append(pool.submit(fetch, i))
+        for f in futures:
+            f.result()
+        os.fsync(fd)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        wait(futures)  # no worker may write into a closed descriptor
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    if file_sha256(partial) != entry.sha256:
+        partial.unlink(missing_ok=True)
+        raise IntegrityError(f"{entry.path}: SHA-256 of the assembled file does not match the manifest")
+    os.chmod(partial, entry.mode)
+    os.replace(partial, target)
+    stats.add(files=1, bytes=entry.size)

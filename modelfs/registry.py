@@ -1,0 +1,143 @@
+"""The registry layout under an S3 prefix, and the operations on it.
+
+    <prefix>/chunks/<blake3>                    chunk objects (see codec), shared by all models
+    <prefix>/models/<name>/versions/<id>.json   manifests, immutable, id = hash of the bytes
+    <prefix>/models/<name>/tags/<tag>.json      {"version": id, ...}, mutable pointers
+
+Readers only ever follow tag → manifest → chunks, and writers write in the
+opposite order (chunks, then the manifest, then the tag), so a reader never
+sees a manifest whose chunks are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from . import codec
+from .errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
+from .manifest import Manifest, loads
+from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag
+from .store import ObjectInfo, Store
+
+TAG_FORMAT = "modelfs-tag"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    created: float  # when the manifest object was written (store time)
+    manifest_bytes: int
+
+
+class Registry:
+    def __init__(self, store: Store, ref: RegistryRef):
+        self.store = store
+        self.ref = ref
+
+    # -- keys ----------------------------------------------------------------
+    def chunk_key(self, h: str) -> str:
+        return self.ref.key("chunks", h)
+
+    def version_key(self, name: str, version: str) -> str:
+        return self.ref.key("models", name, "versions", f"{version}.json")
+
+    def tag_key(self, name: str, tag: str) -> str:
+        return self.ref.key("models", name, "tags", f"{tag}.json")
+
+    # -- chunks --------------------------------------------------------------
+    def has_chunk(self, h: str) -> bool:
+        return self.store.exists(self.chunk_key(h))
+
+    def put_chunk(self, h: str, blob: bytes) -> None:
+        self.store.put(self.chunk_key(h), blob)
+
+    def get_chunk(self, h: str, size: int) -> bytes:
+        """The chunk's verified raw bytes (IntegrityError when the store's copy is bad)."""
+        try:
+            blob = self.store.get(self.chunk_key(h))
+        except NotFoundError:
+            raise NotFoundError(f"chunk {h} is missing from {self.ref}") from None
+        return codec.decode(blob, h, size)
+
+    # -- manifests and tags ----------------------------------------------------
+    def put_manifest(self, m: Manifest) -> str:
+        data = m.to_bytes()
+        self.store.put(self.version_key(m.name, m.version_id), data, "application/json")
+        return m.version_id
+
+    def get_manifest(self, name: str, version: str) -> Manifest:
+        try:
+            data = self.store.get(self.version_key(name, version))
+        except NotFoundError:
+            raise NotFoundError(f"no version {version} of model {name!r} in {self.ref}") from None
+        m = loads(data, expected_version=version, source=f"{self.ref}/{name}@{version}")
+        if m.name != name:
+            raise IntegrityError(f"manifest {version} names model {m.name!r}, not {name!r}")
+        return m
+
+    def get_tag(self, name: str, tag: str) -> str:
+        try:
+            data = self.store.get(self.tag_key(name, tag))
+        except NotFoundError:
+            if not self.model_exists(name):
+                raise NotFoundError(f"no model {name!r} in {self.ref}") from None
+            raise NotFoundError(f"model {name!r} has no tag {tag!r}") from None
+        try:
+            doc = json.loads(data)
+            version = doc["version"]
+            if doc.get("format") != TAG_FORMAT or not VERSION_RE.match(version):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise ManifestError(f"tag {name}@{tag} in {self.ref} is malformed") from None
+        return version
+
+    def set_tag(self, name: str, tag: str, version: str) -> None:
+        check_tag(tag)
+        doc = {"format": TAG_FORMAT, "version": version,
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.store.put(self.tag_key(name, tag), json.dumps(doc, sort_keys=True).encode(),
+                       "application/json")
+
+    def resolve(self, ref: ModelRef) -> tuple[str, Manifest]:
+        """``(version id, manifest)`` for a tag or version reference."""
+        version = ref.selector if ref.is_version else self.get_tag(ref.name, ref.selector)
+        return version, self.get_manifest(ref.name, version)
+
+    # -- listings ------------------------------------------------------------
+    def models(self) -> list[str]:
+        base = self.ref.key("models") + "/"
+        return sorted(p[len(base):].rstrip("/") for p in self.store.list(base, "/")
+                      if isinstance(p, str))
+
+    def model_exists(self, name: str) -> bool:
+        base = self.ref.key("models", name) + "/"
+        return any(True for _ in self.store.list(base, "/"))
+
+    def tags(self, name: str) -> dict[str, str]:
+        base = self.ref.key("models", name, "tags") + "/"
+        out = {}
+        for o in self.store.list(base):
+            if isinstance(o, ObjectInfo) and o.key.endswith(".json"):
+                tag = o.key[len(base):-5]
+                try:
+                    out[check_tag(tag)] = self.get_tag(name, tag)
+                except ModelfsError:  # a foreign or broken object must not hide the rest
+                    continue
+        return dict(sorted(out.items()))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        check_name(name)
+        base = self.ref.key("models", name, "versions") + "/"
+        out = [VersionInfo(o.key[len(base):-5], o.last_modified, o.size)
+               for o in self.store.list(base)
+               if isinstance(o, ObjectInfo) and VERSION_RE.match(o.key[len(base):-5])]
+        return sorted(out, key=lambda v: (v.created, v.version))
+
+    def latest_manifest(self, name: str) -> Manifest | None:
+        """The newest version of ``name``, if any (its chunks are known to exist)."""
+        versions = self.versions(name)
+        if not versions:
+            return None
+        return self.get_manifest(name, versions[-1].version)
