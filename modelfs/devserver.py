@@ -74,7 +74,8 @@ class SeaweedServer:
         cmd = [find_weed(), "server", f"-dir={self.workdir}", "-s3", f"-s3.port={s3}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-               "-master.volumeSizeLimitMB=1024", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               # one collection per bucket, each growing several volumes: many small ones
+               "-master.volumeSizeLimitMB=256", "-volume.max=2000", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-metricsPort={metrics}"]
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -174,7 +174,8 @@ class Publisher:
                             fut = pool.submit(self._chunk, view, off, n)
                             fut.add_done_callback(self._done)
                             futures.append(fut)
-                            sha.update(view[off:off + n])
+                            with view[off:off + n] as piece:
+                                sha.update(piece)
                             if self._failed.is_set():
                                 break  # the result() below raises the worker's error
                         chunks = tuple(f.result() for f in futures)
@@ -194,17 +195,19 @@ class Publisher:
                          describe(str(s.full), size))
 
     def _chunk(self, view: memoryview, off: int, n: int) -> tuple[str, int]:
-        data = view[off:off + n]
-        h = chunk_hash(data)
-        with self._lock:
-            first = h not in self._seen
-            self._seen.add(h)
-        if not first or h in self._known or self.registry.has_chunk(h):
-            self.stats.add(reused_chunks=1, reused_bytes=n)
-        else:
-            blob = codec.encode(data, self.compress)
-            if not self.dry_run:
-                self.registry.put_chunk(h, blob)
-            self.stats.add(uploaded_chunks=1, uploaded_bytes=len(blob))
+        # ``with``: the slice is released even when an error's traceback keeps this
+        # frame alive; otherwise the mapping could not be closed.
+        with view[off:off + n] as data:
+            h = chunk_hash(data)
+            with self._lock:
+                first = h not in self._seen
+                self._seen.add(h)
+            if not first or h in self._known or self.registry.has_chunk(h):
+                self.stats.add(reused_chunks=1, reused_bytes=n)
+            else:
+                blob = codec.encode(data, self.compress)
+                if not self.dry_run:
+                    self.registry.put_chunk(h, blob)
+                self.stats.add(uploaded_chunks=1, uploaded_bytes=len(blob))
         self.on_progress(n, self.stats)
         return h, n

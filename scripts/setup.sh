@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what modelfs needs on a fresh Debian/Ubuntu machine: apt packages (only those
+# missing), a virtualenv in .venv, and modelfs itself with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for p in fuse3 libfuse3-dev pkg-config gcc attr; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+python3 - <<'PY' || need+=(python3-dev)
+import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+PY
+if ((${#need[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+  | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import modelfs, pyfuse3, lmdb, trio' # fail here, loudly, if the install did not work

@@ -1,0 +1,217 @@
+"""Publish / pull / ls / inspect / tag against a real SeaweedFS, asserted from the store's side."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from modelfs.chunking import DEFAULT_PARAMS
+from modelfs.devserver import free_ports
+from modelfs.sample import write_safetensors, layer_tensors
+
+from conftest import cli, objects, tree_digest
+
+AVG = DEFAULT_PARAMS.avg_size
+
+
+def chunk_objects(s3, bucket):
+    return objects(s3, bucket, "reg/chunks/")
+
+
+def test_round_trip_publish_pull(env, bucket, sample_model, tmp_path, s3):
+    r = cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "tiny", "--tag", "prod",
+            "--manifest-out", str(tmp_path / "tiny.manifest.json"))
+    assert "published tiny@" in r.stdout
+    out = tmp_path / "out"
+    cli(env, "pull", f"s3://{bucket}/reg/tiny@prod", str(out))
+    assert tree_digest(out) == tree_digest(sample_model)  # bytes, modes, empty file and dir
+    assert (out / "empty_dir").is_dir() and (out / "extra" / "empty.txt").stat().st_size == 0
+    assert not list(out.rglob("*.modelfs-partial"))
+    # the manifest file written locally is the one in the store, byte for byte
+    keys = [k for k in objects(s3, bucket, "reg/models/tiny/versions/")]
+    assert len(keys) == 1
+    stored = s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read()
+    assert stored == (tmp_path / "tiny.manifest.json").read_bytes()
+    # a manifest file works as a ref too, with the registry given
+    out2 = tmp_path / "out2"
+    cli(env, "pull", str(tmp_path / "tiny.manifest.json"), str(out2), "--registry", f"s3://{bucket}/reg")
+    assert tree_digest(out2) == tree_digest(sample_model)
+
+
+def test_pull_resumes_and_repairs(env, bucket, sample_model, tmp_path, seaweed):
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    out = tmp_path / "out"
+    cli(env, "pull", f"s3://{bucket}/reg/m", str(out))
+    (out / "config.json").unlink()
+    shard = out / "model-00001-of-00002.safetensors"
+    with open(shard, "r+b") as f:
+        f.seek(1000)
+        f.write(b"garbage")
+    before = seaweed.request_counts(bucket)[("GET", "200")]
+    r = cli(env, "pull", f"s3://{bucket}/reg/m", str(out))
+    assert "2 files written" in r.stdout
+    assert tree_digest(out) == tree_digest(sample_model)
+    gets = seaweed.request_counts(bucket)[("GET", "200")] - before
+    shard_chunks = sum(1 for _ in json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+                       ["files"][3]["chunks"])
+    assert gets <= shard_chunks + 1 + 4  # the broken shard, config.json, tag + manifest lookups
+
+
+def test_republish_unchanged_uploads_no_chunk(env, bucket, sample_model, s3, seaweed):
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    before, puts = chunk_objects(s3, bucket), seaweed.request_counts(bucket)[("PUT", "200")]
+    r = cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod")
+    assert chunk_objects(s3, bucket) == before
+    # server side: exactly the manifest and the two tags were written, no chunk
+    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == 3
+    assert "uploaded  0 B in 0 chunks" in r.stdout
+
+
+@pytest.fixture
+def big_model(tmp_path):
+    """A 72 MiB single-shard model (≥ 64 MiB: many chunks)."""
+    d = tmp_path / "big"
+    d.mkdir()
+    tensors = layer_tensors(96, 256)
+    write_safetensors(d / "model.safetensors", tensors, seed=7, metadata={"format": "pt"})
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    return d, tensors
+
+
+def _new_chunks(s3, bucket, before):
+    after = chunk_objects(s3, bucket)
+    new = {k: v for k, v in after.items() if k not in before}
+    return new
+
+
+def test_dedup_tensor_change_and_header_growth(env, bucket, big_model, s3, seaweed):
+    d, tensors = big_model
+    path = d / "model.safetensors"
+    assert path.stat().st_size >= 64 << 20
+    cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m")
+    total_chunks = len(chunk_objects(s3, bucket))
+    assert total_chunks >= 10
+
+    # 1. one tensor's bytes changed in place
+    before = chunk_objects(s3, bucket)
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\x01" * 100_000)
+    cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m")
+    new = _new_chunks(s3, bucket, before)
+    assert 1 <= len(new) <= 2 and sum(new.values()) <= 2 * AVG + 64
+
+    # 2. the header grows by a few hundred bytes: every tensor offset shifts
+    before = chunk_objects(s3, bucket)
+    data = path.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["note"] = "fine-tuned " * 30
+    js = json.dumps(header, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    assert len(js) - n >= 300
+    path.write_bytes(__import__("struct").pack("<Q", len(js)) + js + data[8 + n:])
+    cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m")
+    new = _new_chunks(s3, bucket, before)
+    assert 1 <= len(new) <= 3 and sum(new.values()) <= 3 * AVG + 64
+
+
+def test_killed_publish_leaves_no_dangling_manifest_and_resumes(env, bucket, tmp_path, s3, seaweed):
+    d = tmp_path / "m"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(200, 256), seed=3)  # ~150 MiB
+    proc = subprocess.Popen([sys.executable, "-m", "modelfs", "-j", "2", "publish", str(d),
+                             f"s3://{bucket}/reg", "--name", "m", "--tag", "prod", "--no-compress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(chunk_objects(s3, bucket)) < 5 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "publish finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    time.sleep(1.5)  # a PUT in flight at the kill may still land on the server
+    assert not objects(s3, bucket, "reg/models/"), "a manifest or tag was written before its chunks"
+    done = chunk_objects(s3, bucket)
+    assert done
+    puts = seaweed.request_counts(bucket)[("PUT", "200")]
+    r = cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod", "--no-compress")
+    after = chunk_objects(s3, bucket)
+    missing = len(after) - len(done)
+    assert missing > 0 and f"reused    {len(done)} chunks" in r.stdout
+    # server side: only the missing chunks, one manifest and two tags were PUT
+    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == missing + 3
+    out = tmp_path / "out"
+    cli(env, "pull", f"s3://{bucket}/reg/m@prod", str(out))
+    assert tree_digest(out) == tree_digest(d)
+
+
+def test_dry_run_writes_nothing(env, bucket, sample_model, s3, seaweed):
+    puts = seaweed.request_counts(bucket)[("PUT", "200")]
+    r = cli(env, "publish", "--dry-run", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    assert r.stdout.startswith("dry run: would publish m@")
+    assert not objects(s3, bucket)
+    assert seaweed.request_counts(bucket)[("PUT", "200")] == puts
+
+
+def test_ls_inspect_and_tag(env, bucket, sample_model, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    v1 = cli(env, "publish", str(sample_model), reg, "--name", "alpha", "--tag", "prod").stdout.split("@")[1].split()[0]
+    m2 = tmp_path / "m2"
+    shutil.copytree(sample_model, m2)
+    (m2 / "config.json").write_text('{"model_type": "llama", "v": 2}')
+    v2 = cli(env, "publish", str(m2), reg, "--name", "alpha", "--tag", "staging").stdout.split("@")[1].split()[0]
+    cli(env, "publish", str(sample_model), reg, "--name", "beta")
+    out = cli(env, "ls", reg).stdout
+    assert "alpha" in out and "beta" in out and v1 in out and v2 in out
+    assert "[prod]" in out and "[latest, staging]" in out
+    text = cli(env, "inspect", f"{reg}/alpha@prod").stdout
+    assert f"alpha@{v1}" in text and "safetensors:" in text and "params" in text
+    assert "LlamaForCausalLM" in text
+    cli(env, "tag", f"{reg}/alpha@{v2}", "prod")
+    assert f"alpha@{v2}" in cli(env, "inspect", f"{reg}/alpha@prod").stdout
+    doc = json.loads(cli(env, "inspect", "--json", f"{reg}/alpha@{v1}").stdout)
+    assert doc["format_version"] == 1 and doc["name"] == "alpha"
+
+
+def test_tampered_manifest_is_refused(env, bucket, sample_model, s3):
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    key = next(iter(objects(s3, bucket, "reg/models/m/versions/")))
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=body.replace(b'"0644"', b'"0666"', 1))
+    r = cli(env, "inspect", f"s3://{bucket}/reg/m", check=False)
+    assert r.returncode != 0 and "do not match version id" in r.stderr
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfs: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_clear_errors(env, bucket, sample_model, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    cli(env, "publish", str(sample_model), reg, "--name", "m")
+    _one_line_error(cli(env, "inspect", f"{reg}/nope@prod", check=False), "no model 'nope'")
+    _one_line_error(cli(env, "inspect", f"{reg}/m@nope", check=False), "no tag 'nope'")
+    _one_line_error(cli(env, "inspect", f"{reg}/m@0123456789abcdef0123", check=False), "no version")
+    _one_line_error(cli(env, "ls", "s3://no-such-bucket/reg", check=False), "does not exist")
+    _one_line_error(cli(env, "publish", str(sample_model), "s3://no-such-bucket/r", "--name", "m", check=False),
+                    "does not exist")
+    _one_line_error(cli(env, "inspect", "s3://Bad_Bucket/x@y", check=False), "invalid bucket")
+    _one_line_error(cli(env, "publish", str(sample_model), reg, "--name", "../x", check=False), "invalid model name")
+    _one_line_error(cli(env, "tag", f"{reg}/m", "bad/tag", check=False), "invalid tag")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "modelfs-manifest", "format_version": 9}')
+    _one_line_error(cli(env, "inspect", str(bad), check=False), "unsupported format_version")
+    dead = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}")
+    r = cli(dead, "--concurrency", "2", "ls", reg, check=False, timeout=120)
+    _one_line_error(r, "cannot reach")
