@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,14 @@ def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manife
     data = path.read_bytes()
     manifest = loads(data, source=str(path))
     return None, manifest.version_id, manifest
+
+
+def _manifest_registry(m: Manifest, registry_url: str | None) -> RegistryRef:
+    """Where a manifest file's chunks live: --registry, else the manifest's origin."""
+    url = registry_url or m.origin
+    if not url:
+        raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
+    return parse_registry(url)
 
 
 @main.command()
@@ -210,9 +219,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
 
     reg, version, m = _resolve(ctx, ref)
     if reg is None:
-        if not registry_url:
-            raise UsageError("pulling from a manifest file needs --registry s3://BUCKET/PREFIX")
-        reg = _registry(ctx, parse_registry(registry_url))
+        reg = _registry(ctx, _manifest_registry(m, registry_url))
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()
@@ -224,6 +231,75 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
     click.echo(f"pulled {m.name}@{version} into {dest}: {stats.files} files written, "
                f"{stats.skipped_files} already complete, {fmt_bytes(stats.fetched_bytes)} fetched "
                f"in {dt:.1f} s")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--registry", "registry_url", help="Registry holding the chunks, when SOURCE is a manifest file (default: its origin).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Persistent block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
+@click.option("--cache-size", default="16G", show_default=True, help="Cap of the block cache.")
+@click.option("--memory-cache", default="512M", show_default=True, help="Decoded chunks kept in memory.")
+@click.option("--readahead", default="64M", show_default=True, help="Largest readahead window per sequential reader.")
+@click.option("--fetch-timeout", default=60.0, show_default=True, help="Seconds before a chunk fetch is an I/O error.")
+@click.option("--metadata-ttl", default=30.0, show_default=True, help="Seconds model/tag/version listings are kept.")
+@click.option("--kernel-readahead-kb", default=1024, show_default=True, help="Kernel readahead for the mount (root only; 0 keeps the default).")
+@click.option("--allow-other", is_flag=True, help="Let other users (and containers) read the mount.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
+@click.option("--ready-fd", type=int, hidden=True)
+@click.pass_context
+def mount(ctx, source, mountpoint: Path, registry_url, cache_dir, cache_size, memory_cache, readahead,
+          fetch_timeout, metadata_ttl, kernel_readahead_kb, allow_other, foreground, ready_fd):
+    """Mount SOURCE read-only at MOUNTPOINT.
+
+    SOURCE is a registry (s3://BUCKET/PREFIX: every model, tag and version), one
+    model version (s3://BUCKET/PREFIX/NAME@TAG), or a manifest file.
+    """
+    from .cache import default_cache_dir
+    from .fetch import FetchConfig
+    from .mount import MountConfig, parse_size, run_foreground, start_background
+
+    store_cfg = ctx.obj["config"]
+    cfg = MountConfig(
+        source=source, mountpoint=mountpoint.absolute(), registry_url=registry_url,
+        cache_dir=(cache_dir or default_cache_dir()).absolute(), cache_size=parse_size(cache_size),
+        allow_other=allow_other, metadata_ttl=metadata_ttl,
+        kernel_readahead_kb=kernel_readahead_kb or None, store=store_cfg,
+        fetch=FetchConfig(memory_bytes=parse_size(memory_cache), s3_concurrency=store_cfg.concurrency,
+                          readahead_bytes=parse_size(readahead), fetch_timeout=fetch_timeout))
+    if foreground:
+        run_foreground(cfg, ready_fd)
+        return
+    from .mount import check_mountpoint
+    check_mountpoint(cfg.mountpoint)  # fail fast, before starting anything
+    slug = str(cfg.mountpoint).strip("/").replace("/", "_") or "root"
+    log_path = cfg.cache_dir / "logs" / f"mount-{slug}.log"
+    pid = start_background(sys.argv[1:], log_path)
+    click.echo(f"mounted {source} at {cfg.mountpoint} (pid {pid}; log {log_path})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--lazy", "-z", is_flag=True, help="Detach now, even with files open; finish when they close.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+def unmount(mountpoint: Path, lazy: bool, timeout: float):
+    """Unmount a modelfs mount and wait for its daemon to exit."""
+    from .mount import unmount as do_unmount
+
+    try:
+        pid = int(os.getxattr(mountpoint, "user.modelfs.pid"))
+    except (OSError, ValueError):
+        pid = None
+    do_unmount(mountpoint, lazy)
+    deadline = time.monotonic() + timeout
+    while pid and not lazy and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    click.echo(f"unmounted {mountpoint}")
 
 
 if __name__ == "__main__":

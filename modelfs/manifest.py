@@ -78,6 +78,7 @@ class Manifest:
     chunking: dict
     chunk_hash: str = "blake3"
     file_hash: str = "sha256"
+    origin: str | None = None  # the registry it was published to: where its chunks are
 
     def totals(self) -> dict:
         unique = {h: n for f in self.files for h, n in f.chunks}
@@ -91,6 +92,7 @@ class Manifest:
                 "created": self.created,
                 "hashes": {"chunk": self.chunk_hash, "file": self.file_hash},
                 "chunking": self.chunking, "totals": self.totals(),
+                **({"origin": self.origin} if self.origin else {}),
                 "directories": [d.as_json() for d in self.directories],
                 "files": [f.as_json() for f in self.files]}
 
@@ -230,6 +232,10 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
     if hashes.get("chunk") != "blake3" or hashes.get("file") != "sha256":
         raise ManifestError(f"unsupported hash algorithms {hashes!r}"[:300])
     chunking = _obj(doc.get("chunking", {}), "chunking")
+    origin = doc.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not origin.startswith("s3://")
+                               or len(origin) > 1024 or "\x00" in origin):
+        raise ManifestError("origin must be an s3:// registry URL")
 
     raw_files = _list(doc.get("files"), "files")
     raw_dirs = _list(doc.get("directories", []), "directories")
@@ -264,7 +270,7 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
                                _obj(desc, f"{path}: description")))
     _check_tree(files, dirs)
     return Manifest(name=name, created=created, files=tuple(files), directories=tuple(dirs),
-                    chunking=chunking)
+                    chunking=chunking, origin=origin)
 
 
 def _check_tree(files: list[FileEntry], dirs: list[DirEntry]) -> None:

@@ -150,7 +150,7 @@ class Publisher:
                 entries.append(self._file(pool, s))
         manifest = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             files=tuple(entries), directories=tuple(dirs),
-                            chunking=self.params.as_json())
+                            chunking=self.params.as_json(), origin=str(self.registry.ref))
         self.stats.seconds = time.monotonic() - t0
         if self.dry_run:
             return PublishResult(manifest, manifest.version_id, self.stats, [])

@@ -67,15 +67,21 @@ class Registry:
         self.store.put(self.version_key(m.name, m.version_id), data, "application/json")
         return m.version_id
 
-    def get_manifest(self, name: str, version: str) -> Manifest:
+    def manifest_bytes(self, name: str, version: str) -> bytes:
         try:
-            data = self.store.get(self.version_key(name, version))
+            return self.store.get(self.version_key(name, version))
         except NotFoundError:
             raise NotFoundError(f"no version {version} of model {name!r} in {self.ref}") from None
+
+    def parse_manifest(self, name: str, version: str, data: bytes) -> Manifest:
+        """Validate manifest bytes fetched (or cached) as ``name@version``."""
         m = loads(data, expected_version=version, source=f"{self.ref}/{name}@{version}")
         if m.name != name:
             raise IntegrityError(f"manifest {version} names model {m.name!r}, not {name!r}")
         return m
+
+    def get_manifest(self, name: str, version: str) -> Manifest:
+        return self.parse_manifest(name, version, self.manifest_bytes(name, version))
 
     def get_tag(self, name: str, tag: str) -> str:
         try:

@@ -1,0 +1,251 @@
+"""The mount daemon's life: resolve what to show, mount, signal readiness, serve, unmount.
+
+``modelfs mount`` (without ``--foreground``) starts this same program again in
+the background with ``--foreground --ready-fd N`` and waits: the child writes
+``READY`` to that pipe only once a file on the mount can be stat'ed from another
+thread, or ``ERROR <message>`` if anything failed first (bad ref, busy mount
+point, ...), so the parent returns success only for a mount that serves files,
+and a failed mount leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import BlockCache
+from .config import StoreConfig
+from .errors import ModelfsError, UsageError
+from .fetch import FetchConfig, Fetcher
+from .fs import ModelFS
+from .manifest import Manifest, loads
+from .refs import is_model_ref, parse_model, parse_registry
+from .registry import Registry
+from .store import Store
+from .tree import Namespace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    source: str  # s3://bucket/prefix (registry), s3://…/name@sel (model) or a manifest file
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int
+    registry_url: str | None = None  # chunks of a manifest file (default: its origin)
+    allow_other: bool = False
+    metadata_ttl: float = 30.0
+    kernel_readahead_kb: int | None = 1024
+    store: StoreConfig = field(default_factory=StoreConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1T``, ``4096`` → bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use e.g. 512M, 20G, 1T") from None
+    if value <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    return int(value * mult)
+
+
+# -- the mount point -------------------------------------------------------------
+
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip().removeprefix("fusermount3: ")
+        if "busy" in msg.lower():
+            msg += " (files are open on it; close them, or use --lazy)"
+        raise ModelfsError(f"cannot unmount {mountpoint}: {msg}")
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """A usable, empty, not-yet-mounted directory; a dead modelfs mount there is cleared."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # "Transport endpoint is not connected": a dead daemon
+            log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
+            unmount(mountpoint, lazy=True)
+            st = os.stat(mountpoint)
+        elif e.errno == errno.ENOENT:
+            raise UsageError(f"mount point {mountpoint} does not exist") from None
+        else:
+            raise UsageError(f"mount point {mountpoint}: {e.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point (busy); unmount it first")
+    del st
+
+
+def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:
+    """Bigger kernel reads per request (CernVM-FS does the same); root only, best effort."""
+    dev = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.debug("could not set %s: %s", path, e)
+
+
+# -- what to show ------------------------------------------------------------------
+
+@dataclass
+class Source:
+    registry: Registry | None
+    model: str | None = None
+    version: str | None = None
+    manifest: Manifest | None = None  # None: the whole registry
+
+
+def resolve_source(cfg: MountConfig) -> Source:
+    src = cfg.source
+    if src.startswith("s3://"):
+        if is_model_ref(src):
+            ref = parse_model(src)
+            registry = Registry(Store(ref.registry.bucket, cfg.store), ref.registry)
+            version, manifest = registry.resolve(ref)
+            return Source(registry, ref.name, version, manifest)
+        rref = parse_registry(src)
+        registry = Registry(Store(rref.bucket, cfg.store), rref)
+        registry.store.check_bucket()
+        return Source(registry)
+    path = Path(src)
+    if not path.is_file():
+        raise UsageError(f"{src!r} is neither an s3:// reference nor a manifest file")
+    manifest = loads(path.read_bytes(), source=src)
+    url = cfg.registry_url or manifest.origin
+    if not url:
+        raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
+    rref = parse_registry(url)
+    return Source(Registry(Store(rref.bucket, cfg.store), rref), manifest.name,
+                  manifest.version_id, manifest)
+
+
+# -- the daemon ----------------------------------------------------------------------
+
+def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
+    source = resolve_source(cfg)
+    check_mountpoint(cfg.mountpoint)
+    cache = BlockCache(cfg.cache_dir, cfg.cache_size)
+    fetcher = Fetcher(source.registry, cache, cfg.fetch)
+    ns = Namespace(fetcher, source.registry, ttl=cfg.metadata_ttl)
+    if source.manifest is not None:
+        ns.root_version(source.model, source.version, source.manifest)
+    else:
+        ns.root_registry()
+    ops = ModelFS(ns, fetcher)
+    ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
+    options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, str(cfg.mountpoint), options)
+    try:
+        trio.run(_main, cfg, fetcher, on_ready)
+    finally:
+        pyfuse3.close(unmount=True)
+        cache.close()
+    log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _main(cfg: MountConfig, fetcher: Fetcher, on_ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        nursery.start_soon(_on_signals)
+        nursery.start_soon(_when_serving, cfg, on_ready)
+        await pyfuse3.main()  # returns on terminate() or an external unmount
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _when_serving(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+    # From a worker thread, never the trio thread: the loop must be free to answer.
+    await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    if cfg.kernel_readahead_kb:
+        await trio.to_thread.run_sync(_set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
+    log.info("serving %s at %s", cfg.source, cfg.mountpoint)
+    on_ready()
+
+
+# -- background start ------------------------------------------------------------------
+
+def run_foreground(cfg: MountConfig, ready_fd: int | None) -> None:
+    """The daemon side of the handshake with :func:`start_background`."""
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+    try:
+        serve(cfg, ready)
+    except ModelfsError as e:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, f"ERROR {e}\n".encode())
+            except OSError:
+                pass
+        raise
+
+
+def start_background(argv: list[str], log_path: Path, timeout: float = 120.0) -> int:
+    """Start ``modelfs … mount … --foreground`` detached; return its PID once it serves."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "modelfs", *argv, "--foreground",
+                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                proc.kill()
+                proc.wait()
+                raise ModelfsError(f"the mount daemon did not become ready in {timeout:g} s; see {log_path}")
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+    line = buf.decode(errors="replace").strip()
+    if line == "READY":
+        return proc.pid
+    if line.startswith("ERROR "):
+        proc.wait(30)
+        raise ModelfsError(line[6:])
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    raise ModelfsError(f"the mount daemon exited ({proc.returncode}) before serving; see {log_path}")

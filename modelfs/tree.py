@@ -1,0 +1,256 @@
+"""The namespace a mount shows: which names exist, and the stable inode behind each.
+
+Two forms:
+
+* one model version at the root (a model ref or a manifest file);
+* a whole registry::
+
+      /<model>/<tag>/...             a tag: the version it points to now
+      /<model>/versions/<id>/...     every immutable version, by id
+
+Registry, model, tag and version listings come from the store and are kept for
+``ttl`` seconds, so a moved tag shows up without a remount; when the store cannot
+be reached the last listing is served (stale beats empty). Inside a version all
+is immutable. Inodes are allocated per (view, path) and never reused during the
+mount, so a tag that moves gets a new directory inode while files already open
+keep reading the version they opened.
+
+The store and the LMDB cache are blocking: every call leaves the trio thread
+through ``trio.to_thread.run_sync`` with the fetcher's limiters.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import posixpath
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .errors import ModelfsError, NotFoundError
+from .fetch import Fetcher
+from .manifest import FileEntry, Manifest, all_directories
+from .refs import NAME_RE, VERSION_RE
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+IMMUTABLE_TTL = 24 * 3600.0
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    is_dir: bool
+    mode: int  # permission bits
+    mtime_ns: int
+    ttl: float  # how long the kernel may cache this entry and its attributes
+    kind: str  # registry | model | versions | tree (a version's dir) | file
+    size: int = 0
+    model: str | None = None
+    version: str | None = None
+    manifest: Manifest | None = None
+    path: str = ""  # inside the version; "" is the version's root
+    entry: FileEntry | None = None
+    tag: str | None = None
+
+
+@dataclass
+class _VersionIndex:
+    """Directory listings of one manifest, built once."""
+    manifest: Manifest
+    mtime_ns: int
+    dirs: dict[str, int]  # path → mode
+    children: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, m: Manifest) -> "_VersionIndex":
+        try:
+            mtime = calendar.timegm(time.strptime(m.created, "%Y-%m-%dT%H:%M:%SZ")) * 10**9
+        except ValueError:
+            mtime = 0
+        dirs = all_directories(m)
+        idx = cls(m, mtime, dirs, {"": []})
+        for d in dirs:
+            idx.children.setdefault(d, [])
+        for d in sorted(dirs):
+            idx.children[posixpath.dirname(d)].append((posixpath.basename(d), True))
+        for f in m.files:
+            idx.children[posixpath.dirname(f.path)].append((posixpath.basename(f.path), False))
+        for v in idx.children.values():
+            v.sort()
+        return idx
+
+
+class Namespace:
+    def __init__(self, fetcher: Fetcher, registry: Registry | None, *, ttl: float = 30.0):
+        self.fetcher = fetcher
+        self.registry = registry
+        self.ttl = ttl
+        self.nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple, int] = {}
+        self._next_inode = 2
+        self._listings: dict[tuple, tuple[float, Any]] = {}
+        self._indexes: dict[str, _VersionIndex] = {}
+        self.started_ns = time.time_ns()
+
+    # -- setting up the root -------------------------------------------------------
+    def root_registry(self) -> Node:
+        root = Node(1, True, 0o755, self.started_ns, self.ttl, "registry")
+        self.nodes[1] = root
+        return root
+
+    def root_version(self, name: str, version: str, manifest: Manifest) -> Node:
+        idx = self._index(version, manifest)
+        root = Node(1, True, 0o755, idx.mtime_ns, IMMUTABLE_TTL, "tree", model=name,
+                    version=version, manifest=manifest)
+        self.nodes[1] = root
+        self._by_key[(("v", name, version), "")] = 1
+        return root
+
+    # -- lookups -----------------------------------------------------------------
+    def node(self, inode: int) -> Node | None:
+        return self.nodes.get(inode)
+
+    async def lookup(self, parent: Node, name: str) -> Node | None:
+        for child_name, child in await self.children(parent, name):
+            if child_name == name:
+                return child
+        return None
+
+    async def children(self, node: Node, only: str | None = None) -> list[tuple[str, Node]]:
+        """The entries of directory ``node``; with ``only``, at most that one (cheaper)."""
+        if node.kind == "registry":
+            models = await self._listing(("models",), self.registry.models)
+            return [(m, self._model_node(m)) for m in models if only in (None, m)]
+        if node.kind == "model":
+            m = node.model
+            out = [(VERSIONS_DIR, self._node(("vs", m), "", lambda i: Node(
+                i, True, 0o755, self.started_ns, self.ttl, "versions", model=m)))] \
+                if only in (None, VERSIONS_DIR) else []
+            if only == VERSIONS_DIR:
+                return out
+            tags = await self._listing(("tags", m), lambda: self.registry.tags(m))
+            for tag, version in tags.items():
+                if only in (None, tag) and tag != VERSIONS_DIR:
+                    out.append((tag, self._version_root(("t", m, tag, version), m, version, tag)))
+            return out
+        if node.kind == "versions":
+            m = node.model
+            if only is not None:
+                if not VERSION_RE.match(only):
+                    return []
+                try:
+                    await self.manifest(m, only)  # a direct lookup: does this version exist?
+                except NotFoundError:
+                    return []
+                return [(only, self._version_root(("v", m, only), m, only))]
+            versions = await self._listing(("versions", m), lambda: self.registry.versions(m))
+            return [(v.version, self._version_root(("v", m, v.version), m, v.version))
+                    for v in versions]
+        if node.kind == "tree":
+            idx = self._indexes.get(node.version) or self._index(
+                node.version, await self.manifest(node.model, node.version))
+            view = self._view_of(node)
+            out = []
+            for child_name, is_dir in idx.children.get(node.path, ()):
+                if only not in (None, child_name):
+                    continue
+                p = posixpath.join(node.path, child_name) if node.path else child_name
+                out.append((child_name, self._tree_node(view, node, idx, p, is_dir)))
+            return out
+        return []
+
+    # -- node construction -------------------------------------------------------
+    def _node(self, view: tuple, path: str, make: Callable[[int], Node]) -> Node:
+        key = (view, path)
+        inode = self._by_key.get(key)
+        if inode is None:
+            inode = self._next_inode
+            self._next_inode += 1
+            self._by_key[key] = inode
+            self.nodes[inode] = make(inode)
+        return self.nodes[inode]
+
+    def _view_of(self, node: Node) -> tuple:
+        return ("t", node.model, node.tag, node.version) if node.tag else ("v", node.model, node.version)
+
+    def _model_node(self, m: str) -> Node:
+        return self._node(("m", m), "", lambda i: Node(i, True, 0o755, self.started_ns, self.ttl,
+                                                        "model", model=m))
+
+    def _tree_node(self, view: tuple, parent: Node, idx: _VersionIndex, path: str, is_dir: bool) -> Node:
+        def make(i: int) -> Node:
+            if is_dir:
+                return Node(i, True, idx.dirs.get(path, 0o755), idx.mtime_ns, IMMUTABLE_TTL, "tree",
+                            model=parent.model, version=parent.version, manifest=idx.manifest,
+                            path=path, tag=parent.tag)
+            e = idx.manifest.file(path)
+            return Node(i, False, e.mode, idx.mtime_ns, IMMUTABLE_TTL, "file", size=e.size,
+                        model=parent.model, version=parent.version, manifest=idx.manifest,
+                        path=path, entry=e, tag=parent.tag)
+        return self._node(view, path, make)
+
+    def _version_root(self, view: tuple, model: str, version: str, tag: str | None = None) -> Node:
+        """A version's root directory; its manifest is loaded when it is first listed."""
+        idx = self._indexes.get(version)
+        # a tag's entry must be looked up again after the TTL, to see it move
+        ttl = self.ttl if tag else IMMUTABLE_TTL
+        return self._node(view, "", lambda i: Node(
+            i, True, 0o755, idx.mtime_ns if idx else self.started_ns, ttl, "tree", model=model,
+            version=version, manifest=idx.manifest if idx else None, tag=tag))
+
+    def _index(self, version: str, manifest: Manifest) -> _VersionIndex:
+        idx = self._indexes.get(version)
+        if idx is None:
+            idx = self._indexes[version] = _VersionIndex.build(manifest)
+        return idx
+
+    # -- store access --------------------------------------------------------------
+    async def manifest(self, model: str, version: str) -> Manifest:
+        """A version's manifest: memory, then the LMDB cache, then the store."""
+        idx = self._indexes.get(version)
+        if idx is not None:
+            return idx.manifest
+        if not NAME_RE.match(model) or not VERSION_RE.match(version):
+            raise NotFoundError(f"{model}@{version}")
+        f = self.fetcher
+        data = await trio.to_thread.run_sync(f.cache.get_manifest, version, limiter=f.cache_limiter)
+        fresh = data is None
+        if fresh:
+            data = await trio.to_thread.run_sync(self.registry.manifest_bytes, model, version,
+                                                 limiter=f.s3_limiter, abandon_on_cancel=True)
+        m = self.registry.parse_manifest(model, version, data)
+        if fresh:
+            await trio.to_thread.run_sync(f.cache.put_manifest, version, data, limiter=f.cache_limiter)
+        self._index(version, m)
+        return m
+
+    async def _listing(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """``fn()`` from the store, kept ``ttl`` seconds; the last good value if the store fails."""
+        now = time.monotonic()
+        cached = self._listings.get(key)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            with trio.fail_after(self.fetcher.config.fetch_timeout):
+                value = await trio.to_thread.run_sync(fn, limiter=self.fetcher.s3_limiter,
+                                                      abandon_on_cancel=True)
+        except (ModelfsError, trio.TooSlowError) as e:
+            if cached is None:
+                raise ModelfsError(f"listing {'/'.join(key)}: {e}") from None
+            log.warning("listing %s: %s; serving the last known listing", "/".join(key), e)
+            self._listings[key] = (now, cached[1])  # do not hammer a store that is down
+            return cached[1]
+        self._listings[key] = (now, value)
+        return value
+
+
+def mode_bits(node: Node) -> int:
+    return (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | node.mode
