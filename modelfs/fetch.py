@@ -38,7 +38,7 @@ class FetchConfig:
     s3_concurrency: int = 16  # parallel GETs
     cache_threads: int = 4  # parallel LMDB reads
     readahead_bytes: int = 64 * MiB  # largest readahead window per sequential reader
-    readahead_trigger: int = 2 * MiB  # sequential bytes before readahead starts
+    readahead_trigger: int = 4 * MiB  # sequential bytes (one average chunk) before readahead starts
     fetch_timeout: float = 60.0  # a chunk not fetched by then is EIO
 
 

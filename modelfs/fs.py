@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 XATTR_PREFIX = "user.modelfs."
-BLKSIZE = 1 << 20
+BLKSIZE = 128 << 10  # what buffered readers (Python, stdio) size their reads by
 
 
 async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:

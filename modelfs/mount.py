@@ -27,7 +27,7 @@ import trio
 
 from .cache import BlockCache
 from .config import StoreConfig
-from .errors import ModelfsError, UsageError
+from .errors import ModelfsError, NotFoundError, UsageError
 from .fetch import FetchConfig, Fetcher
 from .fs import ModelFS
 from .manifest import Manifest, loads
@@ -130,7 +130,16 @@ def resolve_source(cfg: MountConfig) -> Source:
         rref = parse_registry(src)
         registry = Registry(Store(rref.bucket, cfg.store), rref)
         registry.store.check_bucket()
-        return Source(registry)
+        if registry.models() or not rref.prefix:
+            return Source(registry)
+        # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
+        try:
+            ref = parse_model(src)
+            parent = Registry(registry.store, ref.registry)
+            version, manifest = parent.resolve(ref)
+        except (UsageError, NotFoundError):
+            raise NotFoundError(f"no registry and no model at {src}") from None
+        return Source(parent, ref.name, version, manifest)
     path = Path(src)
     if not path.is_file():
         raise UsageError(f"{src!r} is neither an s3:// reference nor a manifest file")

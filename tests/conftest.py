@@ -97,3 +97,76 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
         else:
             out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), mode)
     return out
+
+
+class Mounts:
+    """Mounts made by one test; every one is unmounted and its daemon reaped, pass or fail."""
+
+    def __init__(self, env: dict, tmp_path: Path):
+        self.env = env
+        self.tmp = tmp_path
+        self.active: list[tuple[Path, int]] = []
+        self.cache_dir = tmp_path / "cache"
+        self._count = 0
+
+    def mount(self, source: str, *extra: str, mnt: Path | None = None, cache_dir: Path | None = None,
+              check: bool = True) -> Path | subprocess.CompletedProcess:
+        if mnt is None:
+            self._count += 1
+            mnt = self.tmp / f"mnt{self._count}"
+            mnt.mkdir()
+        r = cli(self.env, "mount", source, str(mnt), "--cache-dir", str(cache_dir or self.cache_dir),
+                *extra, check=False)
+        if r.returncode == 0:
+            pid = int(r.stdout.split("(pid ")[1].split(";")[0])
+            self.active.append((mnt, pid))
+        if check:
+            assert r.returncode == 0, r.stderr
+            return mnt
+        return r
+
+    def pid(self, mnt: Path) -> int:
+        return next(p for m, p in self.active if m == mnt)
+
+    def unmount(self, mnt: Path) -> None:
+        pid = self.pid(mnt)
+        cli(self.env, "unmount", str(mnt))
+        assert not os.path.ismount(mnt)
+        assert not _alive(pid), "the daemon outlived its unmount"
+        self.active = [(m, p) for m, p in self.active if m != mnt]
+
+    def cleanup(self) -> None:
+        for mnt, pid in self.active:
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            if _alive(pid):
+                os.kill(pid, 15)
+                for _ in range(100):
+                    if not _alive(pid):
+                        break
+                    __import__("time").sleep(0.05)
+                else:
+                    os.kill(pid, 9)
+        self.active = []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie of ours is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def mounts(env, tmp_path):
+    m = Mounts(env, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()

@@ -1,0 +1,268 @@
+"""Real FUSE mounts on a real SeaweedFS: bytes, laziness, cache, tags, corruption, lifecycle."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelfs.cache import BlockCache
+from modelfs.sample import layer_tensors, write_safetensors
+
+from conftest import cli, objects, tree_digest
+
+
+def publish(env, bucket, src, name="m", *tags):
+    out = cli(env, "publish", str(src), f"s3://{bucket}/reg", "--name", name, "-q",
+              *[a for t in tags for a in ("--tag", t)]).stdout
+    return out.split("@")[1].split()[0]
+
+
+def gets(seaweed, bucket):
+    return seaweed.request_counts(bucket)[("GET", "200")]
+
+
+def test_three_forms_read_byte_identical(env, bucket, sample_model, mounts, tmp_path):
+    version = publish(env, bucket, sample_model, "m", "prod")
+    want = tree_digest(sample_model)
+    one = mounts.mount(f"s3://{bucket}/reg/m@prod")
+    assert tree_digest(one) == want
+    reg = mounts.mount(f"s3://{bucket}/reg")
+    assert sorted(os.listdir(reg)) == ["m"]
+    assert sorted(os.listdir(reg / "m")) == ["latest", "prod", "versions"]
+    assert os.listdir(reg / "m" / "versions") == [version]
+    assert tree_digest(reg / "m" / "prod") == want
+    assert tree_digest(reg / "m" / "versions" / version) == want
+    assert not (reg / "m" / "versions" / ("0" * 20)).exists()
+    manifest = tmp_path / "m.manifest.json"
+    manifest.write_text(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m@prod").stdout)
+    assert tree_digest(mounts.mount(str(manifest))) == want
+
+
+def test_xattrs_and_read_only(env, bucket, sample_model, mounts):
+    version = publish(env, bucket, sample_model)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    f = mnt / "model-00001-of-00002.safetensors"
+    assert os.getxattr(f, "user.modelfs.version").decode() == version
+    assert os.getxattr(f, "user.modelfs.sha256").decode() == hashlib.sha256(
+        (sample_model / f.name).read_bytes()).hexdigest()
+    desc = json.loads(os.getxattr(f, "user.modelfs.description"))
+    assert desc["format"] == "safetensors" and desc["tensors"] > 0
+    assert "user.modelfs.sha256" in os.listxattr(f)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.nothing")
+    assert e.value.errno == errno.ENODATA
+    for attempt in (lambda: open(f, "r+b"), lambda: open(mnt / "new", "wb"), lambda: os.unlink(f),
+                    lambda: os.chmod(f, 0o777), lambda: os.mkdir(mnt / "d"),
+                    lambda: os.setxattr(f, "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+
+
+@pytest.fixture
+def big(tmp_path):
+    """A ~72 MiB safetensors model of many chunks."""
+    d = tmp_path / "big"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(96, 256), seed=11)
+    (d / "small.json").write_text('{"a": 1}')
+    return d
+
+
+def test_random_preads_and_concurrent_readers(env, bucket, big, mounts):
+    publish(env, bucket, big)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    src = (big / "model.safetensors").read_bytes()
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+    entry = next(f for f in doc["files"] if f["path"] == "model.safetensors")
+    bounds, pos = [], 0
+    for _, n in entry["chunks"]:
+        pos += n
+        bounds.append(pos)
+    assert len(bounds) >= 10
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    try:
+        @settings(max_examples=150, deadline=None, database=None)
+        @given(anchor=st.sampled_from([0, len(src)] + bounds), delta=st.integers(-300_000, 300_000),
+               size=st.sampled_from([1, 4096, 131072, 1 << 20, 9 << 20]))
+        def check(anchor, delta, size):
+            off = max(0, anchor + delta)
+            assert os.pread(fd, size, off) == src[off:off + size]
+        check()
+        assert os.pread(fd, 100, len(src) + 5) == b""
+    finally:
+        os.close(fd)
+
+    # 16 threads: the same file at random places, and whole files, at once
+    errors = []
+    small = (big / "small.json").read_bytes()
+
+    def reader(i):
+        try:
+            rng = random.Random(i)
+            if i % 2:
+                with open(mnt / "model.safetensors", "rb") as f:
+                    for _ in range(20):
+                        off = rng.randrange(len(src))
+                        f.seek(off)
+                        assert f.read(200_000) == src[off:off + 200_000]
+            else:
+                assert (mnt / "model.safetensors").read_bytes() == src
+                assert (mnt / "small.json").read_bytes() == small
+        except Exception as e:  # collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_safe_open_through_mount(env, bucket, tmp_path, mounts):
+    safetensors = pytest.importorskip("safetensors")
+    d = tmp_path / "m"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(12, 128, dtype="F16"), seed=5)
+    publish(env, bucket, d)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    with safetensors.safe_open(str(d / "model.safetensors"), "numpy") as a, \
+            safetensors.safe_open(str(mnt / "model.safetensors"), "numpy") as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) == 12 * 6
+        for k in a.keys():
+            assert (a.get_tensor(k).tobytes() == b.get_tensor(k).tobytes())
+
+
+def test_lazy_first_bytes_fetch_one_chunk(env, bucket, tmp_path, mounts, seaweed, s3):
+    d = tmp_path / "m"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(340, 256), seed=2)  # ~256 MiB
+    assert (d / "model.safetensors").stat().st_size >= 250 << 20
+    publish(env, bucket, d)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    before = gets(seaweed, bucket)
+    with open(mnt / "model.safetensors", "rb") as f:
+        head = f.read(4096)
+    time.sleep(0.5)
+    assert head == (d / "model.safetensors").read_bytes()[:4096]
+    assert gets(seaweed, bucket) - before == 1
+
+
+def test_second_mount_reads_from_cache_with_zero_gets(env, bucket, big, sample_model, mounts, seaweed):
+    publish(env, bucket, big)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    want = tree_digest(big)
+    assert tree_digest(mnt) == want
+    mounts.unmount(mnt)
+    mnt2 = mounts.mount(f"s3://{bucket}/reg/m")
+    before = gets(seaweed, bucket)
+    assert tree_digest(mnt2) == want
+    time.sleep(0.5)
+    assert gets(seaweed, bucket) - before == 0
+
+
+def test_cache_smaller_than_model_stays_under_cap(env, bucket, big, mounts, tmp_path):
+    publish(env, bucket, big)
+    cap = 24 << 20
+    cache_dir = tmp_path / "small-cache"
+    mnt = mounts.mount(f"s3://{bucket}/reg/m", "--cache-size", str(cap), "--memory-cache", "16M",
+                       cache_dir=cache_dir)
+    assert tree_digest(mnt) == tree_digest(big)
+    mounts.unmount(mnt)
+    cache = BlockCache(cache_dir, cap)
+    try:
+        assert 0 < cache.used_bytes() <= cap
+        assert oct(os.stat(cache_dir / "blocks").st_mode & 0o777) == oct(0o700)
+    finally:
+        cache.close()
+
+
+def test_tag_move_is_seen_within_ttl_and_open_files_keep_bytes(env, bucket, sample_model, tmp_path, mounts):
+    v1 = publish(env, bucket, sample_model, "m", "prod")
+    m2 = tmp_path / "m2"
+    import shutil
+    shutil.copytree(sample_model, m2)
+    (m2 / "config.json").write_text('{"model_type": "llama", "version": 2}')
+    v2 = publish(env, bucket, m2, "m", "staging")
+    mnt = mounts.mount(f"s3://{bucket}/reg", "--metadata-ttl", "1")
+    old = (sample_model / "config.json").read_bytes()
+    f = open(mnt / "m" / "prod" / "config.json", "rb")
+    try:
+        assert f.read() == old
+        assert os.getxattr(mnt / "m" / "prod", "user.modelfs.version").decode() == v1
+        cli(env, "tag", f"s3://{bucket}/reg/m@{v2}", "prod")
+        time.sleep(2.5)
+        assert (mnt / "m" / "prod" / "config.json").read_bytes() == (m2 / "config.json").read_bytes()
+        assert os.getxattr(mnt / "m" / "prod", "user.modelfs.version").decode() == v2
+        f.seek(0)
+        assert f.read() == old  # the open file still reads the version it opened
+    finally:
+        f.close()
+
+
+def test_corrupted_chunk_is_eio_and_other_files_still_serve(env, bucket, big, sample_model, mounts, s3):
+    publish(env, bucket, big)
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+    entry = next(f for f in doc["files"] if f["path"] == "model.safetensors")
+    h, n = entry["chunks"][3]
+    key = f"reg/chunks/{h}"
+    blob = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    blob[1000] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(blob))
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    offset = sum(c[1] for c in entry["chunks"][:3])
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, offset + 10)
+        assert e.value.errno == errno.EIO
+        src = (big / "model.safetensors").read_bytes()
+        assert os.pread(fd, 4096, 0) == src[:4096]  # other chunks of the same file: fine
+    finally:
+        os.close(fd)
+    assert (mnt / "small.json").read_bytes() == (big / "small.json").read_bytes()
+    log = next((mounts.cache_dir / "logs").glob("*.log")).read_text()
+    assert h in log and "does not match" in log
+
+
+def test_big_directory_lists_fully(env, bucket, tmp_path, mounts):
+    d = tmp_path / "many"
+    (d / "shards").mkdir(parents=True)
+    names = {f"f{i:05d}.bin" for i in range(10_000)}
+    for name in names:
+        (d / "shards" / name).write_bytes(b"")
+    publish(env, bucket, d)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    assert set(os.listdir(mnt / "shards")) == names
+    assert os.stat(mnt / "shards" / "f09999.bin").st_size == 0
+
+
+def test_mount_failures_are_clear_and_leave_nothing(env, bucket, sample_model, mounts, tmp_path):
+    publish(env, bucket, sample_model)
+    cases = [
+        (f"s3://{bucket}/reg/m", tmp_path / "missing", "does not exist"),
+        (f"s3://{bucket}/reg/nope@prod", None, "no model 'nope'"),
+        (f"s3://{bucket}/reg/m@nope", None, "no tag 'nope'"),
+        ("s3://no-such-bucket/reg", None, "does not exist"),
+        (str(tmp_path / "nothing.json"), None, "neither"),
+    ]
+    for source, mnt, needle in cases:
+        if mnt is None:
+            mnt = tmp_path / f"mp{len(needle)}"
+            mnt.mkdir(exist_ok=True)
+        r = mounts.mount(source, mnt=mnt, check=False)
+        assert r.returncode != 0 and needle in r.stderr, (source, r.stderr)
+        assert r.stderr.strip().startswith("modelfs: error:") and "Traceback" not in r.stderr
+        assert not os.path.ismount(mnt)
+    busy = mounts.mount(f"s3://{bucket}/reg/m")
+    r = mounts.mount(f"s3://{bucket}/reg/m", mnt=busy, check=False)
+    assert r.returncode != 0 and "already a mount point" in r.stderr
+    mounts.unmount(busy)
