@@ -240,7 +240,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Persistent block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
 @click.option("--cache-size", default="16G", show_default=True, help="Cap of the block cache.")
-@click.option("--memory-cache", default="512M", show_default=True, help="Decoded chunks kept in memory.")
+@click.option("--memory-cache", default="256M", show_default=True, help="Decoded chunks kept in memory.")
 @click.option("--readahead", default="64M", show_default=True, help="Largest readahead window per sequential reader.")
 @click.option("--fetch-timeout", default=60.0, show_default=True, help="Seconds before a chunk fetch is an I/O error.")
 @click.option("--metadata-ttl", default=30.0, show_default=True, help="Seconds model/tag/version listings are kept.")

@@ -34,7 +34,7 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class FetchConfig:
-    memory_bytes: int = 512 * MiB  # decoded chunks kept in memory (LRU)
+    memory_bytes: int = 256 * MiB  # decoded chunks kept in memory (LRU)
     s3_concurrency: int = 16  # parallel GETs
     cache_threads: int = 4  # parallel LMDB reads
     readahead_bytes: int = 64 * MiB  # largest readahead window per sequential reader
