@@ -64,6 +64,9 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_lev
     """modelfs: publish large models as deduplicated chunks to S3, and read them back."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="modelfs: %(levelname)s: %(message)s")
+    if log_level != "debug":  # their INFO lines are noise for users ("Found credentials ...")
+        for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     ctx.obj = {"debug": debug,
                "config": StoreConfig(endpoint_url=endpoint_url or None, region=region,
                                      profile=profile, concurrency=concurrency)}

@@ -1,4 +1,5 @@
-"""The README's end-to-end demo: a local S3 server, a generated model, the real CLI.
+"""The README's end-to-end demo: a local S3 server, a generated model, the real CLI:
+publish, re-publish a change, ls, inspect, pull, mount, read, unmount.
 
 ``python -m modelfs.demo [--size-mib N]`` runs every step with the ``modelfs``
 command as a user would, prints each command and its output, checks the
@@ -55,8 +56,23 @@ def main() -> int:
             run("inspect", f"{reg}/llama-demo@staging")
             run("pull", f"{reg}/llama-demo@staging", str(work / "pulled"))
             same = _sha(model) == _sha(work / "pulled")
-            print(f"# pulled files are byte-identical to the source: {same}")
-            return 0 if same else 1
+            print(f"# pulled files are byte-identical to the source: {same}\n")
+            if not same:
+                return 1
+            if not os.path.exists("/dev/fuse"):
+                print("# skipping the mount: /dev/fuse is not available on this machine")
+                return 0
+            mnt = work / "mnt"
+            mnt.mkdir()
+            run("mount", reg, str(mnt), "--cache-dir", str(work / "cache"))
+            try:
+                print(f"$ ls {mnt} {mnt}/llama-demo")
+                print(" ".join(sorted(os.listdir(mnt))), "|", " ".join(sorted(os.listdir(mnt / "llama-demo"))))
+                served = _sha(mnt / "llama-demo" / "staging")
+                print(f"# files read through the mount are byte-identical: {served == _sha(model)}\n")
+            finally:
+                run("unmount", str(mnt))
+            return 0 if served == _sha(model) else 1
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import codec
 from .chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
 from .describe import describe
-from .errors import UsageError
-from .manifest import DirEntry, FileEntry, Manifest, check_path, ManifestError
+from .errors import ManifestError, UsageError
+from .manifest import DirEntry, FileEntry, Manifest, check_path
 from .refs import check_name, check_tag
 from .registry import Registry
 

@@ -29,10 +29,15 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
+RESERVED_TAGS = {"versions"}  # a directory of its own in a mounted registry
+
+
 def check_tag(tag: str) -> str:
     check_name(tag, "tag")
     if VERSION_RE.match(tag):
         raise UsageError(f"invalid tag {tag!r}: it looks like a version id")
+    if tag in RESERVED_TAGS:
+        raise UsageError(f"invalid tag {tag!r}: the name is reserved")
     return tag
 
 

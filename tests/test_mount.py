@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import threading
 import time
 
@@ -188,7 +189,6 @@ def test_cache_smaller_than_model_stays_under_cap(env, bucket, big, mounts, tmp_
 def test_tag_move_is_seen_within_ttl_and_open_files_keep_bytes(env, bucket, sample_model, tmp_path, mounts):
     v1 = publish(env, bucket, sample_model, "m", "prod")
     m2 = tmp_path / "m2"
-    import shutil
     shutil.copytree(sample_model, m2)
     (m2 / "config.json").write_text('{"model_type": "llama", "version": 2}')
     v2 = publish(env, bucket, m2, "m", "staging")

@@ -19,6 +19,7 @@ def test_registry_and_model_refs():
     "models/registry", "s3://", "s3://Bad_Bucket/x", "s3://models/../x@prod",
     "s3://models/reg/na\x00me@prod", "s3://models/reg/@prod", "s3://models/reg/x@a/b",
     "s3://models/reg/x@bad tag", "s3://models/reg@x/name@prod", "s3://models/reg/.hidden@x",
+    "s3://models/reg/x@versions",
 ])
 def test_malformed_refs_are_usage_errors(bad):
     with pytest.raises(UsageError):
