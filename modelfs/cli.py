@@ -22,7 +22,7 @@ from .config import StoreConfig
 from .errors import ModelfsError, UsageError
 from .manifest import Manifest, loads
 from .progress import Progress
-from .refs import RegistryRef, is_model_ref, parse_model, parse_registry
+from .refs import RegistryRef, parse_model, parse_registry
 from .registry import Registry
 from .store import Store
 

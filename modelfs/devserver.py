@@ -8,7 +8,6 @@ Prometheus counters, so tests can count GETs and PUTs from the store's side.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil

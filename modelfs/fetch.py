@@ -73,7 +73,7 @@ class Fetcher:
         self.stats = FetchStats()
         self._flights: dict[str, _Flight] = {}
         self._nursery: trio.Nursery | None = None
-        self._to_cache_send, self._to_cache_recv = trio.open_memory_channel(64)
+        self._to_cache_send, self._to_cache_recv = trio.open_memory_channel(8)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the loads and the cache writer; runs until cancelled."""
@@ -153,10 +153,15 @@ class Fetcher:
         return data
 
     async def _cache_writer(self) -> None:
-        """The one LMDB writer: batches new chunks (and last-use times) into one transaction."""
+        """The one LMDB writer: batches new chunks (and last-use times) into one transaction.
+
+        The channel is short on purpose: when the disk is slower than the network,
+        flights wait here (their bytes are the same objects the memory LRU holds)
+        instead of piling up copies.
+        """
         while True:
             batch = [await self._to_cache_recv.receive()]
-            while len(batch) < 16:
+            while len(batch) < 4:  # LMDB copies a batch into malloc'd pages: keep it small
                 try:
                     batch.append(self._to_cache_recv.receive_nowait())
                 except trio.WouldBlock:

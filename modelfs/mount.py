@@ -10,6 +10,7 @@ and a failed mount leaves no process behind.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -154,8 +155,24 @@ def resolve_source(cfg: MountConfig) -> Source:
 
 # -- the daemon ----------------------------------------------------------------------
 
+def _bound_malloc() -> None:
+    """Make glibc return freed multi-MiB chunk buffers to the OS.
+
+    By default glibc raises its mmap threshold each time a large mmap'd block is
+    freed, after which 4 MiB chunk buffers come from per-thread heaps and fragment
+    them: the daemon's RSS then grows far past its memory budget.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB
+        libc.mallopt(-8, 4)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
+    _bound_malloc()
     source = resolve_source(cfg)
     check_mountpoint(cfg.mountpoint)
     cache = BlockCache(cfg.cache_dir, cfg.cache_size)

@@ -1,14 +1,27 @@
-"""Progress display for long work (publish, pull): a tqdm bar on stderr, or nothing.
+"""Progress of long work (publish, pull): thread-safe counters and a tqdm bar on stderr.
 
 tqdm draws only on a terminal by default, so CI logs and pipes stay clean.
-Workers call ``advance`` from many threads; the lock keeps updates whole.
+Workers update both from many threads; locks keep updates whole.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
+
+
+@dataclass
+class Counters:
+    """Base for a run's figures: worker threads ``add`` to them, the summary reads them."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
 
 
 class Progress:

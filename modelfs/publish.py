@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import codec
@@ -27,6 +27,7 @@ from .chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
 from .describe import describe
 from .errors import ManifestError, UsageError
 from .manifest import DirEntry, FileEntry, Manifest, check_path
+from .progress import Counters
 from .refs import check_name, check_tag
 from .registry import Registry
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PublishStats:
+class PublishStats(Counters):
     files: int = 0
     bytes: int = 0
     chunks: int = 0
@@ -43,12 +44,6 @@ class PublishStats:
     reused_chunks: int = 0
     reused_bytes: int = 0  # raw bytes not uploaded because the store had them
     seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
 
 
 @dataclass

@@ -14,28 +14,23 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IntegrityError, UsageError
 from .manifest import FileEntry, Manifest, all_directories
+from .progress import Counters
 from .registry import Registry
 
 PARTIAL = ".modelfs-partial"
 
 
 @dataclass
-class PullStats:
+class PullStats(Counters):
     files: int = 0
     skipped_files: int = 0
     bytes: int = 0
     fetched_bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
 
 
 def file_sha256(path: Path) -> str:

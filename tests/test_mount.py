@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from modelfs.cache import BlockCache
 from modelfs.sample import layer_tensors, write_safetensors
 
-from conftest import cli, objects, tree_digest
+from conftest import cli, tree_digest
 
 
 def publish(env, bucket, src, name="m", *tags):
