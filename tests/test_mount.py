@@ -266,3 +266,45 @@ def test_mount_failures_are_clear_and_leave_nothing(env, bucket, sample_model, m
     r = mounts.mount(f"s3://{bucket}/reg/m", mnt=busy, check=False)
     assert r.returncode != 0 and "already a mount point" in r.stderr
     mounts.unmount(busy)
+
+
+def test_two_mounts_share_one_cache_dir(env, bucket, big, sample_model, mounts, seaweed):
+    publish(env, bucket, big, "big")
+    publish(env, bucket, sample_model, "small")
+    small_chunks = len({c[0] for f in json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/small").stdout)["files"]
+                        for c in f["chunks"]})
+    a = mounts.mount(f"s3://{bucket}/reg/big")
+    b = mounts.mount(f"s3://{bucket}/reg")  # another daemon, same --cache-dir
+    assert tree_digest(a) == tree_digest(big)
+    time.sleep(1)  # the first daemon's cache writer commits in the background
+    before = gets(seaweed, bucket)
+    # the second daemon finds the chunks the first one fetched, in the shared LMDB
+    assert tree_digest(b / "big" / "latest") == tree_digest(big)
+    assert tree_digest(b / "small" / "latest") == tree_digest(sample_model)
+    time.sleep(0.5)
+    # only small's chunks, the two manifests and the two "latest" tags come from the store
+    assert gets(seaweed, bucket) - before <= small_chunks + 4
+
+
+def test_damaged_cache_entry_is_dropped_and_refetched(env, bucket, big, mounts, seaweed):
+    publish(env, bucket, big)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    assert tree_digest(mnt) == tree_digest(big)
+    mounts.unmount(mnt)
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+    h = next(f for f in doc["files"] if f["path"] == "model.safetensors")["chunks"][2][0]
+    cache = BlockCache(mounts.cache_dir, 1 << 30)
+    try:
+        with cache.env.begin(write=True) as txn:
+            value = bytearray(txn.get(bytes.fromhex(h), db=cache.chunks))
+            value[12345] ^= 0x55
+            txn.put(bytes.fromhex(h), bytes(value), db=cache.chunks)
+    finally:
+        cache.close()
+    mnt2 = mounts.mount(f"s3://{bucket}/reg/m")
+    before = gets(seaweed, bucket)
+    assert tree_digest(mnt2) == tree_digest(big)  # right bytes, not the damaged ones
+    time.sleep(0.5)
+    assert gets(seaweed, bucket) - before == 1  # exactly the damaged chunk was fetched again
+    log = next((mounts.cache_dir / "logs").glob(f"*_{mnt2.name}.log")).read_text()
+    assert f"cache entry for chunk {h} is damaged" in log
