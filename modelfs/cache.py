@@ -131,7 +131,7 @@ class BlockCache:
         try:
             with self._txn(write=True) as txn:
                 txn.put(version.encode(), data, db=self.manifests)
-        except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
+        except (lmdb.Error, OSError) as e:
             log.warning("could not cache manifest %s: %s", version, e)
 
     def write(self, chunks: list[tuple[str, bytes]]) -> None:
@@ -155,12 +155,18 @@ class BlockCache:
                         txn.put(key, data, db=self.chunks)
                         txn.put(key, _META.pack(now, len(data)), db=self.meta)
                 break
-            except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
+            except (lmdb.Error, OSError) as e:  # map full, ENOSPC, EIO of the cache disk
                 if attempt == 2:
-                    log.warning("cache full (%s): %d chunks not cached", e, len(chunks))
+                    log.warning("cache full or failing (%s): %d chunks not cached", e, len(chunks))
                     return
-                self.evict(target=int(self.cap * 0.5))
-        self.evict()
+                try:
+                    self.evict(target=int(self.cap * 0.5))
+                except (lmdb.Error, OSError):
+                    pass
+        try:
+            self.evict()
+        except (lmdb.Error, OSError) as e:
+            log.warning("cache eviction failed: %s", e)
 
     def delete(self, hashes: list[str]) -> None:
         with self._txn(write=True) as txn:

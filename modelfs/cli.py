@@ -56,8 +56,8 @@ class _Cli(click.Group):
 @click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
 @click.option("--concurrency", "-j", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Parallel transfers.")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default="warning", show_default=True, envvar="MODELFS_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Also $MODELFS_LOG_LEVEL.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_level, debug):

@@ -8,6 +8,7 @@ Prometheus counters, so tests can count GETs and PUTs from the store's side.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -52,9 +54,13 @@ def free_ports(n: int) -> list[int]:
 
 
 class SeaweedServer:
-    def __init__(self, workdir: Path):
+    """``auth=True`` turns on S3 authentication with the dev key pair (for credential tests)."""
+
+    def __init__(self, workdir: Path, auth: bool = False):
         self.workdir = Path(workdir)
+        self.auth = auth
         self.proc: subprocess.Popen | None = None
+        self.ports: list[int] = []
         self.s3_port = self.metrics_port = 0
 
     @property
@@ -67,8 +73,10 @@ class SeaweedServer:
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
 
     def start(self, timeout: float = 60.0) -> "SeaweedServer":
+        """Start (or start again, on the same ports and data: a store that comes back)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        s3, master, volume, filer, metrics = free_ports(5)
+        self.ports = self.ports or free_ports(5)
+        s3, master, volume, filer, metrics = self.ports
         self.s3_port, self.metrics_port = s3, metrics
         cmd = [find_weed(), "server", f"-dir={self.workdir}", "-s3", f"-s3.port={s3}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
@@ -76,6 +84,12 @@ class SeaweedServer:
                # one collection per bucket, each growing several volumes: many small ones
                "-master.volumeSizeLimitMB=256", "-volume.max=2000", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-metricsPort={metrics}"]
+        if self.auth:
+            conf = self.workdir / "s3-identities.json"
+            conf.write_text(json.dumps({"identities": [{
+                "name": "dev", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+            cmd.append(f"-s3.config={conf}")
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir,
@@ -89,6 +103,8 @@ class SeaweedServer:
                 with urllib.request.urlopen(self.endpoint + "/", timeout=2) as r:
                     if r.status == 200:
                         return self
+            except urllib.error.HTTPError:  # 403 with auth on: it answers, so it is up
+                return self
             except OSError:
                 pass
             time.sleep(0.3)

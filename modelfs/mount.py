@@ -80,14 +80,12 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
 
 
 def check_mountpoint(mountpoint: Path) -> None:
-    """A usable, empty, not-yet-mounted directory; a dead modelfs mount there is cleared."""
+    """A usable, not-yet-mounted directory; a dead FUSE mount there is cleared first."""
     try:
-        st = os.stat(mountpoint)
+        os.stat(mountpoint)
     except OSError as e:
         if e.errno == errno.ENOTCONN:  # "Transport endpoint is not connected": a dead daemon
-            log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
-            unmount(mountpoint, lazy=True)
-            st = os.stat(mountpoint)
+            _clear_dead_mount(mountpoint)
         elif e.errno == errno.ENOENT:
             raise UsageError(f"mount point {mountpoint} does not exist") from None
         else:
@@ -95,8 +93,20 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
+        # stat may be answered from the kernel's attribute cache even when the daemon
+        # is gone; listing the directory always asks the daemon
+        try:
+            os.listdir(mountpoint)
+        except OSError as e:
+            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                _clear_dead_mount(mountpoint)
+                return
         raise UsageError(f"{mountpoint} is already a mount point (busy); unmount it first")
-    del st
+
+
+def _clear_dead_mount(mountpoint: Path) -> None:
+    log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
+    unmount(mountpoint, lazy=True)
 
 
 def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:

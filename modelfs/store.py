@@ -36,23 +36,23 @@ class Store:
     def __init__(self, bucket: str, config: StoreConfig | None = None):
         self.bucket = bucket
         self.config = config = config or StoreConfig()
-        session = boto3.session.Session(profile_name=config.profile)
-        endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        region = config.region or session.region_name or "us-east-1"
-        self.endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
-        bc = botocore.config.Config(
-            max_pool_connections=config.concurrency + 4,
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.read_timeout,
-            retries={"max_attempts": config.max_attempts, "mode": "standard"},
-            # Chunks carry their own BLAKE3 hash, verified end to end: the extra
-            # CRC that newer botocore adds to every request is pure CPU cost.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"} if endpoint else None,
-            tcp_keepalive=True,
-        )
-        try:
+        try:  # a bad profile or an unparsable config/credentials file fails here
+            session = boto3.session.Session(profile_name=config.profile)
+            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            region = config.region or session.region_name or "us-east-1"
+            self.endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
+            bc = botocore.config.Config(
+                max_pool_connections=config.concurrency + 4,
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                # Chunks carry their own BLAKE3 hash, verified end to end: the extra
+                # CRC that newer botocore adds to every request is pure CPU cost.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"} if endpoint else None,
+                tcp_keepalive=True,
+            )
             self.client = session.client("s3", endpoint_url=endpoint, region_name=region, config=bc)
         except botocore.exceptions.BotoCoreError as e:
             raise StoreError(f"cannot configure the S3 client: {e}") from None
