@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a server, a bucket, medians, a results folder."""
+"""Shared pieces of the benchmarks: a server, buckets, page-cache control, timed reads."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import boto3
 from modelfs.devserver import SeaweedServer
 
 RESULTS = Path(__file__).parent / "results"
+MiB = 1 << 20
 
 
 def client(srv: SeaweedServer):
@@ -33,6 +36,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
@@ -42,3 +50,35 @@ def save(name: str, data: dict) -> Path:
     p = RESULTS / f"{name}.json"
     p.write_text(json.dumps(data, indent=2))
     return p
+
+
+def drop_caches() -> None:
+    """Drop the kernel page cache (root only), so the next read is cold."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError as e:
+        print(f"warning: cannot drop the page cache ({e}); cold figures are warm", file=sys.stderr)
+
+
+def seq_read(path: Path, block: int = MiB) -> float:
+    """Seconds to read the file sequentially in ``block`` reads (like dd bs=1M)."""
+    buf = bytearray(block)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().split(")")[-1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

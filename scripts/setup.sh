@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in fuse3 libfuse3-dev pkg-config gcc attr; do
+# fuse3/libfuse3-dev/pkg-config/gcc: pyfuse3; attr: getfattr; rclone, s3fs: peers in the benchmark suite
+for p in fuse3 libfuse3-dev pkg-config gcc attr rclone s3fs; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
@@ -21,6 +22,6 @@ if ((${#need[@]})); then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 \
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -c 'import modelfs, pyfuse3, lmdb, trio' # fail here, loudly, if the install did not work
