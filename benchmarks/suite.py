@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,7 +172,14 @@ def run_target(t: Target, tmp: Path, size: int, offsets: list[int], rec) -> None
     mnt = tmp / "mnt"
     mnt.mkdir(exist_ok=True)
     big = lambda root: root / BIG  # noqa: E731
-    # cold: fresh daemon and cache, page cache dropped
+
+    def preads(root: Path, state: str) -> None:
+        for label, n in (("4KiB", 4096), ("1MiB", MiB)):
+            lat = preads_ms(big(root), offsets, n)
+            rec(t.name, f"pread_{label}_{state}_p50_ms", percentile(lat, 0.5))
+            rec(t.name, f"pread_{label}_{state}_p99_ms", percentile(lat, 0.99))
+
+    # cold: fresh daemon and empty cache, page cache dropped; then hot (page cache)
     root = t.start(mnt, fresh=True)
     drop_caches()
     cpu0 = proc_cpu_seconds(t.proc.pid) if t.proc else 0.0
@@ -181,25 +189,19 @@ def run_target(t: Target, tmp: Path, size: int, offsets: list[int], rec) -> None
         rec(t.name, "peak_rss_MiB", proc_peak_rss_mib(t.proc.pid))
     rec(t.name, "seq_hot_MBps", size / seq_read(big(root)) / 1e6)
     t.stop(mnt)
-    # first bytes (the first access of a fresh mount: a tool that downloads the whole
-    # file on open pays for it here), then random reads, cold, then warm
-    root = t.start(mnt, fresh=True)
-    drop_caches()
-    rec(t.name, "first_4KiB_cold_ms", first_4k_ms(big(root)))
-    for label, n in (("4KiB", 4096), ("1MiB", MiB)):
-        lat = preads_ms(big(root), offsets, n)
-        rec(t.name, f"pread_{label}_cold_p50_ms", percentile(lat, 0.5))
-        rec(t.name, f"pread_{label}_cold_p99_ms", percentile(lat, 0.99))
-    t.stop(mnt)
-    # warm: remount on the persistent cache (if the tool has one), page cache dropped
+    # warm: remount on the cache the cold read filled (if the tool keeps one), page cache dropped
     root = t.start(mnt, fresh=False)
     drop_caches()
     rec(t.name, "seq_warm_MBps", size / seq_read(big(root)) / 1e6)
     drop_caches()
-    for label, n in (("4KiB", 4096), ("1MiB", MiB)):
-        lat = preads_ms(big(root), offsets, n)
-        rec(t.name, f"pread_{label}_warm_p50_ms", percentile(lat, 0.5))
-        rec(t.name, f"pread_{label}_warm_p99_ms", percentile(lat, 0.99))
+    preads(root, "warm")
+    t.stop(mnt)
+    # first bytes (the first access of a fresh mount: a tool that downloads the whole
+    # file on open pays for it here), then random reads, all cold
+    root = t.start(mnt, fresh=True)
+    drop_caches()
+    rec(t.name, "first_4KiB_cold_ms", first_4k_ms(big(root)))
+    preads(root, "cold")
     t.stop(mnt)
     # loading every tensor (mmap) from a cold start; metadata + small files from a cold start
     root = t.start(mnt, fresh=True)
@@ -207,6 +209,13 @@ def run_target(t: Target, tmp: Path, size: int, offsets: list[int], rec) -> None
     rec(t.name, "safetensors_load_cold_s", load_safetensors_s(big(root)))
     rec(t.name, "small_files_cold_s", small_files_s(root / SMALL))
     t.stop(mnt)
+
+
+def _stored_bytes(c, bucket: str) -> int:
+    total = 0
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="reg/chunks/"):
+        total += sum(o["Size"] for o in page.get("Contents", ()))
+    return total
 
 
 def main() -> None:
@@ -218,6 +227,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, one run (for CI)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest")
     args = ap.parse_args()
+    # a SIGTERM must unwind like Ctrl-C: unmount, stop the server, remove temp files
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.size_mib, args.small_files, args.preads, args.runs = 48, 20, 20, 1
     args.out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +288,15 @@ def main() -> None:
                 finally:
                     t.stop(tmp / "mnt")
             print(f"run {run + 1}/{args.runs} done", flush=True)
+        # last, because it changes the file: re-publish after changing 1% of its bytes
+        # (one region, like a retrained layer); bytes counted from the store's listing
+        before = _stored_bytes(c, mfs)
+        with open(data / BIG, "r+b") as f:
+            f.seek(size // 3)
+            f.write(os.urandom(size // 100))
+        subprocess.run([str(BIN / "modelfs"), "publish", str(data), f"s3://{mfs}/reg", "--name", "m", "-q"],
+                       env=env, check=True, capture_output=True)
+        rec("modelfs", "republish_1pct_uploaded_MiB", (_stored_bytes(c, mfs) - before) / MiB)
 
     med = {t: {m: round(median(v), 3) for m, v in ms.items()} for t, ms in values.items()}
     report(args, size, med, values)
@@ -318,6 +338,8 @@ def report(args, size: int, med: dict, values: dict) -> None:
         lines.append(f"| {name}: download MB/s / download + load s | {med[name]['download_MBps']:.1f} / "
                      f"{med[name]['download_then_load_s']:.2f} |")
     lines.append(f"| modelfs publish (MB/s) | {m['publish_MBps']:.1f} |")
+    lines.append(f"| modelfs re-publish after a 1% change: MiB uploaded ({0.01 * size / MiB:.1f} MiB changed) "
+                 f"| {m['republish_1pct_uploaded_MiB']:.1f} |")
     lines += ["", "| ratio (one run, same machine) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

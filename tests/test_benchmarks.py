@@ -28,6 +28,7 @@ def test_suite_quick_mode_produces_every_result(tmp_path):
                        "small_files_cold_s"):
             assert med[target][metric] > 0, (target, metric)
     assert med["modelfs"]["peak_rss_MiB"] > 0 and med["modelfs"]["publish_MBps"] > 0
+    assert 0 < med["modelfs"]["republish_1pct_uploaded_MiB"] < 0.5 * res["bytes"] / 2**20
     assert med["s5cmd cp"]["download_then_load_s"] > 0 and med["modelfs pull"]["download_MBps"] > 0
     assert len(res["ratios"]) == 5
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
