@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cachetools
 import trio
@@ -50,7 +49,6 @@ class FetchStats:
     fetches: int = 0
     bytes_fetched: int = 0
     errors: int = 0
-    latencies: list[float] = field(default_factory=list)  # recent S3 fetch seconds
 
 
 class _Flight:
@@ -137,19 +135,13 @@ class Fetcher:
     async def _from_store(self, h: str, size: int) -> bytes:
         if self.registry is None:
             raise StoreError("no store configured")
-        t0 = time.monotonic()
         with trio.move_on_after(self.config.fetch_timeout) as scope:
             data = await trio.to_thread.run_sync(self.registry.get_chunk, h, size,
                                                  limiter=self.s3_limiter, abandon_on_cancel=True)
         if scope.cancelled_caught:
             raise StoreError(f"not fetched within {self.config.fetch_timeout:g} s")
-        dt = time.monotonic() - t0
         self.stats.fetches += 1
         self.stats.bytes_fetched += size
-        lat = self.stats.latencies
-        lat.append(dt)
-        if len(lat) > 4096:
-            del lat[:2048]
         return data
 
     async def _cache_writer(self) -> None:

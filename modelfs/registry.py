@@ -12,16 +12,18 @@ sees a manifest whose chunks are missing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 from . import codec
-from .errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
+from .errors import IntegrityError, ManifestError, NotFoundError, StoreError, UsageError
 from .manifest import Manifest, loads
 from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag
 from .store import ObjectInfo, Store
 
 TAG_FORMAT = "modelfs-tag"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class Registry:
         return any(True for _ in self.store.list(base, "/"))
 
     def tags(self, name: str) -> dict[str, str]:
+        """Every tag of ``name``. A malformed tag object is skipped (with a warning);
+        any other failure fails the whole listing, so that a mount keeps serving its
+        last good listing instead of one with tags missing."""
         base = self.ref.key("models", name, "tags") + "/"
         out = {}
         for o in self.store.list(base):
@@ -129,8 +134,10 @@ class Registry:
                 tag = o.key[len(base):-5]
                 try:
                     out[check_tag(tag)] = self.get_tag(name, tag)
-                except ModelfsError:  # a foreign or broken object must not hide the rest
-                    continue
+                except (ManifestError, UsageError) as e:
+                    log.warning("skipping tag object %s: %s", o.key, e)
+                except NotFoundError:  # listed but not readable: not consistent yet
+                    raise StoreError(f"tag {name}@{tag} is listed but cannot be read yet") from None
         return dict(sorted(out.items()))
 
     def versions(self, name: str) -> list[VersionInfo]:

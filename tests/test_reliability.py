@@ -81,6 +81,22 @@ def _read_error(path: Path) -> tuple[int | None, float]:
         return e.errno, time.monotonic() - t
 
 
+def _wait_until_serving(srv: SeaweedServer, bucket: str, timeout: float = 60) -> None:
+    """A restarted SeaweedFS answers before its volumes are back: wait for real reads."""
+    c = _client(srv)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", [])]
+            for k in keys:
+                c.get_object(Bucket=bucket, Key=k)["Body"].read()
+            return
+        except Exception:  # not back yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _log(mounts: Mounts, mnt: Path, cache_dir: Path | None = None) -> str:
     return next(((cache_dir or mounts.cache_dir) / "logs").glob(f"*_{mnt.name}.log")).read_text()
 
@@ -107,6 +123,7 @@ def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_fi
         assert os.listdir(mnt) == ["m"] and sorted(os.listdir(mnt / "m")) == listing
 
         own.start()  # the store comes back: the same read succeeds, no remount
+        _wait_until_serving(own, bucket)
         assert b.read_bytes() == (two_files / "b.safetensors").read_bytes()
         assert "serving the last known listing" in _log(mounts, mnt)
     finally:
