@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -219,6 +220,7 @@ async def _on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
             pyfuse3.terminate()
             return
 
@@ -232,11 +234,26 @@ async def _when_serving(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     on_ready()
 
 
-# -- background start ------------------------------------------------------------------
+# -- readiness: systemd (Type=notify) and the background start ---------------------------
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd when it asked for one ($NOTIFY_SOCKET); else nothing."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):  # an abstract socket
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), addr)
+    except OSError as e:
+        log.warning("cannot notify systemd: %s", e)
+
 
 def run_foreground(cfg: MountConfig, ready_fd: int | None) -> None:
-    """The daemon side of the handshake with :func:`start_background`."""
+    """Serve in this process; tell systemd and/or a waiting parent once files are readable."""
     def ready() -> None:
+        sd_notify(f"READY=1\nSTATUS=serving {cfg.source} at {cfg.mountpoint}")
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
