@@ -19,12 +19,11 @@ import click
 
 from . import __version__
 from .config import StoreConfig
-from .errors import ModelfsError, UsageError
-from .manifest import Manifest, loads
+from .errors import ModelfsError
+from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
-from .registry import Registry
-from .store import Store
+from .registry import Registry, open_registry, origin_registry, read_manifest_file
 
 
 def fmt_bytes(n: float) -> str:
@@ -73,7 +72,7 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_lev
 
 
 def _registry(ctx: click.Context, ref: RegistryRef) -> Registry:
-    return Registry(Store(ref.bucket, ctx.obj["config"]), ref)
+    return open_registry(ref, ctx.obj["config"])
 
 
 def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manifest]:
@@ -83,20 +82,8 @@ def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manife
         registry = _registry(ctx, mref.registry)
         version, manifest = registry.resolve(mref)
         return registry, version, manifest
-    path = Path(ref)
-    if not path.is_file():
-        raise UsageError(f"{ref!r} is neither an s3:// model reference nor a manifest file")
-    data = path.read_bytes()
-    manifest = loads(data, source=str(path))
+    manifest = read_manifest_file(ref)
     return None, manifest.version_id, manifest
-
-
-def _manifest_registry(m: Manifest, registry_url: str | None) -> RegistryRef:
-    """Where a manifest file's chunks live: --registry, else the manifest's origin."""
-    url = registry_url or m.origin
-    if not url:
-        raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
-    return parse_registry(url)
 
 
 @main.command()
@@ -117,7 +104,8 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     reg = _registry(ctx, parse_registry(registry))
     tag_list = list(dict.fromkeys(["latest", *tags]))
     bar = Progress("publish", enabled=False if quiet else None)
-    bar.start(sum(s.size for s in scan(src)[0]))
+    tree = scan(src)
+    bar.start(sum(f.size for f in tree[0]))
 
     def progress(n, stats):
         bar.advance(n, f"new {fmt_bytes(stats.uploaded_bytes)}, reused {stats.reused_chunks} chunks")
@@ -125,7 +113,7 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     pub = Publisher(reg, concurrency=ctx.obj["config"].concurrency, dry_run=dry_run,
                     compress=not no_compress, on_progress=progress)
     try:
-        result = pub.run(src, name, tag_list)
+        result = pub.run(tree, name, tag_list)
     finally:
         bar.close()
     s, m = result.stats, result.manifest
@@ -222,7 +210,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
 
     reg, version, m = _resolve(ctx, ref)
     if reg is None:
-        reg = _registry(ctx, _manifest_registry(m, registry_url))
+        reg = origin_registry(m, registry_url, ctx.obj["config"])
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()

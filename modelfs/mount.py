@@ -32,10 +32,9 @@ from .config import StoreConfig
 from .errors import ModelfsError, NotFoundError, UsageError
 from .fetch import FetchConfig, Fetcher
 from .fs import ModelFS
-from .manifest import Manifest, loads
+from .manifest import Manifest
 from .refs import is_model_ref, parse_model, parse_registry
-from .registry import Registry
-from .store import Store
+from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
 
 log = logging.getLogger(__name__)
@@ -136,11 +135,11 @@ def resolve_source(cfg: MountConfig) -> Source:
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
-            registry = Registry(Store(ref.registry.bucket, cfg.store), ref.registry)
+            registry = open_registry(ref.registry, cfg.store)
             version, manifest = registry.resolve(ref)
             return Source(registry, ref.name, version, manifest)
         rref = parse_registry(src)
-        registry = Registry(Store(rref.bucket, cfg.store), rref)
+        registry = open_registry(rref, cfg.store)
         registry.store.check_bucket()
         if registry.models() or not rref.prefix:
             return Source(registry)
@@ -152,15 +151,8 @@ def resolve_source(cfg: MountConfig) -> Source:
         except (UsageError, NotFoundError):
             raise NotFoundError(f"no registry and no model at {src}") from None
         return Source(parent, ref.name, version, manifest)
-    path = Path(src)
-    if not path.is_file():
-        raise UsageError(f"{src!r} is neither an s3:// reference nor a manifest file")
-    manifest = loads(path.read_bytes(), source=src)
-    url = cfg.registry_url or manifest.origin
-    if not url:
-        raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
-    rref = parse_registry(url)
-    return Source(Registry(Store(rref.bucket, cfg.store), rref), manifest.name,
+    manifest = read_manifest_file(src)
+    return Source(origin_registry(manifest, cfg.registry_url, cfg.store), manifest.name,
                   manifest.version_id, manifest)
 
 

@@ -48,10 +48,3 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
-
-class NullProgress(Progress):
-    def __init__(self) -> None:
-        super().__init__("", enabled=False)
-
-    def start(self, total: int) -> None:
-        pass

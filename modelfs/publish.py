@@ -55,18 +55,18 @@ class PublishResult:
 
 
 @dataclass
-class _Source:
+class SourceFile:
     path: str  # relative POSIX path in the manifest
     full: Path
     size: int
     mode: int
 
 
-def scan(root: Path) -> tuple[list[_Source], list[DirEntry]]:
+def scan(root: Path) -> tuple[list[SourceFile], list[DirEntry]]:
     """Files and directories under ``root``, sorted; symlinked files are followed."""
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory")
-    files: list[_Source] = []
+    files: list[SourceFile] = []
     dirs: list[DirEntry] = []
     for top, dirnames, filenames in os.walk(root, followlinks=False):
         rel_top = os.path.relpath(top, root)
@@ -89,7 +89,7 @@ def scan(root: Path) -> tuple[list[_Source], list[DirEntry]]:
             if not stat.S_ISREG(st.st_mode):
                 log.warning("skipping %s: not a regular file", rel)
                 continue
-            files.append(_Source(_rel(rel), full, st.st_size, stat.S_IMODE(st.st_mode) & 0o777))
+            files.append(SourceFile(_rel(rel), full, st.st_size, stat.S_IMODE(st.st_mode) & 0o777))
     files.sort(key=lambda s: s.path)
     dirs.sort(key=lambda d: d.path)
     return files, dirs
@@ -129,13 +129,14 @@ class Publisher:
         if not fut.cancelled() and fut.exception() is not None:
             self._failed.set()
 
-    def run(self, src: Path, name: str, tags: list[str]) -> PublishResult:
+    def run(self, tree: tuple[list[SourceFile], list[DirEntry]], name: str, tags: list[str]) -> PublishResult:
+        """Publish ``tree`` (from :func:`scan`, which the caller also sizes its progress by)."""
         check_name(name)
         for t in tags:
             check_tag(t)
         t0 = time.monotonic()
         self.registry.store.check_bucket()
-        files, dirs = scan(src)
+        files, dirs = tree
         previous = self.registry.latest_manifest(name)
         if previous is not None:
             self._known = {h for f in previous.files for h, _ in f.chunks}
@@ -155,7 +156,7 @@ class Publisher:
         self.stats.seconds = time.monotonic() - t0
         return PublishResult(manifest, version, self.stats, tags)
 
-    def _file(self, pool: ThreadPoolExecutor, s: _Source) -> FileEntry:
+    def _file(self, pool: ThreadPoolExecutor, s: SourceFile) -> FileEntry:
         sha = hashlib.sha256()
         futures: list[Future] = []
         with open(s.full, "rb") as fh:

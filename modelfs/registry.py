@@ -15,11 +15,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import codec
 from .errors import IntegrityError, ManifestError, NotFoundError, StoreError, UsageError
+from .config import StoreConfig
 from .manifest import Manifest, loads
-from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag
+from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag, parse_registry
 from .store import ObjectInfo, Store
 
 TAG_FORMAT = "modelfs-tag"
@@ -154,3 +156,24 @@ class Registry:
         if not versions:
             return None
         return self.get_manifest(name, versions[-1].version)
+
+
+# -- opening what a user names ------------------------------------------------------
+
+def open_registry(ref: RegistryRef, config: StoreConfig) -> Registry:
+    return Registry(Store(ref.bucket, config), ref)
+
+
+def read_manifest_file(path: str) -> Manifest:
+    """A manifest file given where a ref is expected (inspect, pull, mount)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path!r} is neither an s3:// reference nor a manifest file")
+    return loads(Path(path).read_bytes(), source=path)
+
+
+def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig) -> Registry:
+    """Where a manifest file's chunks live: ``--registry``, else the manifest's origin."""
+    url = registry_url or m.origin
+    if not url:
+        raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
+    return open_registry(parse_registry(url), config)
