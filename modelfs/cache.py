@@ -24,12 +24,14 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
 from .chunking import chunk_hash
+from .errors import UsageError
 from .manifest import version_id_of
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ LOW_WATER = 0.90  # eviction frees down to this fraction of the cap
 
 
 def default_cache_dir() -> Path:
+    """$CACHE_DIRECTORY (what systemd's CacheDirectory= made), /var/cache/modelfs for root, else XDG."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0 and not os.environ.get("XDG_CACHE_HOME"):
         return Path("/var/cache/modelfs")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
@@ -47,10 +52,20 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class CacheStats:
-    entries: int
-    used_bytes: int
-    cap_bytes: int
-    file_bytes: int
+    entries: int  # chunks
+    chunk_bytes: int  # their payload
+    used_bytes: int  # LMDB pages they occupy (what the cap counts)
+    file_bytes: int  # size of data.mdb (never shrinks; freed pages are reused)
+    manifests: int
+    oldest_use_ns: int | None  # least recently used chunk's last use
+    newest_use_ns: int | None
+
+
+@dataclass
+class VerifyResult:
+    checked: int = 0
+    bytes: int = 0
+    damaged: int = 0
 
 
 class BlockCache:
@@ -63,6 +78,14 @@ class BlockCache:
         self.env = self._open()
 
     # -- opening and recovery ----------------------------------------------------
+    @classmethod
+    def open_existing(cls, directory: Path) -> BlockCache:
+        """For the cache tools: an existing cache, its cap unknown (a mount-time setting)."""
+        data = Path(directory) / "blocks" / "data.mdb"
+        if not data.is_file():
+            raise UsageError(f"no modelfs cache in {directory}")
+        return cls(directory, max(data.stat().st_size // 2, 1))
+
     def _open(self) -> lmdb.Environment:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path, 0o700)  # cached model bytes are not for other users
@@ -115,6 +138,10 @@ class BlockCache:
         with self._touch_lock:
             self._touched[key] = time.time_ns()
         return data
+
+    def has(self, h: str) -> bool:
+        with self._txn() as txn:
+            return txn.get(bytes.fromhex(h), db=self.meta) is not None
 
     def get_manifest(self, version: str) -> bytes | None:
         with self._txn() as txn:
@@ -205,9 +232,54 @@ class BlockCache:
     def stats(self) -> CacheStats:
         with self._txn() as txn:
             entries = txn.stat(self.chunks)["entries"]
+            manifests = txn.stat(self.manifests)["entries"]
+            total, oldest, newest = 0, None, None
+            for _, v in txn.cursor(db=self.meta):
+                t, n = _META.unpack(v)
+                total += n
+                oldest = t if oldest is None else min(oldest, t)
+                newest = t if newest is None else max(newest, t)
         data = self.path / "data.mdb"
-        return CacheStats(entries, self.used_bytes(), self.cap,
-                          data.stat().st_size if data.exists() else 0)
+        return CacheStats(entries, total, self.used_bytes(), data.stat().st_size if data.exists() else 0,
+                          manifests, oldest, newest)
+
+    def verify(self, on_progress: Callable[[int], None] = lambda n: None,
+               batch: int = 64) -> VerifyResult:
+        """Re-hash every chunk against its id and drop the damaged ones.
+
+        Reads in short transactions of ``batch`` chunks: a long read transaction
+        would pin old pages and make a running mount's writes grow the file.
+        """
+        result, after = VerifyResult(), b""
+        while True:
+            bad, last = [], None
+            with self._txn() as txn:
+                cur = txn.cursor(db=self.chunks)
+                found = cur.set_range(after) if after else cur.first()
+                for _ in range(batch):
+                    if not found:
+                        break
+                    key, value = cur.key(), cur.value()
+                    if chunk_hash(value) != key.hex():
+                        bad.append(key.hex())
+                    result.checked += 1
+                    result.bytes += len(value)
+                    on_progress(len(value))
+                    last = key
+                    found = cur.next()
+            if bad:
+                log.warning("cache: %d damaged chunks dropped: %s", len(bad), ", ".join(bad))
+                self.delete(bad)
+                result.damaged += len(bad)
+            if last is None or not found:
+                return result
+            after = last + b"\0"  # the next key after ``last``
+
+    def clear(self) -> None:
+        """Drop every chunk and manifest (the file keeps its size; the pages are reused)."""
+        with self._txn(write=True) as txn:
+            for db in (self.chunks, self.meta, self.manifests):
+                txn.drop(db, delete=False)
 
     def close(self) -> None:
         self.env.close()

@@ -17,21 +17,14 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .config import StoreConfig
+from . import __version__, logs
+from .config import DEFAULTS, KEYS, LOG_LEVELS, StoreConfig
 from .errors import ModelfsError
 from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+from .units import fmt_bytes
 
 
 class _Cli(click.Group):
@@ -53,20 +46,20 @@ class _Cli(click.Group):
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL).")
 @click.option("--region", help="Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's).")
 @click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
-@click.option("--concurrency", "-j", default=16, show_default=True, type=click.IntRange(1, 256),
-              help="Parallel transfers.")
-@click.option("--log-level", default="warning", show_default=True, envvar="MODELFS_LOG_LEVEL",
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Also $MODELFS_LOG_LEVEL.")
+@click.option("--concurrency", "-j", default=DEFAULTS["concurrency"], show_default=True,
+              type=click.IntRange(1, 256), help="Parallel transfers.")
+@click.option("--log-level", default=DEFAULTS["log_level"], show_default=True, envvar="MODELFS_LOG_LEVEL",
+              type=click.Choice(LOG_LEVELS), help="Also $MODELFS_LOG_LEVEL.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_level, debug):
     """modelfs: publish large models as deduplicated chunks to S3, and read them back."""
-    logging.basicConfig(level=getattr(logging, log_level.upper()),
-                        format="modelfs: %(levelname)s: %(message)s")
-    if log_level != "debug":  # their INFO lines are noise for users ("Found credentials ...")
-        for name in ("botocore", "boto3", "urllib3", "s3transfer"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    ctx.obj = {"debug": debug,
+    logs.setup(log_level)
+    # what the user set (flag or its environment variable): a config file may fill in the rest
+    given = {name: value for name, value in ctx.params.items()
+             if name in KEYS and value is not None
+             and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    ctx.obj = {"debug": debug, "given": given,
                "config": StoreConfig(endpoint_url=endpoint_url or None, region=region,
                                      profile=profile, concurrency=concurrency)}
 
@@ -224,50 +217,80 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
                f"in {dt:.1f} s")
 
 
+def _default(name: str) -> str:
+    d = DEFAULTS[name]
+    return f" [default: {d}]" if d not in (None, False, 0) else ""
+
+
 @main.command()
-@click.argument("source")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
-@click.option("--registry", "registry_url", help="Registry holding the chunks, when SOURCE is a manifest file (default: its origin).")
+@click.argument("source", required=False)
+@click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file with any of these settings (flags win over it); see docs/operations.md.")
+@click.option("--registry", help="Registry holding the chunks, when SOURCE is a manifest file (default: its origin).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Persistent block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
-@click.option("--cache-size", default="16G", show_default=True, help="Cap of the block cache.")
-@click.option("--memory-cache", default="256M", show_default=True, help="Decoded chunks kept in memory.")
-@click.option("--readahead", default="64M", show_default=True, help="Largest readahead window per sequential reader.")
-@click.option("--fetch-timeout", default=60.0, show_default=True, help="Seconds before a chunk fetch is an I/O error.")
-@click.option("--metadata-ttl", default=30.0, show_default=True, help="Seconds model/tag/version listings are kept.")
-@click.option("--kernel-readahead-kb", default=1024, show_default=True, help="Kernel readahead for the mount (root only; 0 keeps the default).")
-@click.option("--allow-other", is_flag=True, help="Let other users (and containers) read the mount.")
+@click.option("--cache-size", help="Cap of the block cache." + _default("cache_size"))
+@click.option("--memory-cache", help="Decoded chunks kept in memory." + _default("memory_cache"))
+@click.option("--readahead", help="Largest readahead window per sequential reader." + _default("readahead"))
+@click.option("--fetch-timeout", type=float, help="Seconds before a chunk fetch is an I/O error." + _default("fetch_timeout"))
+@click.option("--metadata-ttl", type=float, help="Seconds model/tag/version listings are kept." + _default("metadata_ttl"))
+@click.option("--kernel-readahead-kb", type=int,
+              help="Kernel readahead for the mount (root only; 0 keeps the kernel's)." + _default("kernel_readahead_kb"))
+@click.option("--allow-other/--no-allow-other", default=None, help="Let other users (and containers) read the mount.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (default: off).")
+@click.option("--metrics-address", help="Address for --metrics-port." + _default("metrics_address"))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
 @click.pass_context
-def mount(ctx, source, mountpoint: Path, registry_url, cache_dir, cache_size, memory_cache, readahead,
-          fetch_timeout, metadata_ttl, kernel_readahead_kb, allow_other, foreground, ready_fd):
+def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     """Mount SOURCE read-only at MOUNTPOINT.
 
     SOURCE is a registry (s3://BUCKET/PREFIX: every model, tag and version), one
-    model version (s3://BUCKET/PREFIX/NAME@TAG), or a manifest file.
+    model version (s3://BUCKET/PREFIX/NAME@TAG), or a manifest file. Both may
+    come from --config instead.
     """
-    from .cache import default_cache_dir
-    from .fetch import FetchConfig
-    from .mount import MountConfig, parse_size, run_foreground, start_background
+    from .config import resolve
+    from .mount import MountConfig, check_mountpoint, run_foreground, start_background
 
-    store_cfg = ctx.obj["config"]
-    cfg = MountConfig(
-        source=source, mountpoint=mountpoint.absolute(), registry_url=registry_url,
-        cache_dir=(cache_dir or default_cache_dir()).absolute(), cache_size=parse_size(cache_size),
-        allow_other=allow_other, metadata_ttl=metadata_ttl,
-        kernel_readahead_kb=kernel_readahead_kb or None, store=store_cfg,
-        fetch=FetchConfig(memory_bytes=parse_size(memory_cache), s3_concurrency=store_cfg.concurrency,
-                          readahead_bytes=parse_size(readahead), fetch_timeout=fetch_timeout))
+    given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v is not None}}
+    if source is not None:
+        given["source"] = source
+    if mountpoint is not None:
+        given["mountpoint"] = str(mountpoint)
+    settings = resolve(config_file, given)
+    logs.setup(settings["log_level"])  # the config file may name one
+    cfg = MountConfig.from_settings(settings)
     if foreground:
         run_foreground(cfg, ready_fd)
         return
-    from .mount import check_mountpoint
     check_mountpoint(cfg.mountpoint)  # fail fast, before starting anything
     slug = str(cfg.mountpoint).strip("/").replace("/", "_") or "root"
     log_path = cfg.cache_dir / "logs" / f"mount-{slug}.log"
     pid = start_background(sys.argv[1:], log_path)
-    click.echo(f"mounted {source} at {cfg.mountpoint} (pid {pid}; log {log_path})")
+    click.echo(f"mounted {cfg.source} at {cfg.mountpoint} (pid {pid}; log {log_path})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stats(mountpoint: Path, as_json: bool):
+    """Live figures of the daemon serving MOUNTPOINT."""
+    from .metrics import read_stats
+
+    s = read_stats(mountpoint)
+    if as_json:
+        click.echo(s.to_json().decode())
+        return
+    ms = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731
+    click.echo(f"{s.source} at {s.mountpoint} (pid {s.pid}, up {s.uptime_seconds:.0f} s)")
+    click.echo(f"  served      {fmt_bytes(s.bytes_served)}")
+    click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
+               f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")
+    click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} memory, {s.cache_hits} disk cache)")
+    click.echo(f"  in flight   {s.fetches_in_flight}")
+    click.echo(f"  errors      {s.errors}")
+    click.echo(f"  cache       {fmt_bytes(s.cache_used_bytes)} of {fmt_bytes(s.cache_cap_bytes)}")
 
 
 @main.command()
@@ -276,10 +299,11 @@ def mount(ctx, source, mountpoint: Path, registry_url, cache_dir, cache_size, me
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint: Path, lazy: bool, timeout: float):
     """Unmount a modelfs mount and wait for its daemon to exit."""
+    from .fs import XATTR_PREFIX
     from .mount import unmount as do_unmount
 
     try:
-        pid = int(os.getxattr(mountpoint, "user.modelfs.pid"))
+        pid = int(os.getxattr(mountpoint, XATTR_PREFIX + "pid"))
     except (OSError, ValueError):
         pid = None
     do_unmount(mountpoint, lazy)
@@ -291,6 +315,155 @@ def unmount(mountpoint: Path, lazy: bool, timeout: float):
             break
         time.sleep(0.05)
     click.echo(f"unmounted {mountpoint}")
+
+
+# -- cache tools --------------------------------------------------------------------
+
+_cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="The block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
+
+
+def _open_cache(cache_dir: Path | None):
+    from .cache import BlockCache, default_cache_dir
+
+    return BlockCache.open_existing(cache_dir or default_cache_dir())
+
+
+@main.group()
+def cache():
+    """Inspect, verify and prune a block cache (safe while mounts use it)."""
+
+
+@cache.command("stats")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_stats(cache_dir, as_json):
+    """What the cache holds."""
+    from dataclasses import asdict
+
+    c = _open_cache(cache_dir)
+    try:
+        st = c.stats()
+    finally:
+        c.close()
+    if as_json:
+        click.echo(json.dumps({"path": str(c.path), **asdict(st)}, sort_keys=True))
+        return
+    when = lambda ns: "-" if ns is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ns / 1e9))  # noqa: E731
+    click.echo(f"cache {c.path}")
+    click.echo(f"  chunks     {st.entries} ({fmt_bytes(st.chunk_bytes)})")
+    click.echo(f"  manifests  {st.manifests}")
+    click.echo(f"  used       {fmt_bytes(st.used_bytes)} (file {fmt_bytes(st.file_bytes)})")
+    click.echo(f"  last use   oldest {when(st.oldest_use_ns)}, newest {when(st.newest_use_ns)}")
+
+
+@cache.command("verify")
+@_cache_dir_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def cache_verify(cache_dir, quiet):
+    """Re-hash every cached chunk; drop damaged ones (a mount refetches them). Exit 1 if any were."""
+    c = _open_cache(cache_dir)
+    bar = Progress("verify", enabled=False if quiet else None)
+    try:
+        bar.start(c.stats().chunk_bytes)
+        r = c.verify(on_progress=bar.advance)
+    finally:
+        bar.close()
+        c.close()
+    click.echo(f"verified {r.checked} chunks ({fmt_bytes(r.bytes)}): "
+               + (f"{r.damaged} damaged, dropped" if r.damaged else "all intact"))
+    if r.damaged:
+        sys.exit(1)
+
+
+@cache.command("prune")
+@_cache_dir_option
+@click.option("--max-size", help="Drop least recently used chunks until the cache uses at most this (e.g. 10G).")
+@click.option("--all", "drop_all", is_flag=True, help="Drop every chunk and manifest.")
+def cache_prune(cache_dir, max_size, drop_all):
+    """Free cache space now (mounts evict on their own past --cache-size)."""
+    from .errors import UsageError
+    from .units import parse_size
+
+    if bool(max_size) == drop_all:
+        raise UsageError("give exactly one of --max-size SIZE or --all")
+    try:
+        target = 0 if drop_all else parse_size(max_size)
+    except ValueError as e:
+        raise UsageError(f"--max-size: {e}") from None
+    c = _open_cache(cache_dir)
+    try:
+        before = c.used_bytes()
+        if drop_all:
+            c.clear()
+        else:
+            c.evict(target=target)
+        after = c.used_bytes()
+    finally:
+        c.close()
+    click.echo(f"pruned {c.path}: {fmt_bytes(before)} -> {fmt_bytes(after)} used")
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+@_cache_dir_option
+@click.option("--cache-size", default=DEFAULTS["cache_size"], show_default=True,
+              help="Cap of the cache (by ref), as the mounts that use it have.")
+@click.option("--registry", "registry_url", help="Registry holding the chunks, when a target is a manifest file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
+    """Warm the cache before traffic arrives.
+
+    TARGETS are either model refs (s3://…/NAME@TAG, or manifest files), whose
+    chunks go straight into the block cache (no mount needed), or files and
+    directories on a running mount, which are read through it.
+    """
+    from .cache import BlockCache, default_cache_dir
+    from .errors import UsageError
+    from .prefetch import files_under, read_through, warm_cache
+    from .units import parse_size
+
+    refs = [t for t in targets if t.startswith("s3://") or t.endswith(".json")]
+    paths = [Path(t) for t in targets if t not in refs]
+    t0 = time.monotonic()
+    if refs:
+        try:
+            cap = parse_size(cache_size)
+        except ValueError as e:
+            raise UsageError(f"--cache-size: {e}") from None
+        c = BlockCache(cache_dir or default_cache_dir(), cap)
+        try:
+            for ref in refs:
+                reg, version, m = _resolve(ctx, ref)
+                if reg is None:
+                    reg = origin_registry(m, registry_url, ctx.obj["config"])
+                total = m.totals()["unique_chunk_bytes"]
+                if total > cap:
+                    click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "
+                               f"the cache cap ({fmt_bytes(cap)}); its first chunks will be evicted", err=True)
+                bar = Progress(f"prefetch {m.name}", enabled=False if quiet else None)
+                bar.start(total)
+                try:
+                    st = warm_cache(reg, m, c, concurrency=ctx.obj["config"].concurrency,
+                                    on_progress=bar.advance)
+                finally:
+                    bar.close()
+                click.echo(f"prefetched {m.name}@{version} into {c.path}: {fmt_bytes(st.fetched_bytes)} "
+                           f"fetched in {st.fetched_chunks} chunks, {st.cached_chunks} chunks already cached")
+        finally:
+            c.close()
+    if paths:
+        files = files_under(paths)
+        bar = Progress("prefetch", enabled=False if quiet else None)
+        bar.start(sum(n for _, n in files))
+        try:
+            st = read_through(files, on_progress=bar.advance)
+        finally:
+            bar.close()
+        click.echo(f"prefetched {st.files} files ({fmt_bytes(st.bytes)}) through the mount")
+    click.echo(f"took {time.monotonic() - t0:.1f} s")
 
 
 if __name__ == "__main__":

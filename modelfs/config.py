@@ -1,14 +1,26 @@
-"""Settings that flow from the CLI (and later a config file) into the store.
+"""Settings: what the flags hold, what a TOML file may hold, and which one wins.
+
+Precedence, highest first: command-line flags and the environment variables
+that stand for flags (``AWS_ENDPOINT_URL``, ``MODELFS_LOG_LEVEL``), then the
+config file (``/etc/modelfs/<name>.toml``), then the defaults in ``MOUNT_KEYS``.
+Every value, whichever of those it came from, goes through the same parser, so a
+bad value is the same clear error with its origin named.
 
 Credentials never live here: boto3's standard chain (environment, profile,
-instance role) finds them. Endpoint and region follow the standard variables
-(``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``),
-which a flag may override.
+instance role) finds them, and a config file that tries to hold one is refused.
 """
 
 from __future__ import annotations
 
+import difflib
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .units import parse_size
 
 
 @dataclass(frozen=True)
@@ -20,3 +32,140 @@ class StoreConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_attempts: int = 5  # botocore "standard" retries: throttling, 5xx, resets
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# -- value parsers: raw (TOML value or flag string) → typed value, or ValueError ----------
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v or "\0" in v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _path(v: Any) -> Path:
+    return Path(_str(str(v) if isinstance(v, Path) else v)).expanduser()
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise ValueError("expected true or false")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}")
+        return v
+    return parse
+
+
+def _seconds(v: Any) -> float:
+    try:
+        f = float(v) if not isinstance(v, bool) else -1.0
+    except (TypeError, ValueError):
+        f = -1.0
+    if not 0 < f <= 86400:
+        raise ValueError("expected seconds, more than 0")
+    return f
+
+
+def _level(v: Any) -> str:
+    if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return v.lower()
+
+
+def _s3_url(v: Any) -> str:
+    s = _str(v)
+    if not s.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return s
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any  # None: unset (the doc says what that means)
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+# The one list of mount settings: flags, config file keys, defaults and docs
+# (docs/operations.md and systemd/modelfs.example.toml; a test keeps them in step).
+MOUNT_KEYS: tuple[Key, ...] = (
+    Key("source", None, _str, "What to mount: s3://BUCKET/PREFIX (a registry), s3://…/NAME@TAG, or a manifest file. Required."),
+    Key("mountpoint", None, _path, "An existing empty directory. Required."),
+    Key("registry", None, _str, "Registry holding the chunks when source is a manifest file (default: its origin)."),
+    Key("cache_dir", None, _path, "Persistent block cache (default: $CACHE_DIRECTORY under systemd, /var/cache/modelfs for root, else ~/.cache/modelfs)."),
+    Key("cache_size", "16G", parse_size, "Cap of the block cache on disk."),
+    Key("memory_cache", "256M", parse_size, "Decoded chunks kept in memory."),
+    Key("readahead", "64M", parse_size, "Largest readahead window per sequential reader."),
+    Key("fetch_timeout", 60.0, _seconds, "Seconds before a chunk fetch becomes an I/O error."),
+    Key("metadata_ttl", 30.0, _seconds, "Seconds model/tag/version listings are kept before asking the store again."),
+    Key("kernel_readahead_kb", 1024, _int_in(0, 1 << 20), "Kernel readahead for the mount in KiB (root only; 0 keeps the kernel's)."),
+    Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
+    Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
+    Key("endpoint_url", None, _s3_url, "S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)."),
+    Key("region", None, _str, "Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's)."),
+    Key("profile", None, _str, "AWS profile in the standard files (default: $AWS_PROFILE)."),
+    Key("log_level", "warning", _level, "debug, info, warning or error (also $MODELFS_LOG_LEVEL)."),
+    Key("metrics_port", 0, _int_in(0, 65535), "Serve Prometheus metrics on this TCP port (0: off)."),
+    Key("metrics_address", "127.0.0.1", _str, "Address the metrics endpoint listens on (loopback unless you open it)."),
+)
+KEYS = {k.name: k for k in MOUNT_KEYS}
+DEFAULTS = {k.name: k.default for k in MOUNT_KEYS}
+
+_CREDENTIALS = ("key", "secret", "token", "password", "credential")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """The raw key → value table of a config file, with every key known and no credentials."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    for name, value in data.items():
+        if name in KEYS:
+            if isinstance(value, dict):
+                raise UsageError(f"config file {path}: {name!r} must be a value, not a table")
+            continue
+        if any(word in name.lower() for word in _CREDENTIALS):
+            raise UsageError(f"config file {path}: {name!r} looks like a credential; credentials "
+                             "come from the standard AWS chain (environment, profile, instance role), "
+                             "never from the config file")
+        close = difflib.get_close_matches(name, KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"config file {path}: unknown key {name!r}{hint}")
+    return data
+
+
+def resolve(file: Path | None, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults ← config file ← given flags, every value parsed; bad values name their origin."""
+    raw: dict[str, tuple[Any, str]] = {k: (v, "default") for k, v in DEFAULTS.items()}
+    if file is not None:
+        raw.update({k: (v, f"config file {file}") for k, v in load_file(file).items()})
+    raw.update({k: (v, "the command line") for k, v in given.items()})
+    out: dict[str, Any] = {}
+    for name, (value, origin) in raw.items():
+        if value is None:
+            out[name] = None
+            continue
+        try:
+            out[name] = KEYS[name].parse(value)
+        except ValueError as e:
+            raise UsageError(f"{name} = {value!r} (from {origin}): {e}") from None
+    for name in ("source", "mountpoint"):
+        if out[name] is None:
+            raise UsageError(f"no {name}: give it on the command line or as {name!r} in a config file")
+    return out

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import cachetools
 import trio
@@ -43,12 +45,15 @@ class FetchConfig:
 
 @dataclass
 class FetchStats:
-    bytes_served: int = 0
-    memory_hits: int = 0
-    cache_hits: int = 0
-    fetches: int = 0
+    """Counters since the mount started (``modelfs stats``, Prometheus, systemd STATUS)."""
+    bytes_served: int = 0  # bytes returned to readers (page-cache hits never reach us)
+    memory_hits: int = 0  # chunk reads answered from the in-memory LRU
+    cache_hits: int = 0  # chunk loads answered from the LMDB cache
+    fetches: int = 0  # chunk GETs from the store
     bytes_fetched: int = 0
-    errors: int = 0
+    fetch_seconds: float = 0.0  # sum of GET durations (decode and verification included)
+    errors: int = 0  # chunk loads that failed (the reader got EIO)
+    recent_latencies: deque = field(default_factory=lambda: deque(maxlen=4096))  # seconds, newest last
 
 
 class _Flight:
@@ -136,13 +141,28 @@ class Fetcher:
         if self.registry is None:
             raise StoreError("no store configured")
         with trio.move_on_after(self.config.fetch_timeout) as scope:
-            data = await trio.to_thread.run_sync(self.registry.get_chunk, h, size,
-                                                 limiter=self.s3_limiter, abandon_on_cancel=True)
+            data, took = await trio.to_thread.run_sync(self._timed_get, h, size,
+                                                       limiter=self.s3_limiter, abandon_on_cancel=True)
         if scope.cancelled_caught:
             raise StoreError(f"not fetched within {self.config.fetch_timeout:g} s")
-        self.stats.fetches += 1
-        self.stats.bytes_fetched += size
+        st = self.stats
+        st.fetches += 1
+        st.bytes_fetched += size
+        st.fetch_seconds += took
+        st.recent_latencies.append(took)
         return data
+
+    def _timed_get(self, h: str, size: int) -> tuple[bytes, float]:
+        """In the worker thread: the GET's own time, not the wait for a slot."""
+        assert self.registry is not None
+        t0 = time.monotonic()
+        data = self.registry.get_chunk(h, size)
+        return data, time.monotonic() - t0
+
+    @property
+    def in_flight(self) -> int:
+        """Chunk loads under way (waiting for a GET slot, fetching, or reading the cache)."""
+        return len(self._flights)
 
     async def _cache_writer(self) -> None:
         """The one LMDB writer: batches new chunks (and last-use times) into one transaction.

@@ -23,16 +23,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from .cache import BlockCache
+from .cache import BlockCache, default_cache_dir
 from .config import StoreConfig
 from .errors import ModelfsError, NotFoundError, UsageError
 from .fetch import FetchConfig, Fetcher
 from .fs import ModelFS
 from .manifest import Manifest
+from .metrics import Reporter
 from .refs import is_model_ref, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
@@ -50,21 +52,24 @@ class MountConfig:
     allow_other: bool = False
     metadata_ttl: float = 30.0
     kernel_readahead_kb: int | None = 1024
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_address: str = "127.0.0.1"
     store: StoreConfig = field(default_factory=StoreConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
-
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``1T``, ``4096`` → bytes (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if mult > 1 else t)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r}: use e.g. 512M, 20G, 1T") from None
-    if value <= 0:
-        raise UsageError(f"invalid size {text!r}: must be positive")
-    return int(value * mult)
+    @classmethod
+    def from_settings(cls, s: dict[str, Any]) -> MountConfig:
+        """From :func:`modelfs.config.resolve`'s merged, parsed settings."""
+        store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
+                            concurrency=s["concurrency"])
+        return cls(
+            source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
+            cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
+            allow_other=s["allow_other"], metadata_ttl=s["metadata_ttl"],
+            kernel_readahead_kb=s["kernel_readahead_kb"] or None,
+            metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
+            fetch=FetchConfig(memory_bytes=s["memory_cache"], s3_concurrency=store.concurrency,
+                              readahead_bytes=s["readahead"], fetch_timeout=s["fetch_timeout"]))
 
 
 # -- the mount point -------------------------------------------------------------
@@ -186,24 +191,31 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None
     else:
         ns.root_registry()
     ops = ModelFS(ns, fetcher)
+    reporter = Reporter(fetcher, cache, cfg.source, cfg.mountpoint)
     ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
+    ops.root_xattrs["stats"] = lambda: reporter.snapshot().to_json()
+    metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
     options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
     if cfg.allow_other:
         options.add("allow_other")
-    pyfuse3.init(ops, str(cfg.mountpoint), options)
     try:
-        trio.run(_main, cfg, fetcher, on_ready)
+        pyfuse3.init(ops, str(cfg.mountpoint), options)
+        try:
+            trio.run(_main, cfg, fetcher, reporter, on_ready)
+        finally:
+            pyfuse3.close(unmount=True)
     finally:
-        pyfuse3.close(unmount=True)
+        if metrics_server is not None:
+            metrics_server.shutdown()
         cache.close()
     log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _main(cfg: MountConfig, fetcher: Fetcher, on_ready: Callable[[], None]) -> None:
+async def _main(cfg: MountConfig, fetcher: Fetcher, reporter: Reporter, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_serving, cfg, on_ready)
+        nursery.start_soon(_when_serving, cfg, reporter, on_ready)
         await pyfuse3.main()  # returns on terminate() or an external unmount
         nursery.cancel_scope.cancel()
 
@@ -217,13 +229,14 @@ async def _on_signals() -> None:
             return
 
 
-async def _when_serving(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _when_serving(cfg: MountConfig, reporter: Reporter, on_ready: Callable[[], None]) -> None:
     # From a worker thread, never the trio thread: the loop must be free to answer.
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
     if cfg.kernel_readahead_kb:
         await trio.to_thread.run_sync(_set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
     log.info("serving %s at %s", cfg.source, cfg.mountpoint)
     on_ready()
+    await reporter.run(sd_notify)  # then STATUS= figures for systemctl status, until unmounted
 
 
 # -- readiness: systemd (Type=notify) and the background start ---------------------------

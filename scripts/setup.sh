@@ -5,10 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-# fuse3/libfuse3-dev/pkg-config/gcc: pyfuse3; attr: getfattr; rclone, s3fs: peers in the benchmark suite
-for p in fuse3 libfuse3-dev pkg-config gcc attr rclone s3fs; do
+# fuse3/libfuse3-dev/pkg-config/gcc: pyfuse3; attr: getfattr; rclone, s3fs: peers in the benchmark
+# suite; util-linux: setpriv (the unit's restrictions in tests)
+for p in fuse3 libfuse3-dev pkg-config gcc attr rclone s3fs util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# systemd-analyze verifies the unit files in the tests (the machine need not run systemd)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 python3 - <<'PY' || need+=(python3-dev)
 import os, sys, sysconfig

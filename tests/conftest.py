@@ -6,6 +6,7 @@ server-side facts (objects written, requests made) come from the server.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def cli(env: dict, *args: str, check: bool = True, timeout: float = 300) -> subp
     if check and r.returncode != 0:
         raise AssertionError(f"modelfs {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def read_as_nobody(path: Path) -> int | None:
+    """Read 16 bytes of ``path`` as user nobody: None if it worked, EACCES if refused, -1 otherwise."""
+    r = subprocess.run(["/usr/bin/head", "-c", "16", str(path)], capture_output=True, text=True,
+                       preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)))
+    if r.returncode == 0:
+        return None
+    return errno.EACCES if "Permission denied" in r.stderr else -1
 
 
 def objects(s3, bucket: str, prefix: str = "") -> dict[str, int]:

@@ -20,7 +20,7 @@ import pytest
 from modelfs.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
 from modelfs.sample import layer_tensors, write_safetensors
 
-from conftest import Mounts, cli, tree_digest
+from conftest import Mounts, cli, read_as_nobody, tree_digest
 from proxy import StallProxy
 
 
@@ -388,26 +388,18 @@ def test_64_concurrent_readers_cold_small_cache(env, bucket, tmp_path, mounts):
 
 # -- 8. security basics ----------------------------------------------------------------------
 
-def _as_nobody(path: Path) -> int | None:
-    r = subprocess.run(["/usr/bin/head", "-c", "16", str(path)], capture_output=True, text=True,
-                       preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)))
-    if r.returncode == 0:
-        return None
-    return errno.EACCES if "Permission denied" in r.stderr else -1
-
-
 def test_security_basics(env, bucket, sample_model, mounts, tmp_path):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "-q")
     mounts.env = dict(env, MODELFS_LOG_LEVEL="debug")  # the most talkative logs must not leak either
     private = mounts.mount(f"s3://{bucket}/reg/m")
     assert (private / "config.json").read_bytes() == (sample_model / "config.json").read_bytes()
-    assert _as_nobody(private / "config.json") == errno.EACCES  # not without --allow-other
+    assert read_as_nobody(private / "config.json") == errno.EACCES  # not without --allow-other
     # pytest's tmp_path is private (0700): put this mount point where others can reach it
     outer = Path(tempfile.mkdtemp(prefix="modelfs-shared-"))
     os.chmod(outer, 0o755)
     try:
         shared = mounts.mount(f"s3://{bucket}/reg/m", "--allow-other", mnt=outer)
-        assert _as_nobody(shared / "config.json") is None
+        assert read_as_nobody(shared / "config.json") is None
         _check_cache_private_and_no_secret_leaks(env, mounts, private, shared)
     finally:
         mounts.cleanup()
