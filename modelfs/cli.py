@@ -9,7 +9,6 @@ the traceback.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time

@@ -70,6 +70,7 @@ def main() -> int:
                 print(" ".join(sorted(os.listdir(mnt))), "|", " ".join(sorted(os.listdir(mnt / "llama-demo"))))
                 served = _sha(mnt / "llama-demo" / "staging")
                 print(f"# files read through the mount are byte-identical: {served == _sha(model)}\n")
+                run("stats", str(mnt))
             finally:
                 run("unmount", str(mnt))
             return 0 if served == _sha(model) else 1

@@ -77,13 +77,23 @@ def cli(env: dict, *args: str, check: bool = True, timeout: float = 300) -> subp
     return r
 
 
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as user nobody (uid/gid 65534, no groups): how another user sees a mount."""
+    return subprocess.run(cmd, capture_output=True, timeout=120,
+                          preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)))
+
+
 def read_as_nobody(path: Path) -> int | None:
     """Read 16 bytes of ``path`` as user nobody: None if it worked, EACCES if refused, -1 otherwise."""
-    r = subprocess.run(["/usr/bin/head", "-c", "16", str(path)], capture_output=True, text=True,
-                       preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)))
+    r = as_nobody("/usr/bin/head", "-c", "16", str(path))
     if r.returncode == 0:
         return None
-    return errno.EACCES if "Permission denied" in r.stderr else -1
+    return errno.EACCES if b"Permission denied" in r.stderr else -1
+
+
+def gets(seaweed, bucket: str) -> int:
+    """Successful GETs the server has answered on ``bucket`` so far."""
+    return seaweed.request_counts(bucket)[("GET", "200")]
 
 
 def objects(s3, bucket: str, prefix: str = "") -> dict[str, int]:
@@ -125,14 +135,24 @@ class Mounts:
             self._count += 1
             mnt = self.tmp / f"mnt{self._count}"
             mnt.mkdir()
-        r = cli(self.env, "mount", source, str(mnt), "--cache-dir", str(cache_dir or self.cache_dir),
-                *extra, check=False)
-        if r.returncode == 0:
-            pid = int(r.stdout.split("(pid ")[1].split(";")[0])
-            self.active.append((mnt, pid))
+        r = self.run("mount", source, str(mnt), "--cache-dir", str(cache_dir or self.cache_dir), *extra)
         if check:
             assert r.returncode == 0, r.stderr
             return mnt
+        return r
+
+    def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Any command line that mounts (``mount …``, ``--config``, ``mount.modelfs``): the
+        mount it reports is tracked for cleanup."""
+        if args[0] == "mount.modelfs":
+            r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mount.modelfs"), *args[1:]],
+                               env=env or self.env, capture_output=True, text=True, timeout=300,
+                               stdin=subprocess.DEVNULL)
+        else:
+            r = cli(env or self.env, *args, check=False)
+        if r.returncode == 0 and "(pid " in r.stdout:
+            mnt = Path(r.stdout.split(" at ", 1)[1].split(" (pid ")[0])
+            self.active.append((mnt, int(r.stdout.split("(pid ")[1].split(";")[0])))
         return r
 
     def pid(self, mnt: Path) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.config import DEFAULTS, MOUNT_KEYS, load_file, resolve
+from modelfs.config import MOUNT_KEYS, load_file, resolve
 from modelfs.errors import UsageError
 from modelfs.fstab import HelperError, mount_args
 

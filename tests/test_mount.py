@@ -16,17 +16,13 @@ from hypothesis import strategies as st
 from modelfs.cache import BlockCache
 from modelfs.sample import layer_tensors, write_safetensors
 
-from conftest import cli, tree_digest
+from conftest import cli, gets, tree_digest
 
 
 def publish(env, bucket, src, name="m", *tags):
     out = cli(env, "publish", str(src), f"s3://{bucket}/reg", "--name", name, "-q",
               *[a for t in tags for a in ("--tag", t)]).stdout
     return out.split("@")[1].split()[0]
-
-
-def gets(seaweed, bucket):
-    return seaweed.request_counts(bucket)[("GET", "200")]
 
 
 def test_three_forms_read_byte_identical(env, bucket, sample_model, mounts, tmp_path):
