@@ -404,6 +404,18 @@ def cache_prune(cache_dir, max_size, drop_all):
     click.echo(f"pruned {c.path}: {fmt_bytes(before)} -> {fmt_bytes(after)} used")
 
 
+def _is_manifest_file(path: str) -> bool:
+    """A local file, not one on a modelfs mount (those carry user.modelfs.* attributes)."""
+    from .fs import XATTR_PREFIX
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        return not any(a.startswith(XATTR_PREFIX) for a in os.listxattr(path))
+    except OSError:
+        return True
+
+
 @main.command()
 @click.argument("targets", nargs=-1, required=True)
 @_cache_dir_option
@@ -424,7 +436,7 @@ def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
     from .prefetch import files_under, read_through, warm_cache
     from .units import parse_size
 
-    refs = [t for t in targets if t.startswith("s3://") or t.endswith(".json")]
+    refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]
     t0 = time.monotonic()
     if refs:

@@ -122,11 +122,17 @@ def test_prefetch_by_ref_then_mount_reads_with_zero_chunk_gets(env, bucket, samp
     mounts.unmount(mnt)
     again = cli(env, "prefetch", f"s3://{bucket}/reg/m", "--cache-dir", str(cache)).stdout
     assert "0 B fetched in 0 chunks" in again
+    manifest = tmp_path / "m.manifest.json"  # a manifest file works as the ref too
+    manifest.write_text(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+    again = cli(env, "prefetch", str(manifest), "--cache-dir", str(cache)).stdout
+    assert "0 B fetched in 0 chunks" in again
 
 
 def test_prefetch_through_a_mount(env, bucket, sample_model, mounts, seaweed):
     doc = publish(env, bucket, sample_model)
     mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    # a .json file on a mount is a file to read, not a manifest
+    assert "prefetched 1 files" in cli(env, "prefetch", str(mnt / "config.json")).stdout
     out = cli(env, "prefetch", str(mnt)).stdout
     total = sum(f["size"] for f in doc["files"])
     assert f"prefetched {len(doc['files'])} files" in out
