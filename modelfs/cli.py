@@ -298,22 +298,15 @@ def stats(mountpoint: Path, as_json: bool):
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint: Path, lazy: bool, timeout: float):
     """Unmount a modelfs mount and wait for its daemon to exit."""
-    from .fs import XATTR_PREFIX
-    from .mount import unmount as do_unmount
+    from .mount import unmount_and_wait
 
-    try:
-        pid = int(os.getxattr(mountpoint, XATTR_PREFIX + "pid"))
-    except (OSError, ValueError):
-        pid = None
-    do_unmount(mountpoint, lazy)
-    deadline = time.monotonic() + timeout
-    while pid and not lazy and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
+    r = unmount_and_wait(mountpoint, lazy, timeout)
     click.echo(f"unmounted {mountpoint}")
+    if r.still_running and not lazy:
+        where = (f": {', '.join(r.other_mounts)}" if r.other_mounts
+                 else " (bind mounts in another mount namespace, e.g. a container's)")
+        click.echo(f"modelfs: warning: its daemon (pid {r.pid}) keeps serving other mounts of the same "
+                   f"filesystem{where}; it exits when they are unmounted", err=True)
 
 
 # -- cache tools --------------------------------------------------------------------

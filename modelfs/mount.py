@@ -14,6 +14,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -32,7 +33,7 @@ from .cache import BlockCache, default_cache_dir
 from .config import StoreConfig
 from .errors import ModelfsError, NotFoundError, UsageError
 from .fetch import FetchConfig, Fetcher
-from .fs import ModelFS
+from .fs import XATTR_PREFIX, ModelFS
 from .manifest import Manifest
 from .metrics import Reporter
 from .refs import is_model_ref, parse_model, parse_registry
@@ -82,6 +83,53 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
         if "busy" in msg.lower():
             msg += " (files are open on it; close them, or use --lazy)"
         raise ModelfsError(f"cannot unmount {mountpoint}: {msg}")
+
+
+@dataclass(frozen=True)
+class Unmounted:
+    pid: int | None  # the daemon's, when the mount answered
+    still_running: bool  # the daemon outlived the wait
+    other_mounts: list[str]  # bind mounts of the same filesystem still in place (this namespace)
+
+
+def mounts_of_device(dev: int) -> list[str]:
+    """Mount points in this mount namespace of the filesystem with st_dev ``dev``."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[2] == want:
+                out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return out
+
+
+def unmount_and_wait(mountpoint: Path, lazy: bool = False, timeout: float = 30.0) -> Unmounted:
+    """Unmount, then wait for the daemon to exit — unless a bind mount of the same
+    filesystem keeps it serving (the kernel ends a FUSE session only with its last mount)."""
+    try:
+        pid: int | None = int(os.getxattr(mountpoint, XATTR_PREFIX + "pid"))
+        dev: int | None = os.stat(mountpoint).st_dev
+    except (OSError, ValueError):
+        pid = dev = None
+    unmount(mountpoint, lazy)
+    others = mounts_of_device(dev) if dev is not None else []
+    if pid is None:
+        return Unmounted(None, False, others)
+    deadline = time.monotonic() + (0 if lazy or others else timeout)
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return Unmounted(pid, _alive(pid), others)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's daemon: alive
+        return True
+    return True
 
 
 def check_mountpoint(mountpoint: Path) -> None:

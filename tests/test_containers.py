@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,27 @@ def test_bind_mounts_propagation_and_another_user(env, bucket, sample_model, mou
         for m in reversed(made):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
         subprocess.run(["rm", "-rf", "--one-file-system", str(host)])
+
+
+def test_unmount_says_when_a_bind_mount_keeps_the_daemon_serving(env, bucket, sample_model, mounts, tmp_path):
+    """The kernel ends a FUSE session only with its last mount: a bind of the mount point
+    (docker -v /srv/modelfs/registry:…) keeps the daemon serving after `modelfs unmount`."""
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "-q")
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    pid = mounts.pid(mnt)
+    plain = tmp_path / "bound"
+    plain.mkdir()
+    sh("mount", "--bind", str(mnt), str(plain))
+    try:
+        t = time.monotonic()
+        r = cli(env, "unmount", str(mnt))
+        assert time.monotonic() - t < 10  # no waiting for a daemon that cannot exit yet
+        assert f"daemon (pid {pid}) keeps serving other mounts" in r.stderr and str(plain) in r.stderr
+        assert not os.path.ismount(mnt)
+        assert (plain / "config.json").read_bytes() == (sample_model / "config.json").read_bytes()
+    finally:
+        subprocess.run(["umount", str(plain)], capture_output=True)
+    deadline = time.monotonic() + 30  # the last mount gone, the daemon ends by itself
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
