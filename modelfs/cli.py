@@ -274,7 +274,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def stats(mountpoint: Path, as_json: bool):
-    """Live figures of the daemon serving MOUNTPOINT."""
+    """Live figures of the daemon serving MOUNTPOINT (or any path on it)."""
     from .metrics import read_stats
 
     s = read_stats(mountpoint)

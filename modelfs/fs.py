@@ -9,6 +9,7 @@ a missing name → ENOENT, anything the store or cache did wrong → EIO, writes
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -53,7 +54,8 @@ class ModelFS(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.root_xattrs: dict[str, Callable[[], bytes]] = {}  # extra facts on the root (pid, stats)
+        # extra facts on the root (pid, stats): bytes, or an awaitable of bytes
+        self.root_xattrs: dict[str, Callable[[], bytes | Awaitable[bytes]]] = {}
 
     # -- attributes ----------------------------------------------------------------
     def _node(self, inode: int) -> Node:
@@ -141,8 +143,8 @@ class ModelFS(pyfuse3.Operations):
         return fh
 
     # -- extended attributes: the manifest's facts without reading a byte ----------
-    def _xattrs(self, node: Node) -> dict[str, Callable[[], bytes]]:
-        out: dict[str, Callable[[], bytes]] = {}
+    def _xattrs(self, node: Node) -> dict[str, Callable[[], bytes | Awaitable[bytes]]]:
+        out: dict[str, Callable[[], bytes | Awaitable[bytes]]] = {}
         if node.inode == pyfuse3.ROOT_INODE:
             out.update(self.root_xattrs)
         if node.model:
@@ -164,10 +166,13 @@ class ModelFS(pyfuse3.Operations):
         key = os.fsdecode(name)
         if not key.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        value = self._xattrs(self._node(inode)).get(key[len(XATTR_PREFIX):])
-        if value is None:
+        fn = self._xattrs(self._node(inode)).get(key[len(XATTR_PREFIX):])
+        if fn is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value()
+        value = fn()
+        if inspect.isawaitable(value):  # live figures that need a worker thread (stats)
+            value = await _guard(f"getxattr {key}", lambda: value)
+        return value
 
     async def listxattr(self, inode, ctx):
         return [(XATTR_PREFIX + k).encode() for k in self._xattrs(self._node(inode))]

@@ -2,10 +2,10 @@
 
 The fetcher counts; this module turns its counters into one snapshot. Snapshots
 are built on the trio thread (the counters' owner): an xattr read is answered
-there, and a Prometheus scrape (prometheus_client's own HTTP thread) asks the
+there (after reading the cache's size in a worker thread), and a Prometheus scrape (prometheus_client's own HTTP thread) asks the
 trio thread for one with ``trio.from_thread``, so no counter is read from two
 threads. The cache's size needs an LMDB read, so ``Reporter.run`` refreshes it
-every few seconds from a worker thread rather than on every request.
+every second from a worker thread rather than on every request.
 """
 
 from __future__ import annotations
@@ -102,16 +102,27 @@ class Reporter:
         self.latest = snap
         return snap
 
-    async def run(self, notify: Callable[[str], None], period: float = 5.0) -> None:
-        """Refresh the cache size and systemd's STATUS= line every ``period`` seconds."""
+    async def refreshed_json(self) -> bytes:
+        """For the stats xattr: the cache size read now, then a snapshot."""
+        await self._refresh_cache_size()
+        return self.snapshot().to_json()
+
+    async def _refresh_cache_size(self) -> None:
+        try:
+            self.cache_used = await trio.to_thread.run_sync(self.cache.used_bytes)
+        except Exception:  # a failing cache disk is logged by the cache; figures go on
+            pass
+
+    async def run(self, notify: Callable[[str], None], period: float = 5.0, refresh: float = 1.0) -> None:
+        """Refresh the cache size every ``refresh`` s and systemd's STATUS= every ``period`` s."""
         self._trio_token = trio.lowlevel.current_trio_token()
+        last_status = -period
         while True:
-            try:
-                self.cache_used = await trio.to_thread.run_sync(self.cache.used_bytes)
-            except Exception:  # a failing cache disk is logged by the cache; figures go on
-                pass
-            notify("STATUS=" + self.snapshot().status_line())
-            await trio.sleep(period)
+            await self._refresh_cache_size()
+            if trio.current_time() - last_status >= period:
+                notify("STATUS=" + self.snapshot().status_line())
+                last_status = trio.current_time()
+            await trio.sleep(refresh)
 
     def _fresh_from_thread(self) -> Snapshot:
         """A snapshot built on the trio thread (the counters' owner) for a scrape thread."""
@@ -167,12 +178,23 @@ class Reporter:
         return server
 
 
-def read_stats(mountpoint: Path) -> Snapshot:
-    """The live snapshot of the daemon serving ``mountpoint`` (from an xattr on its root)."""
+def read_stats(path: Path) -> Snapshot:
+    """The live snapshot of the daemon serving ``path`` (its mount root or anything under it).
+
+    The daemon answers an xattr on the mount root; from a deeper path, walk up while
+    still on the same filesystem.
+    """
+    p = Path(path).absolute()
     try:
-        data = os.getxattr(mountpoint, STATS_XATTR)
+        dev = os.stat(p).st_dev
+        while True:
+            try:
+                return Snapshot.from_json(os.getxattr(p, STATS_XATTR))
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
+            if p.parent == p or os.stat(p.parent).st_dev != dev:
+                raise UsageError(f"{path} is not on a running modelfs mount")
+            p = p.parent
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise UsageError(f"{mountpoint} is not the root of a running modelfs mount") from None
-        raise ModelfsError(f"cannot read stats of {mountpoint}: {e.strerror}") from None
-    return Snapshot.from_json(data)
+        raise ModelfsError(f"cannot read stats of {path}: {e.strerror}") from None

@@ -241,7 +241,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None
     ops = ModelFS(ns, fetcher)
     reporter = Reporter(fetcher, cache, cfg.source, cfg.mountpoint)
     ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
-    ops.root_xattrs["stats"] = lambda: reporter.snapshot().to_json()
+    ops.root_xattrs["stats"] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
     options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
     if cfg.allow_other:

@@ -50,6 +50,11 @@ def test_stats_and_prometheus_report_what_was_read(env, bucket, sample_model, mo
     assert 0 < s["fetch_p50_ms"] <= s["fetch_p99_ms"]
     assert s["fetches_in_flight"] == 0 and s["pid"] == mounts.pid(mnt)
     assert s["cache_cap_bytes"] == 16 << 30
+    deadline = time.monotonic() + 10  # the cache writer batches behind the reads
+    while stats(env, mnt)["cache_used_bytes"] < s["bytes_fetched"]:
+        assert time.monotonic() < deadline, "the cache size in stats never reached the bytes fetched"
+        time.sleep(0.2)
+    assert stats(env, mnt / "config.json")["pid"] == s["pid"]  # any path on the mount will do
     human = cli(env, "stats", str(mnt)).stdout
     assert "served" in human and f"in {len(chunks)} GETs" in human
 
@@ -73,7 +78,7 @@ def test_stats_and_prometheus_report_what_was_read(env, bucket, sample_model, mo
     r = mounts.mount(f"s3://{bucket}/reg/m", "--metrics-port", str(port), check=False)
     one_line_error(r, f"cannot serve metrics on 127.0.0.1:{port}")
     assert not os.path.ismount(mounts.tmp / "mnt2")
-    one_line_error(cli(env, "stats", str(mounts.tmp), check=False), "not the root of a running modelfs mount")
+    one_line_error(cli(env, "stats", str(mounts.tmp), check=False), "is not on a running modelfs mount")
 
 
 def test_config_file_drives_the_mount_and_flags_win(env, bucket, sample_model, mounts, tmp_path):
