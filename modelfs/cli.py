@@ -216,9 +216,10 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
                f"in {dt:.1f} s")
 
 
-def _default(name: str) -> str:
+def _help(name: str) -> str:
+    """A mount option's help: the config key's own doc (one text for flag, file and docs)."""
     d = DEFAULTS[name]
-    return f" [default: {d}]" if d not in (None, False, 0) else ""
+    return KEYS[name].doc + (f" [default: {d}]" if d not in (None, False, 0) else "")
 
 
 @main.command()
@@ -226,19 +227,17 @@ def _default(name: str) -> str:
 @click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML file with any of these settings (flags win over it); see docs/operations.md.")
-@click.option("--registry", help="Registry holding the chunks, when SOURCE is a manifest file (default: its origin).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Persistent block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
-@click.option("--cache-size", help="Cap of the block cache." + _default("cache_size"))
-@click.option("--memory-cache", help="Decoded chunks kept in memory." + _default("memory_cache"))
-@click.option("--readahead", help="Largest readahead window per sequential reader." + _default("readahead"))
-@click.option("--fetch-timeout", type=float, help="Seconds before a chunk fetch is an I/O error." + _default("fetch_timeout"))
-@click.option("--metadata-ttl", type=float, help="Seconds model/tag/version listings are kept." + _default("metadata_ttl"))
-@click.option("--kernel-readahead-kb", type=int,
-              help="Kernel readahead for the mount (root only; 0 keeps the kernel's)." + _default("kernel_readahead_kb"))
-@click.option("--allow-other/--no-allow-other", default=None, help="Let other users (and containers) read the mount.")
-@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (default: off).")
-@click.option("--metrics-address", help="Address for --metrics-port." + _default("metrics_address"))
+@click.option("--registry", help=_help("registry"))
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help=_help("cache_dir"))
+@click.option("--cache-size", help=_help("cache_size"))
+@click.option("--memory-cache", help=_help("memory_cache"))
+@click.option("--readahead", help=_help("readahead"))
+@click.option("--fetch-timeout", type=float, help=_help("fetch_timeout"))
+@click.option("--metadata-ttl", type=float, help=_help("metadata_ttl"))
+@click.option("--kernel-readahead-kb", type=int, help=_help("kernel_readahead_kb"))
+@click.option("--allow-other/--no-allow-other", default=None, help=_help("allow_other"))
+@click.option("--metrics-port", type=int, help=_help("metrics_port"))
+@click.option("--metrics-address", help=_help("metrics_address"))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
 @click.pass_context
@@ -311,9 +310,8 @@ def unmount(mountpoint: Path, lazy: bool, timeout: float):
 
 # -- cache tools --------------------------------------------------------------------
 
-_cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="The block cache (default: ~/.cache/modelfs, /var/cache/modelfs for root).")
+_cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                                 help=_help("cache_dir"))
 
 
 def _open_cache(cache_dir: Path | None):
