@@ -8,6 +8,8 @@ Layout (one environment at ``<cache-dir>/blocks``, shared by every mount on the 
     chunks     blake3 (32 raw bytes) → raw chunk bytes
     meta       blake3 (32 raw bytes) → u64 last use (ns), u64 size (written in batches)
     manifests  version id (ascii)    → manifest bytes (immutable, hash-checked)
+    refs       model ref (ascii)     → JSON {"version", "at"}: what a tag last resolved to,
+                                       so a mount can start while the store is unreachable
 
 Reads never write: the last-use times of hits are kept in memory and written by
 the single writer together with new chunks (``write``). Every read is verified
@@ -18,6 +20,7 @@ file never shrinks); past the cap the least recently used chunks go first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -105,14 +108,15 @@ class BlockCache:
         # against its BLAKE3 id when read, and an unreadable file is rebuilt at start,
         # so a crash can cost entries but never return wrong bytes. It doubles write
         # throughput here. readahead stays on: values are multi-MiB runs of pages.
-        env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=4, max_readers=512,
+        env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=8, max_readers=512,
                         sync=False, metasync=False, mode=0o600)
         env.reader_check()  # free reader slots left by crashed processes
         self.chunks = env.open_db(b"chunks")
         self.meta = env.open_db(b"meta")
         self.manifests = env.open_db(b"manifests")
+        self.refs = env.open_db(b"refs")
         with env.begin() as txn:  # touch every database once: garbage fails here, not later
-            for db in (self.chunks, self.meta, self.manifests):
+            for db in (self.chunks, self.meta, self.manifests, self.refs):
                 txn.stat(db)
         return env
 
@@ -153,7 +157,25 @@ class BlockCache:
             return None
         return data
 
+    def get_ref(self, ref: str) -> tuple[str, float] | None:
+        """(version, when it was resolved) of a model ref, as last seen by a mount."""
+        with self._txn() as txn:
+            data = txn.get(ref.encode(), db=self.refs)
+        try:
+            doc = json.loads(data) if data is not None else None
+            return (str(doc["version"]), float(doc["at"])) if doc else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
     # -- writes (one thread at a time) ----------------------------------------------
+    def put_ref(self, ref: str, version: str) -> None:
+        try:
+            with self._txn(write=True) as txn:
+                txn.put(ref.encode(), json.dumps({"version": version, "at": time.time()}).encode(),
+                        db=self.refs)
+        except (lmdb.Error, OSError) as e:
+            log.warning("could not cache %s: %s", ref, e)
+
     def put_manifest(self, version: str, data: bytes) -> None:
         try:
             with self._txn(write=True) as txn:
@@ -278,7 +300,7 @@ class BlockCache:
     def clear(self) -> None:
         """Drop every chunk and manifest (the file keeps its size; the pages are reused)."""
         with self._txn(write=True) as txn:
-            for db in (self.chunks, self.meta, self.manifests):
+            for db in (self.chunks, self.meta, self.manifests, self.refs):
                 txn.drop(db, delete=False)
 
     def close(self) -> None:

@@ -29,5 +29,9 @@ class StoreError(ModelfsError):
     """The object store failed: unreachable, denied, missing bucket, 5xx after retries."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store could not be reached, timed out, or failed on its side (5xx): maybe passing."""
+
+
 class IntegrityError(ModelfsError):
     """Bytes whose hash does not match what the manifest promises."""

@@ -31,12 +31,12 @@ import trio
 
 from .cache import BlockCache, default_cache_dir
 from .config import StoreConfig
-from .errors import ModelfsError, NotFoundError, UsageError
+from .errors import ModelfsError, NotFoundError, StoreUnavailableError, UsageError
 from .fetch import FetchConfig, Fetcher
 from .fs import XATTR_PREFIX, ModelFS
 from .manifest import Manifest
 from .metrics import Reporter
-from .refs import is_model_ref, parse_model, parse_registry
+from .refs import ModelRef, is_model_ref, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
 
@@ -183,13 +183,13 @@ class Source:
     manifest: Manifest | None = None  # None: the whole registry
 
 
-def resolve_source(cfg: MountConfig) -> Source:
+def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
     src = cfg.source
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
             registry = open_registry(ref.registry, cfg.store)
-            version, manifest = registry.resolve(ref)
+            version, manifest = _resolve_model(registry, ref, cache)
             return Source(registry, ref.name, version, manifest)
         rref = parse_registry(src)
         registry = open_registry(rref, cfg.store)
@@ -207,6 +207,32 @@ def resolve_source(cfg: MountConfig) -> Source:
     manifest = read_manifest_file(src)
     return Source(origin_registry(manifest, cfg.registry_url, cfg.store), manifest.name,
                   manifest.version_id, manifest)
+
+
+def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) -> tuple[str, Manifest]:
+    """From the store; if it cannot be reached, from what this cache saw last.
+
+    So a daemon restarted during a store outage (Restart=on-failure after a crash)
+    comes back with the version it served, and its cached chunks read as before.
+    """
+    key = f"{registry.store.endpoint} {ref}"
+    try:
+        version, manifest = registry.resolve(ref)
+    except StoreUnavailableError as e:
+        seen = None if cache is None else (ref.selector, 0.0) if ref.is_version else cache.get_ref(key)
+        data = cache.get_manifest(seen[0]) if cache is not None and seen else None
+        if seen is None or data is None:
+            raise StoreUnavailableError(f"{e} (and this cache has never served {ref.name}@{ref.selector}, "
+                                        "so there is nothing to start from)") from None
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seen[1])) if seen[1] else "immutable"
+        log.warning("object store unreachable (%s): serving %s@%s as version %s, the last one seen (%s)",
+                    e, ref.name, ref.selector, seen[0], when)
+        return seen[0], registry.parse_manifest(ref.name, seen[0], data)
+    if cache is not None:
+        cache.put_manifest(version, manifest.to_bytes())
+        if not ref.is_version:
+            cache.put_ref(key, version)
+    return version, manifest
 
 
 # -- the daemon ----------------------------------------------------------------------
@@ -229,9 +255,17 @@ def _bound_malloc() -> None:
 def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
     _bound_malloc()
-    source = resolve_source(cfg)
-    check_mountpoint(cfg.mountpoint)
     cache = BlockCache(cfg.cache_dir, cfg.cache_size)
+    try:
+        _serve(cfg, cache, on_ready)
+    finally:
+        cache.close()
+    log.info("unmounted %s", cfg.mountpoint)
+
+
+def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) -> None:
+    source = resolve_source(cfg, cache)
+    check_mountpoint(cfg.mountpoint)
     fetcher = Fetcher(source.registry, cache, cfg.fetch)
     ns = Namespace(fetcher, source.registry, ttl=cfg.metadata_ttl)
     if source.manifest is not None:
@@ -255,8 +289,6 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
-        cache.close()
-    log.info("unmounted %s", cfg.mountpoint)
 
 
 async def _main(cfg: MountConfig, fetcher: Fetcher, reporter: Reporter, on_ready: Callable[[], None]) -> None:

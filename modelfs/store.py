@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions
 
 from .config import StoreConfig
-from .errors import NotFoundError, StoreError
+from .errors import NotFoundError, StoreError, StoreUnavailableError
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "403"}
@@ -74,15 +74,18 @@ class Store:
                     f"access denied to {where} ({code or status}): check the credentials "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and permissions"
                 )
-            return StoreError(f"{where}: {code or status}: {err.get('Message', e)}")
+            cls = StoreUnavailableError if isinstance(status, int) and status >= 500 else StoreError
+            return cls(f"{where}: {code or status}: {err.get('Message', e)}")
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
         if isinstance(e, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):
-            return StoreError(f"cannot reach the object store at {self.endpoint}: {e}")
+            return StoreUnavailableError(f"cannot reach the object store at {self.endpoint}: {e}")
         if isinstance(e, botocore.exceptions.ReadTimeoutError):
-            return StoreError(f"{where}: the object store did not answer in time")
+            return StoreUnavailableError(f"{where}: the object store did not answer in time")
+        if isinstance(e, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            return StoreUnavailableError(f"{where}: connection to the object store failed: {e}")
         return StoreError(f"{where}: {e}")
 
     # -- operations ----------------------------------------------------------

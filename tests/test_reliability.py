@@ -130,6 +130,33 @@ def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_fi
         mounts.cleanup()
 
 
+def test_restart_while_the_store_is_down_serves_the_last_version_from_cache(own, two_files, tmp_path):
+    """A daemon that crashes during an outage comes back (Restart=on-failure) on what it had."""
+    env, bucket = _published(own, two_files)
+    mounts = Mounts(env, tmp_path)
+    want = tree_digest(two_files)
+    try:
+        mnt = mounts.mount(f"s3://{bucket}/reg/m@latest")
+        assert tree_digest(mnt) == want
+        time.sleep(1)  # let the cache writer commit
+        mounts.unmount(mnt)
+        own.stop(grace=3)
+
+        mnt = mounts.mount(f"s3://{bucket}/reg/m@latest", mnt=mnt)  # the store is down
+        assert tree_digest(mnt) == want
+        log = _log(mounts, mnt)
+        assert "object store unreachable" in log and "the last one seen" in log
+        # a ref this cache never served cannot start without the store: one clear line
+        other = tmp_path / "other"
+        other.mkdir()
+        r = mounts.mount(f"s3://{bucket}/reg/m@prod", mnt=other, check=False)
+        assert r.returncode != 0 and "cannot reach the object store" in r.stderr
+        assert "never served m@prod" in r.stderr and "Traceback" not in r.stderr
+        assert not os.path.ismount(other)
+    finally:
+        mounts.cleanup()
+
+
 # -- 2. slow store -----------------------------------------------------------------------
 
 def test_slow_store_reads_complete_and_do_not_block_cached_reads(own, two_files, tmp_path):
