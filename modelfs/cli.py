@@ -424,6 +424,7 @@ def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
     """
     from .cache import BlockCache, default_cache_dir
     from .errors import UsageError
+    from .mount import remember_resolution
     from .prefetch import files_under, read_through, warm_cache
     from .units import parse_size
 
@@ -441,6 +442,8 @@ def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
                 reg, version, m = _resolve(ctx, ref)
                 if reg is None:
                     reg = origin_registry(m, registry_url, ctx.obj["config"])
+                else:  # a mount of this ref can then start even while the store is down
+                    remember_resolution(c, reg, parse_model(ref), version, m)
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:
                     click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "

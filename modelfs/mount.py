@@ -215,7 +215,7 @@ def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) 
     So a daemon restarted during a store outage (Restart=on-failure after a crash)
     comes back with the version it served, and its cached chunks read as before.
     """
-    key = f"{registry.store.endpoint} {ref}"
+    key = _ref_key(registry, ref)
     try:
         version, manifest = registry.resolve(ref)
     except StoreUnavailableError as e:
@@ -229,10 +229,20 @@ def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) 
                     e, ref.name, ref.selector, seen[0], when)
         return seen[0], registry.parse_manifest(ref.name, seen[0], data)
     if cache is not None:
-        cache.put_manifest(version, manifest.to_bytes())
-        if not ref.is_version:
-            cache.put_ref(key, version)
+        remember_resolution(cache, registry, ref, version, manifest)
     return version, manifest
+
+
+def _ref_key(registry: Registry, ref: ModelRef) -> str:
+    return f"{registry.store.endpoint} {ref}"
+
+
+def remember_resolution(cache: BlockCache, registry: Registry, ref: ModelRef, version: str,
+                        manifest: Manifest) -> None:
+    """Keep what ``ref`` resolved to, so a mount of it can start while the store is down."""
+    cache.put_manifest(version, manifest.to_bytes())
+    if not ref.is_version:
+        cache.put_ref(_ref_key(registry, ref), version)
 
 
 # -- the daemon ----------------------------------------------------------------------

@@ -153,6 +153,14 @@ def test_restart_while_the_store_is_down_serves_the_last_version_from_cache(own,
         assert r.returncode != 0 and "cannot reach the object store" in r.stderr
         assert "never served m@prod" in r.stderr and "Traceback" not in r.stderr
         assert not os.path.ismount(other)
+        # a host primed with `modelfs prefetch REF` can start that ref offline too
+        own.start()
+        _wait_until_serving(own, bucket)
+        cli(env, "tag", f"s3://{bucket}/reg/m@latest", "prod")
+        cli(env, "prefetch", f"s3://{bucket}/reg/m@prod", "--cache-dir", str(tmp_path / "primed"))
+        own.stop(grace=3)
+        mounts.mount(f"s3://{bucket}/reg/m@prod", mnt=other, cache_dir=tmp_path / "primed")
+        assert tree_digest(other) == want
     finally:
         mounts.cleanup()
 
