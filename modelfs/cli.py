@@ -281,7 +281,8 @@ def stats(mountpoint: Path, as_json: bool):
         click.echo(s.to_json().decode())
         return
     ms = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731
-    click.echo(f"{s.source} at {s.mountpoint} (pid {s.pid}, up {s.uptime_seconds:.0f} s)")
+    version = f" (version {s.version})" if s.version else ""
+    click.echo(f"{s.source}{version} at {s.mountpoint} (pid {s.pid}, up {s.uptime_seconds:.0f} s)")
     click.echo(f"  served      {fmt_bytes(s.bytes_served)}")
     click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
                f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")

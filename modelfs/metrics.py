@@ -32,6 +32,7 @@ STATS_XATTR = XATTR_PREFIX + "stats"  # on the mount root; the daemon answers it
 @dataclass(frozen=True)
 class Snapshot:
     source: str
+    version: str | None  # the version a model mount serves (None: a registry mount)
     mountpoint: str
     pid: int
     uptime_seconds: float
@@ -58,7 +59,8 @@ class Snapshot:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (shown by ``systemctl status``)."""
-        return (f"serving {self.source}: {fmt_bytes(self.bytes_served)} served, "
+        what = f"{self.source} ({self.version})" if self.version else self.source
+        return (f"serving {what}: {fmt_bytes(self.bytes_served)} served, "
                 f"{fmt_bytes(self.bytes_fetched)} fetched, {self.hit_ratio:.0%} chunk hits, "
                 f"cache {fmt_bytes(self.cache_used_bytes)} of {fmt_bytes(self.cache_cap_bytes)}, "
                 f"{self.errors} errors")
@@ -73,10 +75,12 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
 class Reporter:
     """Owns the mount's snapshot: builds it, refreshes the cache size, tells systemd."""
 
-    def __init__(self, fetcher: Fetcher, cache: BlockCache, source: str, mountpoint: Path):
+    def __init__(self, fetcher: Fetcher, cache: BlockCache, source: str, mountpoint: Path,
+                 version: str | None = None):
         self.fetcher = fetcher
         self.cache = cache
         self.source = source
+        self.version = version
         self.mountpoint = str(mountpoint)
         self.started = time.monotonic()
         self.cache_used = 0
@@ -89,7 +93,7 @@ class Reporter:
         lat = sorted(st.recent_latencies)
         p50, p99 = _quantile(lat, 0.50), _quantile(lat, 0.99)
         snap = Snapshot(
-            source=self.source, mountpoint=self.mountpoint, pid=os.getpid(),
+            source=self.source, version=self.version, mountpoint=self.mountpoint, pid=os.getpid(),
             uptime_seconds=round(time.monotonic() - self.started, 3),
             bytes_served=st.bytes_served, bytes_fetched=st.bytes_fetched, fetches=st.fetches,
             memory_hits=st.memory_hits, cache_hits=st.cache_hits,
@@ -138,6 +142,9 @@ class Reporter:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
         s = self._fresh_from_thread()
+        info = GaugeMetricFamily("modelfs_info", "What this mount serves", labels=["source", "version", "mountpoint"])
+        info.add_metric([s.source, s.version or "", s.mountpoint], 1)
+        yield info
         yield CounterMetricFamily("modelfs_served_bytes", "Bytes returned to readers", value=s.bytes_served)
         yield CounterMetricFamily("modelfs_fetched_bytes", "Chunk bytes fetched from the store",
                                   value=s.bytes_fetched)

@@ -283,7 +283,7 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     else:
         ns.root_registry()
     ops = ModelFS(ns, fetcher)
-    reporter = Reporter(fetcher, cache, cfg.source, cfg.mountpoint)
+    reporter = Reporter(fetcher, cache, cfg.source, cfg.mountpoint, source.version)
     ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
     ops.root_xattrs["stats"] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None

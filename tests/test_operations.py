@@ -66,6 +66,8 @@ def test_stats_and_prometheus_report_what_was_read(env, bucket, sample_model, mo
     assert value("modelfs_fetched_bytes") == s["bytes_fetched"]
     assert value("modelfs_chunk_loads", **{"from": "store"}) == len(chunks)
     assert value("modelfs_errors") == 0
+    (info,) = families["modelfs_info"].samples  # which version this host serves, for dashboards
+    assert info.labels["version"] == s["version"] == os.getxattr(mnt / SAFETENSORS, "user.modelfs.version").decode()
     lat = {x.labels.get("quantile"): x.value for x in families["modelfs_fetch_latency_seconds"].samples}
     assert abs(lat["0.5"] * 1000 - s["fetch_p50_ms"]) < 1e-6
     # loopback only by default
