@@ -142,6 +142,9 @@ class SeaweedServer:
 
 def main() -> None:
     """``python -m modelfs.devserver DIR``: run a server in the foreground until Ctrl-C."""
+    # sigwait only receives blocked signals; unblocked, SIGTERM would end Python at once
+    # and leave weed running
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     srv = SeaweedServer(Path(sys.argv[1] if len(sys.argv) > 1 else "./.seaweed")).start()
     for k, v in srv.env().items():
         print(f"export {k}={v}")
