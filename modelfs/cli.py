@@ -216,6 +216,23 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
                f"in {dt:.1f} s")
 
 
+class _Size(click.ParamType):
+    """``20G``, ``512M`` … → bytes; a bad value is the usual one-line ``--option: why`` error."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .errors import UsageError
+        from .units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise UsageError(f"{param.opts[0] if param else 'size'}: {e}") from None
+
+
+SIZE = _Size()
+
+
 def _help(name: str) -> str:
     """A mount option's help: the config key's own doc (one text for flag, file and docs)."""
     d = DEFAULTS[name]
@@ -370,26 +387,21 @@ def cache_verify(cache_dir, quiet):
 
 @cache.command("prune")
 @_cache_dir_option
-@click.option("--max-size", help="Drop least recently used chunks until the cache uses at most this (e.g. 10G).")
+@click.option("--max-size", type=SIZE, help="Drop least recently used chunks until the cache uses at most this (e.g. 10G).")
 @click.option("--all", "drop_all", is_flag=True, help="Drop every chunk and manifest.")
 def cache_prune(cache_dir, max_size, drop_all):
     """Free cache space now (mounts evict on their own past --cache-size)."""
     from .errors import UsageError
-    from .units import parse_size
 
-    if bool(max_size) == drop_all:
+    if (max_size is None) != drop_all:
         raise UsageError("give exactly one of --max-size SIZE or --all")
-    try:
-        target = 0 if drop_all else parse_size(max_size)
-    except ValueError as e:
-        raise UsageError(f"--max-size: {e}") from None
     c = _open_cache(cache_dir)
     try:
         before = c.used_bytes()
         if drop_all:
             c.clear()
         else:
-            c.evict(target=target)
+            c.evict(target=max_size)
         after = c.used_bytes()
     finally:
         c.close()
@@ -411,12 +423,12 @@ def _is_manifest_file(path: str) -> bool:
 @main.command()
 @click.argument("targets", nargs=-1, required=True)
 @_cache_dir_option
-@click.option("--cache-size", default=DEFAULTS["cache_size"], show_default=True,
+@click.option("--cache-size", "cap", type=SIZE, default=DEFAULTS["cache_size"], show_default=True,
               help="Cap of the cache (by ref), as the mounts that use it have.")
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when a target is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
+def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
     """Warm the cache before traffic arrives.
 
     TARGETS are either model refs (s3://…/NAME@TAG, or manifest files), whose
@@ -424,19 +436,13 @@ def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
     directories on a running mount, which are read through it.
     """
     from .cache import BlockCache, default_cache_dir
-    from .errors import UsageError
-    from .mount import remember_resolution
+    from .mount import remember_tag
     from .prefetch import files_under, read_through, warm_cache
-    from .units import parse_size
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]
     t0 = time.monotonic()
     if refs:
-        try:
-            cap = parse_size(cache_size)
-        except ValueError as e:
-            raise UsageError(f"--cache-size: {e}") from None
         c = BlockCache(cache_dir or default_cache_dir(), cap)
         try:
             for ref in refs:
@@ -444,7 +450,7 @@ def prefetch(ctx, targets, cache_dir, cache_size, registry_url, quiet):
                 if reg is None:
                     reg = origin_registry(m, registry_url, ctx.obj["config"])
                 else:  # a mount of this ref can then start even while the store is down
-                    remember_resolution(c, reg, parse_model(ref), version, m)
+                    remember_tag(c, reg, parse_model(ref), version)
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:
                     click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "

@@ -215,12 +215,13 @@ def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) 
     So a daemon restarted during a store outage (Restart=on-failure after a crash)
     comes back with the version it served, and its cached chunks read as before.
     """
-    key = _ref_key(registry, ref)
     try:
         version, manifest = registry.resolve(ref)
     except StoreUnavailableError as e:
-        seen = None if cache is None else (ref.selector, 0.0) if ref.is_version else cache.get_ref(key)
-        data = cache.get_manifest(seen[0]) if cache is not None and seen else None
+        if cache is None:
+            raise
+        seen = (ref.selector, 0.0) if ref.is_version else cache.get_ref(_ref_key(registry, ref))
+        data = cache.get_manifest(seen[0]) if seen else None
         if seen is None or data is None:
             raise StoreUnavailableError(f"{e} (and this cache has never served {ref.name}@{ref.selector}, "
                                         "so there is nothing to start from)") from None
@@ -229,7 +230,8 @@ def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) 
                     e, ref.name, ref.selector, seen[0], when)
         return seen[0], registry.parse_manifest(ref.name, seen[0], data)
     if cache is not None:
-        remember_resolution(cache, registry, ref, version, manifest)
+        cache.put_manifest(version, manifest.to_bytes())
+        remember_tag(cache, registry, ref, version)
     return version, manifest
 
 
@@ -237,10 +239,9 @@ def _ref_key(registry: Registry, ref: ModelRef) -> str:
     return f"{registry.store.endpoint} {ref}"
 
 
-def remember_resolution(cache: BlockCache, registry: Registry, ref: ModelRef, version: str,
-                        manifest: Manifest) -> None:
-    """Keep what ``ref`` resolved to, so a mount of it can start while the store is down."""
-    cache.put_manifest(version, manifest.to_bytes())
+def remember_tag(cache: BlockCache, registry: Registry, ref: ModelRef, version: str) -> None:
+    """Keep what a tag ref resolved to, so a mount of it can start while the store is down
+    (its manifest must be cached too: a mount and ``warm_cache`` put it there)."""
     if not ref.is_version:
         cache.put_ref(_ref_key(registry, ref), version)
 

@@ -91,6 +91,16 @@ def read_as_nobody(path: Path) -> int | None:
     return errno.EACCES if b"Permission denied" in r.stderr else -1
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """A failed command that said one ``modelfs: error:`` line (containing ``needles``), no traceback."""
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfs: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
 def gets(seaweed, bucket: str) -> int:
     """Successful GETs the server has answered on ``bucket`` so far."""
     return seaweed.request_counts(bucket)[("GET", "200")]

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelfs.cache import BlockCache
 from modelfs.devserver import free_ports
 
-from conftest import cli, gets, tree_digest
+from conftest import cli, gets, one_line_error, tree_digest
 
 SAFETENSORS = "model-00001-of-00002.safetensors"
 
@@ -26,14 +26,6 @@ def unique_chunks(doc, path=None):
 
 def stats(env, mnt):
     return json.loads(cli(env, "stats", "--json", str(mnt)).stdout)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    err = r.stderr.strip()
-    assert err.startswith("modelfs: error: ") and len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_stats_and_prometheus_report_what_was_read(env, bucket, sample_model, mounts):

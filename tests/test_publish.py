@@ -13,7 +13,7 @@ from modelfs.chunking import DEFAULT_PARAMS
 from modelfs.devserver import free_ports
 from modelfs.sample import write_safetensors, layer_tensors
 
-from conftest import cli, objects, tree_digest
+from conftest import cli, objects, one_line_error, tree_digest
 
 AVG = DEFAULT_PARAMS.avg_size
 
@@ -188,30 +188,21 @@ def test_tampered_manifest_is_refused(env, bucket, sample_model, s3):
     assert r.returncode != 0 and "do not match version id" in r.stderr
 
 
-def _one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("modelfs: error:"), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_clear_errors(env, bucket, sample_model, tmp_path):
     reg = f"s3://{bucket}/reg"
     cli(env, "publish", str(sample_model), reg, "--name", "m")
-    _one_line_error(cli(env, "inspect", f"{reg}/nope@prod", check=False), "no model 'nope'")
-    _one_line_error(cli(env, "inspect", f"{reg}/m@nope", check=False), "no tag 'nope'")
-    _one_line_error(cli(env, "inspect", f"{reg}/m@0123456789abcdef0123", check=False), "no version")
-    _one_line_error(cli(env, "ls", "s3://no-such-bucket/reg", check=False), "does not exist")
-    _one_line_error(cli(env, "publish", str(sample_model), "s3://no-such-bucket/r", "--name", "m", check=False),
+    one_line_error(cli(env, "inspect", f"{reg}/nope@prod", check=False), "no model 'nope'")
+    one_line_error(cli(env, "inspect", f"{reg}/m@nope", check=False), "no tag 'nope'")
+    one_line_error(cli(env, "inspect", f"{reg}/m@0123456789abcdef0123", check=False), "no version")
+    one_line_error(cli(env, "ls", "s3://no-such-bucket/reg", check=False), "does not exist")
+    one_line_error(cli(env, "publish", str(sample_model), "s3://no-such-bucket/r", "--name", "m", check=False),
                     "does not exist")
-    _one_line_error(cli(env, "inspect", "s3://Bad_Bucket/x@y", check=False), "invalid bucket")
-    _one_line_error(cli(env, "publish", str(sample_model), reg, "--name", "../x", check=False), "invalid model name")
-    _one_line_error(cli(env, "tag", f"{reg}/m", "bad/tag", check=False), "invalid tag")
+    one_line_error(cli(env, "inspect", "s3://Bad_Bucket/x@y", check=False), "invalid bucket")
+    one_line_error(cli(env, "publish", str(sample_model), reg, "--name", "../x", check=False), "invalid model name")
+    one_line_error(cli(env, "tag", f"{reg}/m", "bad/tag", check=False), "invalid tag")
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "modelfs-manifest", "format_version": 9}')
-    _one_line_error(cli(env, "inspect", str(bad), check=False), "unsupported format_version")
+    one_line_error(cli(env, "inspect", str(bad), check=False), "unsupported format_version")
     dead = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}")
     r = cli(dead, "--concurrency", "2", "ls", reg, check=False, timeout=120)
-    _one_line_error(r, "cannot reach")
+    one_line_error(r, "cannot reach")
