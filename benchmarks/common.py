@@ -72,13 +72,41 @@ def seq_read(path: Path, block: int = MiB) -> float:
     return time.perf_counter() - t
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    f = open(f"/proc/{pid}/stat").read().split(")")[-1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid`` and its children (a modelfs mount's fetch workers): live ones
+    by their own counters, exited and reaped ones through the parent's cutime/cstime."""
+    def own(p: int, reaped: bool) -> float:
+        f = open(f"/proc/{p}/stat").read().split(")")[-1].split()
+        ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if reaped else 0)
+        return ticks / os.sysconf("SC_CLK_TCK")
+    total = own(pid, True)
+    for c in _children(pid):
+        try:
+            total += own(c, False)
+        except OSError:
+            pass
+    return total
 
 
 def proc_peak_rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak RSS (VmHWM) of ``pid`` plus that of each live child, summed: an upper bound for
+    the whole daemon (shared libraries and mapped cache pages count once per process)."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024 if total else float("nan")

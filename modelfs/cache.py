@@ -6,16 +6,31 @@ them in ``trio.to_thread.run_sync`` with a limiter), never on the trio loop.
 Layout (one environment at ``<cache-dir>/blocks``, shared by every mount on the host):
 
     chunks     blake3 (32 raw bytes) → raw chunk bytes
+    sums       blake3 (32 raw bytes) → xxh3-64 of each 64 KiB block of the chunk (8 bytes each)
     meta       blake3 (32 raw bytes) → u64 last use (ns), u64 size (written in batches)
     manifests  version id (ascii)    → manifest bytes (immutable, hash-checked)
     refs       model ref (ascii)     → JSON {"version", "at"}: what a tag last resolved to,
                                        so a mount can start while the store is unreachable
 
-Reads never write: the last-use times of hits are kept in memory and written by
-the single writer together with new chunks (``write``). Every read is verified
-against the chunk's BLAKE3 id, so a damaged entry is dropped and refetched,
-never returned. The size cap counts used LMDB pages, not the file size (an LMDB
-file never shrinks); past the cap the least recently used chunks go first.
+Integrity: a chunk is verified against its BLAKE3 id once, before it is written
+(the fetch workers do that). What a read then checks is cheaper and enough: the
+xxh3-64 sums of just the 64 KiB blocks it serves, taken from the verified bytes
+at write time. The cache's threat is accidental damage (a torn write after a
+crash — commits are not fsynced —, a bad disk block), which a 64-bit checksum
+catches with certainty short of 2^-64; anyone who can write the 0700 cache
+directory already controls the daemon. So a 4 KiB read checks 64 KiB at ~20 GB/s
+instead of re-hashing 4 MiB with BLAKE3. Entries written before ``sums`` existed
+are treated as missing until a worker re-verifies them with BLAKE3 and adds their
+sums (no GET needed).
+
+Invariants:
+* an entry in ``sums`` means its chunk in ``chunks`` was BLAKE3-verified when written;
+* ``chunks``, ``sums`` and ``meta`` of a chunk are written and deleted in one transaction;
+* reads never write: last-use times are kept in memory and flushed in batches
+  (``write`` or ``touch``).
+
+The size cap counts used LMDB pages, not the file size (an LMDB file never
+shrinks); past the cap the least recently used chunks go first.
 """
 
 from __future__ import annotations
@@ -31,7 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import fcntl
 import lmdb
+import xxhash
 
 from .chunking import chunk_hash
 from .errors import UsageError
@@ -41,6 +58,18 @@ log = logging.getLogger(__name__)
 
 _META = struct.Struct("<QQ")
 LOW_WATER = 0.90  # eviction frees down to this fraction of the cap
+BLOCK = 64 << 10  # granularity of the per-read check
+LOCK_SLOTS = 1 << 20  # byte-range locks in fetch.lock, one per chunk hash slot
+
+
+def block_sums(data: bytes | memoryview) -> bytes:
+    """xxh3-64 of each ``BLOCK`` of ``data``, concatenated (8 bytes per block)."""
+    mv = memoryview(data)
+    return b"".join(xxhash.xxh3_64_digest(mv[i:i + BLOCK]) for i in range(0, len(mv), BLOCK))
+
+
+class DamagedEntry(Exception):
+    """A cache entry's bytes do not match the sums taken when it was written."""
 
 
 def default_cache_dir() -> Path:
@@ -113,10 +142,11 @@ class BlockCache:
         env.reader_check()  # free reader slots left by crashed processes
         self.chunks = env.open_db(b"chunks")
         self.meta = env.open_db(b"meta")
+        self.sums = env.open_db(b"sums")
         self.manifests = env.open_db(b"manifests")
         self.refs = env.open_db(b"refs")
         with env.begin() as txn:  # touch every database once: garbage fails here, not later
-            for db in (self.chunks, self.meta, self.manifests, self.refs):
+            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs):
                 txn.stat(db)
         return env
 
@@ -139,13 +169,60 @@ class BlockCache:
             log.warning("cache entry for chunk %s is damaged: dropped, will refetch", h)
             self.delete([h])
             return None
-        with self._touch_lock:
-            self._touched[key] = time.time_ns()
+        self._note_use(key)
         return data
 
     def has(self, h: str) -> bool:
+        """A chunk that reads can be served from: present and with its block sums."""
         with self._txn() as txn:
-            return txn.get(bytes.fromhex(h), db=self.meta) is not None
+            return txn.get(bytes.fromhex(h), db=self.sums) is not None
+
+    def reverify(self, h: str, size: int) -> bool:
+        """Make the entry for ``h`` servable without a GET if its bytes are good.
+
+        For entries that have sums: check every block (this also pulls the
+        chunk's pages into the page cache, ahead of the reader). For entries of
+        an older cache without sums: a full BLAKE3 check, then add the sums.
+        A damaged entry is dropped. True if the chunk is now servable.
+        """
+        key = bytes.fromhex(h)
+        with self._txn() as txn:
+            data = txn.get(key, db=self.chunks)
+            sums = txn.get(key, db=self.sums)
+            if data is not None and sums is not None and len(data) == size:
+                if block_sums(data) == sums:
+                    self._note_use(key)
+                    return True
+            good = data is not None and sums is None and len(data) == size and chunk_hash(data) == h
+            new_sums = block_sums(data) if good else None
+        if data is None:
+            return False
+        if not good:
+            log.warning("cache entry for chunk %s is damaged: dropped, will refetch", h)
+            self.delete([h])
+            return False
+        with self._txn(write=True) as txn:
+            txn.put(key, new_sums, db=self.sums)
+        self._note_use(key)
+        return True
+
+    def _note_use(self, key: bytes) -> None:
+        with self._touch_lock:
+            self._touched[key] = time.time_ns()
+
+    def touch(self, keys: dict[bytes, int]) -> None:
+        """Write last-use times gathered by a reader (:class:`CacheView`) in one short transaction."""
+        try:
+            with self._txn(write=True) as txn:
+                self._put_uses(txn, keys)
+        except (lmdb.Error, OSError) as e:
+            log.warning("could not record chunk uses: %s", e)
+
+    def _put_uses(self, txn: lmdb.Transaction, keys: dict[bytes, int]) -> None:
+        for key, t in keys.items():
+            old = txn.get(key, db=self.meta)
+            if old is not None:
+                txn.put(key, _META.pack(t, _META.unpack(old)[1]), db=self.meta)
 
     def get_manifest(self, version: str) -> bytes | None:
         with self._txn() as txn:
@@ -183,31 +260,31 @@ class BlockCache:
         except (lmdb.Error, OSError) as e:
             log.warning("could not cache manifest %s: %s", version, e)
 
-    def write(self, chunks: list[tuple[str, bytes]]) -> None:
-        """Store new chunks and flush last-use times in one transaction, then evict past the cap.
+    def write(self, chunks: list[tuple[str, bytes | memoryview]]) -> bool:
+        """Store new, already verified chunks and flush last-use times in one transaction,
+        then evict past the cap.
 
         A full disk or map is not an error for readers: the cache evicts and, if
-        that does not make room, these chunks simply stay uncached.
+        that does not make room, these chunks simply stay uncached (False).
         """
+        all_sums = [block_sums(data) for _, data in chunks]
         with self._touch_lock:
             touched, self._touched = self._touched, {}
         now = time.time_ns()
         for attempt in (1, 2):
             try:
                 with self._txn(write=True) as txn:
-                    for key, t in touched.items():
-                        old = txn.get(key, db=self.meta)
-                        if old is not None:
-                            txn.put(key, _META.pack(t, _META.unpack(old)[1]), db=self.meta)
-                    for h, data in chunks:
+                    self._put_uses(txn, touched)
+                    for (h, data), sums in zip(chunks, all_sums):
                         key = bytes.fromhex(h)
                         txn.put(key, data, db=self.chunks)
+                        txn.put(key, sums, db=self.sums)
                         txn.put(key, _META.pack(now, len(data)), db=self.meta)
                 break
             except (lmdb.Error, OSError) as e:  # map full, ENOSPC, EIO of the cache disk
                 if attempt == 2:
                     log.warning("cache full or failing (%s): %d chunks not cached", e, len(chunks))
-                    return
+                    return False
                 try:
                     self.evict(target=int(self.cap * 0.5))
                 except (lmdb.Error, OSError):
@@ -216,12 +293,14 @@ class BlockCache:
             self.evict()
         except (lmdb.Error, OSError) as e:
             log.warning("cache eviction failed: %s", e)
+        return True
 
     def delete(self, hashes: list[str]) -> None:
         with self._txn(write=True) as txn:
             for h in hashes:
                 key = bytes.fromhex(h)
                 txn.delete(key, db=self.chunks)
+                txn.delete(key, db=self.sums)
                 txn.delete(key, db=self.meta)
 
     def used_bytes(self) -> int:
@@ -300,8 +379,96 @@ class BlockCache:
     def clear(self) -> None:
         """Drop every chunk and manifest (the file keeps its size; the pages are reused)."""
         with self._txn(write=True) as txn:
-            for db in (self.chunks, self.meta, self.manifests, self.refs):
+            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs):
                 txn.drop(db, delete=False)
 
     def close(self) -> None:
         self.env.close()
+
+
+class CacheView:
+    """Zero-copy reads of verified chunks for the FUSE process, from LMDB's memory map.
+
+    One read transaction with ``buffers=True``: ``get`` returns memoryviews into
+    the map, which pyfuse3 hands to the kernel without a copy. A view is valid
+    while its transaction lives, and pyfuse3 replies as soon as a read handler
+    returns, before any other task runs; so the transaction may be renewed at
+    any point where no handler is between taking a view and returning it
+    (``renew`` is called only at the start of a read). It is renewed when new
+    chunks were committed (``renew(generation)``) and at least every
+    ``max_age`` seconds, so it never pins old pages for long. Runs on the trio
+    thread: a lookup is a B-tree walk in mapped memory, and the checksum of the
+    blocks served runs at ~20 GB/s.
+    """
+
+    def __init__(self, cache: BlockCache, max_age: float = 0.5):
+        self.cache = cache
+        self.max_age = max_age
+        self.generation = -1
+        self._txn: lmdb.Transaction | None = None
+        self._born = 0.0
+        self.touched: dict[bytes, int] = {}  # last uses, flushed by a worker thread
+
+    def renew(self, generation: int) -> None:
+        now = time.monotonic()
+        if self._txn is not None and generation == self.generation and now - self._born < self.max_age:
+            return
+        if self._txn is not None:
+            self._txn.abort()
+        try:
+            self._txn = self.cache.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self.cache.env.set_mapsize(0)
+            self._txn = self.cache.env.begin(buffers=True)
+        self.generation, self._born = generation, now
+
+    def get(self, h: str, size: int, lo: int, hi: int) -> memoryview | None:
+        """Bytes [lo, hi) of chunk ``h``, checked; None if it is not servable from the cache.
+        Raises :class:`DamagedEntry` when the bytes do not match their sums."""
+        assert self._txn is not None, "renew() first"
+        key = bytes.fromhex(h)
+        sums = self._txn.get(key, db=self.cache.sums)
+        if sums is None:
+            return None
+        data = self._txn.get(key, db=self.cache.chunks)
+        if data is None or len(data) != size:
+            raise DamagedEntry(f"cache entry for chunk {h} is damaged (missing or of the wrong size)")
+        b0, b1 = lo // BLOCK, (hi - 1) // BLOCK + 1
+        for b in range(b0, b1):
+            if xxhash.xxh3_64_digest(data[b * BLOCK:(b + 1) * BLOCK]) != bytes(sums[8 * b:8 * b + 8]):
+                raise DamagedEntry(f"cache entry for chunk {h} is damaged (block {b} does not match its checksum)")
+        self.touched[key] = time.time_ns()
+        return data[lo:hi]
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+
+class FetchLock:
+    """Host-wide single flight for chunk fetches: one open-file-description lock per
+    hash slot in ``<cache>/blocks/fetch.lock``.
+
+    Every process that fetches into a cache (the workers of every mount on it,
+    ``modelfs prefetch``) takes the slot's lock, looks in the cache again, and
+    only then GETs; a second fetcher of the same chunk waits and then finds it
+    cached. OFD locks belong to the open file, not the process, so each thread
+    uses its own descriptor; the kernel drops them when a holder dies.
+    """
+
+    def __init__(self, cache: BlockCache):
+        self.fd = os.open(cache.path / "fetch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _op(self, kind: int, h: str) -> None:
+        slot = int(h[:8], 16) % LOCK_SLOTS
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW, struct.pack("hhqqi4x", kind, os.SEEK_SET, slot, 1, 0))
+
+    def acquire(self, h: str) -> None:
+        self._op(fcntl.F_WRLCK, h)
+
+    def release(self, h: str) -> None:
+        self._op(fcntl.F_UNLCK, h)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -248,6 +248,7 @@ def _help(name: str) -> str:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help=_help("cache_dir"))
 @click.option("--cache-size", help=_help("cache_size"))
 @click.option("--memory-cache", help=_help("memory_cache"))
+@click.option("--fetch-workers", type=int, help=_help("fetch_workers"))
 @click.option("--readahead", help=_help("readahead"))
 @click.option("--fetch-timeout", type=float, help=_help("fetch_timeout"))
 @click.option("--metadata-ttl", type=float, help=_help("metadata_ttl"))

@@ -41,8 +41,16 @@ def encode(raw: bytes | memoryview, compress: bool = True) -> bytes:
     return HEADER.pack(MAGIC, RAW, n) + bytes(raw)
 
 
-def decode(blob: bytes, expected_hash: str, expected_size: int) -> bytes:
-    """The verified raw bytes of a stored chunk, or :class:`IntegrityError`."""
+def max_stored_size(raw_size: int) -> int:
+    """The largest stored object a chunk of ``raw_size`` bytes can be (zstd is kept only
+    when it is smaller than raw): anything longer is refused before it is read."""
+    return HEADER.size + raw_size
+
+
+def decode(blob: bytes | bytearray, expected_hash: str, expected_size: int) -> bytes | memoryview:
+    """The verified raw bytes of a stored chunk, or :class:`IntegrityError`.
+
+    A raw chunk comes back as a view into ``blob`` (no copy of 4 MiB)."""
     if len(blob) < HEADER.size:
         raise IntegrityError(f"chunk {expected_hash[:16]}: truncated ({len(blob)} bytes)")
     magic, encoding, n = HEADER.unpack_from(blob)
@@ -52,7 +60,7 @@ def decode(blob: bytes, expected_hash: str, expected_size: int) -> bytes:
         raise IntegrityError(f"chunk {expected_hash[:16]}: length {n}, expected {expected_size}")
     payload = memoryview(blob)[HEADER.size:]
     if encoding == RAW:
-        raw = bytes(payload) if len(payload) == n else None
+        raw = payload if len(payload) == n else None
     elif encoding == ZSTD:
         try:
             raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n)

@@ -22,8 +22,8 @@ import trio
 
 from .cache import BlockCache
 from .errors import ModelfsError, UsageError
-from .fetch import Fetcher
 from .fs import XATTR_PREFIX
+from .lanes import Lanes
 from .units import fmt_bytes
 
 STATS_XATTR = XATTR_PREFIX + "stats"  # on the mount root; the daemon answers it live
@@ -49,6 +49,8 @@ class Snapshot:
     fetch_p99_ms: float | None
     cache_used_bytes: int  # the LMDB cache's used pages (shared by every mount on it)
     cache_cap_bytes: int
+    worker_pids: list[int]  # the fetch worker processes now
+    worker_restarts: int  # workers that died and were replaced
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -75,9 +77,9 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
 class Reporter:
     """Owns the mount's snapshot: builds it, refreshes the cache size, tells systemd."""
 
-    def __init__(self, fetcher: Fetcher, cache: BlockCache, source: str, mountpoint: Path,
+    def __init__(self, lanes: Lanes, cache: BlockCache, source: str, mountpoint: Path,
                  version: str | None = None):
-        self.fetcher = fetcher
+        self.lanes = lanes
         self.cache = cache
         self.source = source
         self.version = version
@@ -88,7 +90,7 @@ class Reporter:
         self.latest = self.snapshot()
 
     def snapshot(self) -> Snapshot:
-        st = self.fetcher.stats
+        st = self.lanes.stats
         loads = st.memory_hits + st.cache_hits + st.fetches
         lat = sorted(st.recent_latencies)
         p50, p99 = _quantile(lat, 0.50), _quantile(lat, 0.99)
@@ -98,11 +100,12 @@ class Reporter:
             bytes_served=st.bytes_served, bytes_fetched=st.bytes_fetched, fetches=st.fetches,
             memory_hits=st.memory_hits, cache_hits=st.cache_hits,
             hit_ratio=(st.memory_hits + st.cache_hits) / loads if loads else 0.0,
-            errors=st.errors, fetches_in_flight=self.fetcher.in_flight,
+            errors=st.errors, fetches_in_flight=self.lanes.in_flight,
             fetch_seconds_total=st.fetch_seconds,
             fetch_p50_ms=None if p50 is None else round(p50 * 1000, 3),
             fetch_p99_ms=None if p99 is None else round(p99 * 1000, 3),
-            cache_used_bytes=self.cache_used, cache_cap_bytes=self.cache.cap)
+            cache_used_bytes=self.cache_used, cache_cap_bytes=self.cache.cap,
+            worker_pids=self.lanes.worker_pids, worker_restarts=st.worker_restarts)
         self.latest = snap
         return snap
 
@@ -161,6 +164,9 @@ class Reporter:
         yield GaugeMetricFamily("modelfs_cache_used_bytes", "Used bytes of the block cache",
                                 value=s.cache_used_bytes)
         yield GaugeMetricFamily("modelfs_cache_capacity_bytes", "Cap of the block cache", value=s.cache_cap_bytes)
+        yield GaugeMetricFamily("modelfs_fetch_workers", "Fetch worker processes running", value=len(s.worker_pids))
+        yield CounterMetricFamily("modelfs_fetch_worker_restarts", "Fetch workers that died and were replaced",
+                                  value=s.worker_restarts)
         lat = Metric("modelfs_fetch_latency_seconds", "Chunk GET latency (quantiles over the last 4096)",
                      "summary")
         for q, v in (("0.5", s.fetch_p50_ms), ("0.99", s.fetch_p99_ms)):

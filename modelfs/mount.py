@@ -29,11 +29,12 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .cache import BlockCache, default_cache_dir
+from .cache import BlockCache, CacheView, default_cache_dir
 from .config import StoreConfig
 from .errors import ModelfsError, NotFoundError, StoreUnavailableError, UsageError
-from .fetch import FetchConfig, Fetcher
+from .fetch import Fetcher
 from .fs import XATTR_PREFIX, ModelFS
+from .lanes import LaneConfig, Lanes
 from .manifest import Manifest
 from .metrics import Reporter
 from .refs import ModelRef, is_model_ref, parse_model, parse_registry
@@ -55,8 +56,9 @@ class MountConfig:
     kernel_readahead_kb: int | None = 1024
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_address: str = "127.0.0.1"
+    readahead_bytes: int = 64 << 20  # largest readahead window per sequential reader
     store: StoreConfig = field(default_factory=StoreConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
+    lanes: LaneConfig = field(default_factory=LaneConfig)
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
@@ -69,8 +71,10 @@ class MountConfig:
             allow_other=s["allow_other"], metadata_ttl=s["metadata_ttl"],
             kernel_readahead_kb=s["kernel_readahead_kb"] or None,
             metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
-            fetch=FetchConfig(memory_bytes=s["memory_cache"], s3_concurrency=store.concurrency,
-                              readahead_bytes=s["readahead"], fetch_timeout=s["fetch_timeout"]))
+            readahead_bytes=s["readahead"],
+            lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
+                             fetch_timeout=s["fetch_timeout"], connect_timeout=store.connect_timeout,
+                             read_timeout=store.read_timeout, max_attempts=store.max_attempts))
 
 
 # -- the mount point -------------------------------------------------------------
@@ -277,14 +281,16 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None
 def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) -> None:
     source = resolve_source(cfg, cache)
     check_mountpoint(cfg.mountpoint)
-    fetcher = Fetcher(source.registry, cache, cfg.fetch)
-    ns = Namespace(fetcher, source.registry, ttl=cfg.metadata_ttl)
+    lanes = Lanes(source.registry, cache, cfg.lanes)
+    view = CacheView(cache)
+    fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes)
+    ns = Namespace(lanes, source.registry, ttl=cfg.metadata_ttl)
     if source.manifest is not None:
         ns.root_version(source.model, source.version, source.manifest)
     else:
         ns.root_registry()
     ops = ModelFS(ns, fetcher)
-    reporter = Reporter(fetcher, cache, cfg.source, cfg.mountpoint, source.version)
+    reporter = Reporter(lanes, cache, cfg.source, cfg.mountpoint, source.version)
     ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
     ops.root_xattrs["stats"] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
@@ -294,21 +300,34 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), options)
         try:
-            trio.run(_main, cfg, fetcher, reporter, on_ready)
+            trio.run(_main, cfg, lanes, view, reporter, on_ready)
         finally:
             pyfuse3.close(unmount=True)
+            view.close()
+            lanes.close()  # the workers finish and commit what they hold: fetched is cached
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
 
 
-async def _main(cfg: MountConfig, fetcher: Fetcher, reporter: Reporter, on_ready: Callable[[], None]) -> None:
+async def _main(cfg: MountConfig, lanes: Lanes, view: CacheView, reporter: Reporter,
+                on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(fetcher.run)
+        await nursery.start(lanes.run)
+        nursery.start_soon(_record_uses, lanes, view)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_when_serving, cfg, reporter, on_ready)
         await pyfuse3.main()  # returns on terminate() or an external unmount
         nursery.cancel_scope.cancel()
+
+
+async def _record_uses(lanes: Lanes, view: CacheView, period: float = 5.0) -> None:
+    """Write the last-use times of chunks served from the cache (for its LRU), in batches."""
+    while True:
+        await trio.sleep(period)
+        if view.touched:
+            batch, view.touched = view.touched, {}
+            await lanes.cache_call(lanes.cache.touch, batch)
 
 
 async def _on_signals() -> None:

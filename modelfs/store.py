@@ -63,19 +63,8 @@ class Store:
         where = f"s3://{self.bucket}/{what}"
         if isinstance(e, botocore.exceptions.ClientError):
             err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket":
-                return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
-            if code in _MISSING or status == 404:
-                return NotFoundError(f"{where} not found")
-            if code in _DENIED or status == 403:
-                return StoreError(
-                    f"access denied to {where} ({code or status}): check the credentials "
-                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and permissions"
-                )
-            cls = StoreUnavailableError if isinstance(status, int) and status >= 500 else StoreError
-            return cls(f"{where}: {code or status}: {err.get('Message', e)}")
+            return self.http_error(what, e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                                   str(err.get("Code", "")), str(err.get("Message", e)))
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
@@ -88,7 +77,33 @@ class Store:
             return StoreUnavailableError(f"{where}: connection to the object store failed: {e}")
         return StoreError(f"{where}: {e}")
 
+    def http_error(self, what: str, status: int | None, code: str, message: str) -> Exception:
+        """The error for an S3 error answer, whoever made the request (boto3 here, or a
+        fetch worker with a presigned URL): one mapping, one set of messages."""
+        where = f"s3://{self.bucket}/{what}"
+        if code == "NoSuchBucket":
+            return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+        if code in _MISSING or status == 404:
+            return NotFoundError(f"{where} not found")
+        if code in _DENIED or status == 403:
+            return StoreError(
+                f"access denied to {where} ({code or status}): check the credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and permissions"
+            )
+        cls = StoreUnavailableError if isinstance(status, int) and (status >= 500 or status == 429) \
+            else StoreError
+        return cls(f"{where}: {code or status}: {message}")
+
     # -- operations ----------------------------------------------------------
+
+    def presign(self, key: str, expires: int = 900) -> str:
+        """A GET URL for ``key`` that works without credentials for ``expires`` seconds
+        (for the fetch workers, which hold no credentials). Signing is local: no request."""
+        try:
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                      ExpiresIn=expires)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail(e, key) from None
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes, or bytes [start, end) of it."""

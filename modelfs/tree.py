@@ -16,7 +16,7 @@ mount, so a tag that moves gets a new directory inode while files already open
 keep reading the version they opened.
 
 The store and the LMDB cache are blocking: every call leaves the trio thread
-through ``trio.to_thread.run_sync`` with the fetcher's limiters.
+through :class:`~modelfs.lanes.Lanes` (its limiters and timeouts).
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import trio
-
 from .errors import ModelfsError, NotFoundError
-from .fetch import Fetcher
+from .lanes import Lanes
 from .manifest import FileEntry, Manifest, all_directories
 from .refs import NAME_RE, VERSION_RE
 from .registry import Registry
@@ -89,8 +87,8 @@ class _VersionIndex:
 
 
 class Namespace:
-    def __init__(self, fetcher: Fetcher, registry: Registry | None, *, ttl: float = 30.0):
-        self.fetcher = fetcher
+    def __init__(self, lanes: Lanes, registry: Registry | None, *, ttl: float = 30.0):
+        self.lanes = lanes
         self.registry = registry
         self.ttl = ttl
         self.nodes: dict[int, Node] = {}
@@ -220,15 +218,14 @@ class Namespace:
             return idx.manifest
         if not NAME_RE.match(model) or not VERSION_RE.match(version):
             raise NotFoundError(f"{model}@{version}")
-        f = self.fetcher
-        data = await trio.to_thread.run_sync(f.cache.get_manifest, version, limiter=f.cache_limiter)
+        lanes = self.lanes
+        data = await lanes.cache_call(lanes.cache.get_manifest, version)
         fresh = data is None
         if fresh:
-            data = await trio.to_thread.run_sync(self.registry.manifest_bytes, model, version,
-                                                 limiter=f.s3_limiter, abandon_on_cancel=True)
+            data = await lanes.store_call(self.registry.manifest_bytes, model, version)
         m = self.registry.parse_manifest(model, version, data)
         if fresh:
-            await trio.to_thread.run_sync(f.cache.put_manifest, version, data, limiter=f.cache_limiter)
+            await lanes.cache_call(lanes.cache.put_manifest, version, data)
         self._index(version, m)
         return m
 
@@ -239,10 +236,8 @@ class Namespace:
         if cached is not None and now - cached[0] < self.ttl:
             return cached[1]
         try:
-            with trio.fail_after(self.fetcher.config.fetch_timeout):
-                value = await trio.to_thread.run_sync(fn, limiter=self.fetcher.s3_limiter,
-                                                      abandon_on_cancel=True)
-        except (ModelfsError, trio.TooSlowError) as e:
+            value = await self.lanes.store_call(fn)
+        except ModelfsError as e:
             if cached is None:
                 raise ModelfsError(f"listing {'/'.join(key)}: {e}") from None
             log.warning("listing %s: %s; serving the last known listing", "/".join(key), e)

@@ -1,0 +1,326 @@
+"""The boundary between the trio loop and everything that blocks.
+
+One object, :class:`Lanes`, owns it, with its limits and timeouts:
+
+* chunks: fetch worker processes (:mod:`modelfs.worker`) that GET, verify and
+  write chunks straight into the shared LMDB cache, so the per-byte work of a
+  cold read runs on other cores than the FUSE loop. ``load`` returns once the
+  chunk is in the cache; the reader then serves it from the cache's memory map.
+* store calls (listings, manifests, tags) and cache calls (manifest records,
+  last-use flushes): worker threads under their own ``CapacityLimiter``s.
+
+Single flight: one load per chunk per mount, whoever asks (readers, readahead);
+across mounts and processes on one host the workers' :class:`~modelfs.cache.FetchLock`
+does the same. A reader that gives up (timeout) does not cancel the load for
+the others. A worker that dies is replaced; what it held is sent once more to a
+live worker, and fails (EIO for the reader) if that one dies too.
+
+Invariants: at most ``concurrency`` chunk buffers exist in all workers together
+(their threads); this process holds chunk bytes only for chunks the cache could
+not store (a full disk), mapped from the workers' memfds, at most ``spill_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import cachetools
+import trio
+
+from .cache import BlockCache
+from .errors import IntegrityError, ModelfsError, StoreError, StoreUnavailableError
+from .registry import Registry
+from .worker import MAX_MESSAGE, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
+
+
+def default_workers() -> int:
+    """Half the cores, at least 2 and at most 8: the store and the FUSE loop need the rest."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    workers: int = 0  # fetch worker processes; 0: default_workers()
+    concurrency: int = 16  # parallel GETs over all workers
+    cache_threads: int = 4  # parallel LMDB calls from this process
+    fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 5
+    spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
+
+
+@dataclass
+class FetchStats:
+    """Counters since the mount started (``modelfs stats``, Prometheus, systemd STATUS)."""
+    bytes_served: int = 0  # bytes returned to readers (page-cache hits never reach us)
+    memory_hits: int = 0  # chunk reads served straight from the cache's map by the FUSE process
+    cache_hits: int = 0  # chunk loads a worker answered from the cache (re-checked, paged in)
+    fetches: int = 0  # chunk GETs from the store
+    bytes_fetched: int = 0
+    fetch_seconds: float = 0.0  # sum of GET durations (decode and verification included)
+    errors: int = 0  # chunk loads that failed (the reader got EIO)
+    worker_restarts: int = 0
+    recent_latencies: deque = field(default_factory=lambda: deque(maxlen=4096))  # seconds, newest last
+
+
+class _Flight:
+    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch")
+
+    def __init__(self, h: str, size: int, urgent: bool, refetch: bool) -> None:
+        self.h, self.size, self.urgent, self.refetch = h, size, urgent, refetch
+        self.done = trio.Event()
+        self.error: ModelfsError | None = None
+        self.url: str | None = None
+        self.retried = False
+
+
+@dataclass(eq=False)
+class _Proc:
+    proc: subprocess.Popen
+    raw: socket.socket  # the same socket, for closing it outside the trio loop
+    sock: trio.socket.SocketType
+    started: float
+    pending: dict[int, _Flight] = field(default_factory=dict)
+    dead: bool = False
+
+
+class Lanes:
+    def __init__(self, registry: Registry | None, cache: BlockCache, config: LaneConfig = LaneConfig()):
+        self.registry = registry
+        self.cache = cache
+        self.config = config
+        self.n_workers = config.workers or default_workers()
+        self.worker_config = WorkerConfig(
+            cache_dir=str(cache.path.parent), cache_cap=cache.cap,
+            threads=max(1, -(-config.concurrency // self.n_workers)),
+            connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+            max_attempts=config.max_attempts)
+        self.store_limiter = trio.CapacityLimiter(config.concurrency)
+        self.cache_limiter = trio.CapacityLimiter(config.cache_threads)
+        self.stats = FetchStats()
+        self.generation = 0  # bumped whenever a chunk becomes servable
+        self._flights: dict[str, _Flight] = {}
+        self._procs: list[_Proc] = []
+        self._next_id = 0
+        self._nursery: trio.Nursery | None = None
+        self._quick_deaths = 0
+        self._closing = False
+        # chunks a worker confirmed lately: readahead need not ask again
+        self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
+        # chunks the cache could not store: hash → read-only map of the worker's memfd
+        self._spilled: cachetools.LRUCache = cachetools.LRUCache(config.spill_bytes, getsizeof=len)
+
+    # -- life ---------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers and serve loads until cancelled (then ``close()``)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.n_workers):
+                self._spawn()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _spawn(self) -> None:
+        assert self._nursery is not None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # the workers need no credentials (URLs come signed): do not hand them any
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") or k == "AWS_CA_BUNDLE"}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "modelfs.worker", self.worker_config.to_json(), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        finally:
+            theirs.close()
+        p = _Proc(proc, mine, trio.socket.from_stdlib_socket(mine), time.monotonic())
+        self._procs.append(p)
+        self._nursery.start_soon(self._receive, p)
+        log.debug("fetch worker %d started", proc.pid)
+
+    def close(self, grace: float = 15.0) -> None:
+        """After the trio loop ended: let every worker finish and commit what it holds."""
+        self._closing = True
+        for p in self._procs:
+            p.raw.close()  # end of file: finish, then exit
+        deadline = time.monotonic() + grace
+        for p in self._procs:
+            try:
+                p.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("fetch worker %d did not finish in %g s: killed", p.proc.pid, grace)
+                p.proc.kill()
+                p.proc.wait()
+        self._procs.clear()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.proc.pid for p in self._procs if not p.dead]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    # -- chunks ---------------------------------------------------------------------
+    async def load(self, h: str, size: int, *, refetch: bool = False) -> None:
+        """Return once chunk ``h`` is verified in the cache; ModelfsError if it cannot be."""
+        flight = self._flights.get(h)
+        if flight is None or (refetch and not flight.refetch):
+            flight = self._start(h, size, urgent=True, refetch=refetch)
+        with trio.move_on_after(self.config.fetch_timeout):
+            await flight.done.wait()
+        if not flight.done.is_set():
+            self.stats.errors += 1
+            raise StoreUnavailableError(f"chunk {h[:16]} not fetched within {self.config.fetch_timeout:g} s")
+        if flight.error is not None:
+            raise flight.error
+
+    def prefetch(self, h: str, size: int) -> None:
+        """Start loading ``h`` (readahead); nobody waits for it."""
+        if h not in self._flights and h not in self._confirmed:
+            self._start(h, size, urgent=False, refetch=False)
+
+    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool) -> _Flight:
+        flight = self._flights[h] = _Flight(h, size, urgent, refetch)
+        try:
+            if self.registry is not None:
+                flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
+        except ModelfsError as e:
+            self._finish(flight, e)
+            return flight
+        assert self._nursery is not None, "Lanes.run() is not running"
+        self._nursery.start_soon(self._send, flight)
+        return flight
+
+    async def _send(self, flight: _Flight) -> None:
+        live = [p for p in self._procs if not p.dead]
+        if not live:
+            self._finish(flight, StoreError("no fetch worker is running (they keep failing: see the log)"))
+            return
+        p = min(live, key=lambda q: len(q.pending))
+        self._next_id += 1
+        rid = self._next_id
+        p.pending[rid] = flight
+        msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
+               "refetch": flight.refetch}
+        try:
+            await p.sock.send(json.dumps(msg).encode())
+        except OSError:
+            pass  # the worker is gone: _receive sees it and re-sends what it held
+
+    async def _receive(self, p: _Proc) -> None:
+        fd_space = socket.CMSG_SPACE(4)
+        while True:
+            try:
+                data, anc, _, _ = await p.sock.recvmsg(MAX_MESSAGE, fd_space)
+            except (OSError, trio.ClosedResourceError):
+                data, anc = b"", []
+            if not data:
+                break
+            reply = json.loads(data)
+            flight = p.pending.pop(reply["id"], None)
+            for level, kind, fds in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fd = int.from_bytes(fds[:4], sys.byteorder)
+                    try:
+                        if flight is not None and reply.get("spill"):
+                            self._spilled[flight.h] = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
+                    finally:
+                        os.close(fd)
+            if flight is not None:
+                self._on_reply(flight, reply)
+        await self._on_death(p)
+
+    def spilled(self, h: str) -> mmap.mmap | None:
+        """A verified chunk the cache could not store (see ``spill_bytes``), if still held."""
+        return self._spilled.get(h)
+
+    def _on_reply(self, flight: _Flight, r: dict[str, Any]) -> None:
+        st = self.stats
+        if r["ok"]:
+            if r["fetched"]:
+                st.fetches += 1
+                st.bytes_fetched += flight.size
+                st.fetch_seconds += r["took"]
+                st.recent_latencies.append(r["took"])
+            else:
+                st.cache_hits += 1
+            self._confirmed[flight.h] = True
+            self.generation += 1
+            self._finish(flight, None)
+            return
+        self._finish(flight, self._error(flight, r))
+
+    def _error(self, flight: _Flight, r: dict[str, Any]) -> ModelfsError:
+        kind, msg = r.get("kind"), r.get("msg", "")
+        if kind in ("http", "throttled", "unavailable") and r.get("status") is not None \
+                and self.registry is not None:
+            err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r["status"],
+                                                 r.get("code") or "", msg)
+            return err if isinstance(err, ModelfsError) else StoreError(str(err))
+        if kind == "unavailable":
+            return StoreUnavailableError(f"chunk {flight.h[:16]}: {msg}")
+        if kind == "integrity":
+            return IntegrityError(f"chunk {flight.h[:16]}: {msg}")
+        return StoreError(f"chunk {flight.h[:16]}: {msg}")
+
+    def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
+        if error is not None:
+            self.stats.errors += 1
+            log.error("chunk %s: %s", flight.h, error)
+            flight.error = error
+        if self._flights.get(flight.h) is flight:
+            del self._flights[flight.h]
+        flight.done.set()
+
+    async def _on_death(self, p: _Proc) -> None:
+        p.dead = True
+        self._procs.remove(p)
+        if self._closing:
+            return
+        code = await trio.to_thread.run_sync(p.proc.wait)
+        lived = time.monotonic() - p.started
+        log.error("fetch worker %d exited (%s) after %.1f s; starting another", p.proc.pid, code, lived)
+        self.stats.worker_restarts += 1
+        self._quick_deaths = self._quick_deaths + 1 if lived < 5 else 0
+        if self._quick_deaths < 5:
+            if self._quick_deaths:
+                await trio.sleep(0.2 * self._quick_deaths)
+            self._spawn()
+        for flight in p.pending.values():  # what it held: once more, elsewhere
+            if flight.retried:
+                self._finish(flight, StoreError(f"chunk {flight.h[:16]}: the fetch worker died twice"))
+            else:
+                flight.retried = True
+                await self._send(flight)
+
+    # -- blocking calls on threads -----------------------------------------------------
+    async def store_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a store request) on a thread, bounded by ``fetch_timeout``."""
+        try:
+            with trio.fail_after(self.config.fetch_timeout):
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise StoreUnavailableError(f"the object store did not answer within "
+                                        f"{self.config.fetch_timeout:g} s") from None
+
+    async def cache_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (an LMDB call) on a thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.cache_limiter)

@@ -1,0 +1,224 @@
+"""The read path without FUSE: handlers and the reader called directly, over a fake chunk
+source (a real LMDB cache in a temp dir), and the lanes against a store that never answers.
+Fast; the real SeaweedFS + FUSE tier (test_mount, test_readpath) stays above it."""
+
+import errno
+import os
+import socket
+import threading
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from modelfs.cache import BlockCache, CacheView
+from modelfs.chunking import chunk_hash
+from modelfs.config import StoreConfig
+from modelfs.errors import StoreError, StoreUnavailableError
+from modelfs.fetch import Fetcher, Stream
+from modelfs.fs import ModelFS
+from modelfs.lanes import FetchStats, LaneConfig, Lanes
+from modelfs.manifest import FileEntry, Manifest
+from modelfs.refs import RegistryRef
+from modelfs.registry import Registry
+from modelfs.store import Store
+from modelfs.tree import Namespace
+
+MiB = 1 << 20
+
+
+class FakeSource:
+    """A chunk source that writes known bytes into the cache (or garbage, or fails)."""
+
+    def __init__(self, cache: BlockCache, chunks: dict[str, bytes]):
+        self.cache, self.chunks = cache, chunks
+        self.stats, self.generation = FetchStats(), 0
+        self.loads: list[tuple[str, bool]] = []
+        self.prefetched: list[str] = []
+        self.garbage: set[str] = set()
+        self.failing: set[str] = set()
+
+    async def load(self, h: str, size: int, *, refetch: bool = False) -> None:
+        self.loads.append((h, refetch))
+        await trio.sleep(0)
+        if h in self.failing:
+            raise StoreError(f"chunk {h}: the store said no")
+        self.cache.write([(h, self.chunks[h])])
+        if h in self.garbage:  # damaged on disk after it was written (its sums are right)
+            data = bytearray(self.chunks[h])
+            data[100] ^= 1
+            with self.cache.env.begin(write=True) as txn:
+                txn.put(bytes.fromhex(h), bytes(data), db=self.cache.chunks)
+        self.generation += 1
+
+    def prefetch(self, h: str, size: int) -> None:
+        self.prefetched.append(h)
+
+    def spilled(self, h: str) -> None:
+        return None
+
+
+def make_file(sizes: list[int], seed: int = 1) -> tuple[FileEntry, bytes, dict[str, bytes]]:
+    rnd = __import__("random").Random(seed)
+    blobs = [rnd.randbytes(n) for n in sizes]
+    chunks = {chunk_hash(b): b for b in blobs}
+    entry = FileEntry(path="w.bin", size=sum(sizes), mode=0o644, sha256="0" * 64,
+                      chunks=tuple((chunk_hash(b), len(b)) for b in blobs))
+    return entry, b"".join(blobs), chunks
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = BlockCache(tmp_path / "cache", 1 << 30)
+    yield c
+    c.close()
+
+
+def reader(cache, chunks, **kw) -> tuple[Fetcher, FakeSource]:
+    src = FakeSource(cache, chunks)
+    return Fetcher(CacheView(cache), src, **kw), src
+
+
+def test_spans_across_chunks_are_the_file_bytes(cache):
+    entry, data, chunks = make_file([300_000, 1_000_000, 5, 700_000])
+    fetcher, src = reader(cache, chunks)
+
+    async def main():
+        rnd = __import__("random").Random(3)
+        for _ in range(200):
+            off = rnd.randrange(entry.size)
+            end = min(entry.size, off + rnd.choice([1, 4096, 131072, MiB, 3 * MiB]))
+            assert bytes(await fetcher.span(entry, off, end)) == data[off:end]
+        assert bytes(await fetcher.span(entry, 0, entry.size)) == data
+    trio.run(main)
+    assert {h for h, _ in src.loads} == set(chunks)  # each loaded, once the cache has it: never again
+    assert len(src.loads) == len(chunks)
+    assert src.stats.bytes_served > 0
+
+
+def test_readahead_window_grows_and_resets(cache):
+    entry, data, chunks = make_file([MiB] * 40)
+    fetcher, src = reader(cache, chunks, readahead_bytes=16 * MiB, readahead_trigger=2 * MiB)
+    stream = Stream(fetcher, entry)
+
+    async def main():
+        assert bytes(await stream.read(0, 4096)) == data[:4096]
+        assert src.prefetched == []  # one small read loads only what it touches
+        off = 4096
+        for _ in range(24):  # sequential 1 MiB reads
+            assert bytes(await stream.read(off, MiB)) == data[off:off + MiB]
+            off += MiB
+        grown = list(src.prefetched)
+        assert stream.window == stream.max_window == 16
+        assert len(grown) == len(set(grown))  # nothing asked twice
+        index = {h: i for i, (h, _) in enumerate(entry.chunks)}
+        assert max(index[h] for h in grown) >= 24 + 8  # well ahead of the reader
+        src.prefetched.clear()
+        await stream.read(2 * MiB, 4096)  # a jump back: no readahead, window back to 2
+        assert src.prefetched == [] and stream.window == 2
+    trio.run(main)
+
+
+def _ops(entry: FileEntry, fetcher: Fetcher) -> tuple[ModelFS, int]:
+    m = Manifest(name="m", created="2026-01-01T00:00:00Z", files=(entry,), directories=(), chunking={})
+    ns = Namespace(None, None)
+    root = ns.root_version("m", "v" * 20, m)
+    ops = ModelFS(ns, fetcher)
+
+    async def inode():
+        return (await ns.lookup(root, "w.bin")).inode
+    return ops, trio.run(inode)
+
+
+def test_damaged_entry_is_refetched_and_lasting_damage_is_eio(cache):
+    entry, data, chunks = make_file([MiB, MiB])
+    fetcher, src = reader(cache, chunks)
+    ops, ino = _ops(entry, fetcher)
+    h0, h1 = entry.chunks[0][0], entry.chunks[1][0]
+
+    async def main():
+        fi = await ops.open(ino, os.O_RDONLY, None)
+        src.garbage = {h0}
+        with pytest.raises(pyfuse3.FUSEError) as e:  # garbage, refetched: garbage again
+            await ops.read(fi.fh, 0, 4096)
+        assert e.value.errno == errno.EIO
+        assert (h0, True) in src.loads
+        src.garbage = set()
+        assert bytes(await ops.read(fi.fh, 0, 4096)) == data[:4096]  # a good copy heals it
+        src.failing = {h1}
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.read(fi.fh, MiB, 4096)
+        assert e.value.errno == errno.EIO
+        assert bytes(await ops.read(fi.fh, 4096, 4096)) == data[4096:8192]  # others still serve
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.read(fi.fh + 100, 0, 1)
+        assert e.value.errno == errno.EBADF
+    trio.run(main)
+
+
+class Silent:
+    """A listener that accepts connections and never answers (a hung store)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
+
+    def _drain(self, c):
+        while True:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.requests += data.count(b"GET ")
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_lanes_single_flight_and_timeout_against_a_hung_store(cache, monkeypatch):
+    silent = Silent()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    store = Store("b", StoreConfig(endpoint_url=f"http://127.0.0.1:{silent.port}", region="us-east-1"))
+    lanes = Lanes(Registry(store, RegistryRef("b", "reg")), cache,
+                  LaneConfig(workers=1, concurrency=2, fetch_timeout=30, read_timeout=600, max_attempts=1))
+    errors: list[BaseException] = []
+
+    async def reader():
+        try:
+            await lanes.load("ab" * 32, 1000)
+        except StoreUnavailableError as e:
+            errors.append(e)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(lanes.run)
+            async with trio.open_nursery() as readers:
+                for _ in range(16):
+                    readers.start_soon(reader)
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
+    finally:
+        lanes.close(grace=1)
+        silent.close()
+    assert len(errors) == 16 and "not fetched within 30 s" in str(errors[0])
+    assert silent.requests == 1  # 16 readers, one GET

@@ -1,0 +1,177 @@
+"""The read path's promises on real FUSE + SeaweedFS: fetched is cached, single flight within a
+mount and across mounts, a killed fetch worker never hangs or lies, bounded memory."""
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from modelfs.metrics import read_stats
+from modelfs.sample import layer_tensors, write_safetensors
+
+from conftest import _alive, cli, gets
+
+MiB = 1 << 20
+
+
+def publish(env, bucket, src, name="m"):
+    cli(env, "publish", str(src), f"s3://{bucket}/reg", "--name", name, "-q")
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/{name}").stdout)
+    return {c[0] for f in doc["files"] for c in f["chunks"]}
+
+
+@pytest.fixture
+def model(tmp_path):
+    """~72 MiB safetensors file: ~18 chunks."""
+    d = tmp_path / "model"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(96, 256), seed=5)
+    return d
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(MiB):
+            h.update(b)
+    return h.hexdigest()
+
+
+def settle(seaweed, bucket, timeout=5.0) -> int:
+    """GET count once the server's counters stop moving (they update when requests finish)."""
+    last, t = gets(seaweed, bucket), time.monotonic()
+    while time.monotonic() - t < timeout:
+        time.sleep(0.3)
+        now = gets(seaweed, bucket)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def wait_gone(pids, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), "a daemon or worker outlived its stop"
+
+
+@pytest.mark.parametrize("stop", ["unmount", "sigterm"])
+def test_stop_right_after_a_cold_read_keeps_every_fetched_chunk(stop, env, bucket, model, mounts, seaweed):
+    publish(env, bucket, model)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    want = sha(model / "model.safetensors")
+    workers = read_stats(mnt).worker_pids
+    assert workers and all(_alive(p) for p in workers)
+    assert sha(mnt / "model.safetensors") == want
+    pid = mounts.pid(mnt)
+    if stop == "unmount":  # at once: readahead may still be in flight
+        mounts.unmount(mnt)
+    else:
+        os.kill(pid, signal.SIGTERM)
+    wait_gone([pid, *workers])
+    mnt2 = mounts.mount(f"s3://{bucket}/reg/m")
+    before = settle(seaweed, bucket)
+    assert sha(mnt2 / "model.safetensors") == want
+    assert settle(seaweed, bucket) == before  # every chunk came from the cache
+
+
+def test_16_concurrent_readers_fetch_each_chunk_once(env, bucket, model, mounts, seaweed):
+    chunks = publish(env, bucket, model)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    want = sha(model / "model.safetensors")
+    before = settle(seaweed, bucket)
+    with ThreadPoolExecutor(16) as ex:
+        assert set(ex.map(lambda _: sha(mnt / "model.safetensors"), range(16))) == {want}
+    assert settle(seaweed, bucket) - before == len(chunks)
+
+
+def test_two_mounts_reading_at_once_fetch_a_shared_chunk_once(env, bucket, model, mounts, seaweed):
+    chunks = publish(env, bucket, model)
+    a = mounts.mount(f"s3://{bucket}/reg/m")
+    b = mounts.mount(f"s3://{bucket}/reg")  # another daemon, same cache dir
+    want = sha(model / "model.safetensors")
+    before = settle(seaweed, bucket)
+    with ThreadPoolExecutor(4) as ex:
+        paths = [a / "model.safetensors", b / "m" / "latest" / "model.safetensors"] * 2
+        assert set(ex.map(sha, paths)) == {want}
+    # the registry mount's listing, tag and manifest GETs, plus each chunk exactly once
+    assert settle(seaweed, bucket) - before <= len(chunks) + 3
+
+
+def test_killed_worker_is_replaced_and_readers_get_bytes_or_eio(env, bucket, model, mounts):
+    publish(env, bucket, model)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m", "--fetch-workers", "2")
+    src = (model / "model.safetensors").read_bytes()
+    victims = read_stats(mnt).worker_pids
+    assert len(victims) == 2
+    results: list = []
+
+    def reader():
+        try:
+            with open(mnt / "model.safetensors", "rb") as f:
+                results.append(f.read())
+        except OSError as e:
+            results.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.05)
+    for p in victims:
+        os.kill(p, signal.SIGKILL)
+    t.join(90)
+    assert not t.is_alive(), "a reader hung after its worker was killed"
+    assert results[0] == src or (isinstance(results[0], OSError) and results[0].errno == 5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        s = read_stats(mnt)
+        if len(s.worker_pids) == 2 and not set(s.worker_pids) & set(victims):
+            break
+        time.sleep(0.1)
+    assert len(s.worker_pids) == 2 and not set(s.worker_pids) & set(victims) and s.worker_restarts >= 2
+    # the replacements serve: a fresh read of the whole file is right
+    os.posix_fadvise(os.open(mnt / "model.safetensors", os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert sha(mnt / "model.safetensors") == hashlib.sha256(src).hexdigest()
+
+
+def _private_mib(pids) -> float:
+    """Memory the processes own (anonymous pages), summed: what the bound is about.
+    The cache's mapped file pages are the kernel's page cache, reclaimable, and not counted."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total / 1024
+
+
+def test_memory_stays_bounded_on_a_large_cold_read(env, bucket, tmp_path, mounts):
+    d = tmp_path / "large"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(384, 256), seed=9)  # ~290 MiB
+    publish(env, bucket, d)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    pids = [mounts.pid(mnt), *read_stats(mnt).worker_pids]
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _private_mib(pids))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        with ThreadPoolExecutor(4) as ex:  # four readers at once, cold
+            assert len(set(ex.map(lambda _: sha(mnt / "model.safetensors"), range(4)))) == 1
+    finally:
+        done.set()
+        t.join()
+    assert 0 < peak[0] < 512, f"{peak[0]:.0f} MiB"
