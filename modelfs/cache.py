@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from pathlib import Path
 
 import fcntl
@@ -56,6 +57,7 @@ from .manifest import version_id_of
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _META = struct.Struct("<QQ")
 LOW_WATER = 0.90  # eviction frees down to this fraction of the cap
 BLOCK = 64 << 10  # granularity of the per-read check
@@ -150,12 +152,12 @@ class BlockCache:
                 txn.stat(db)
         return env
 
-    def _txn(self, write: bool = False) -> lmdb.Transaction:
+    def _txn(self, write: bool = False, buffers: bool = False) -> lmdb.Transaction:
         try:
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=buffers)
         except lmdb.MapResizedError:  # another process grew the map: adopt its size
             self.env.set_mapsize(0)
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=buffers)
 
     # -- reads (any thread) ------------------------------------------------------
     def get(self, h: str) -> bytes | None:
@@ -186,16 +188,18 @@ class BlockCache:
         A damaged entry is dropped. True if the chunk is now servable.
         """
         key = bytes.fromhex(h)
-        with self._txn() as txn:
+        with self._txn(buffers=True) as txn:  # views into the map: no copy of the chunk
             data = txn.get(key, db=self.chunks)
             sums = txn.get(key, db=self.sums)
-            if data is not None and sums is not None and len(data) == size:
+            present = data is not None
+            if present and sums is not None and len(data) == size:
                 if block_sums(data) == sums:
                     self._note_use(key)
                     return True
-            good = data is not None and sums is None and len(data) == size and chunk_hash(data) == h
+            good = present and sums is None and len(data) == size and chunk_hash(data) == h
             new_sums = block_sums(data) if good else None
-        if data is None:
+            del data, sums
+        if not present:
             return False
         if not good:
             log.warning("cache entry for chunk %s is damaged: dropped, will refetch", h)
@@ -205,6 +209,12 @@ class BlockCache:
             txn.put(key, new_sums, db=self.sums)
         self._note_use(key)
         return True
+
+    def with_chunk(self, h: str, fn: Callable[[memoryview], T]) -> T | None:
+        """``fn(view of chunk h)`` inside one read transaction (no copy), or None if absent."""
+        with self._txn(buffers=True) as txn:
+            data = txn.get(bytes.fromhex(h), db=self.chunks)
+            return fn(data) if data is not None else None
 
     def _note_use(self, key: bytes) -> None:
         with self._touch_lock:
@@ -415,11 +425,7 @@ class CacheView:
             return
         if self._txn is not None:
             self._txn.abort()
-        try:
-            self._txn = self.cache.env.begin(buffers=True)
-        except lmdb.MapResizedError:
-            self.cache.env.set_mapsize(0)
-            self._txn = self.cache.env.begin(buffers=True)
+        self._txn = self.cache._txn(buffers=True)
         self.generation, self._born = generation, now
 
     def get(self, h: str, size: int, lo: int, hi: int) -> memoryview | None:

@@ -250,10 +250,12 @@ def _help(name: str) -> str:
 @click.option("--memory-cache", help=_help("memory_cache"))
 @click.option("--fetch-workers", type=int, help=_help("fetch_workers"))
 @click.option("--readahead", help=_help("readahead"))
+@click.option("--readahead-order", type=click.Choice(["tensors", "file"]), help=_help("readahead_order"))
 @click.option("--fetch-timeout", type=float, help=_help("fetch_timeout"))
 @click.option("--metadata-ttl", type=float, help=_help("metadata_ttl"))
 @click.option("--kernel-readahead-kb", type=int, help=_help("kernel_readahead_kb"))
 @click.option("--allow-other/--no-allow-other", default=None, help=_help("allow_other"))
+@click.option("--nonempty/--no-nonempty", default=None, help=_help("nonempty"))
 @click.option("--metrics-port", type=int, help=_help("metrics_port"))
 @click.option("--metrics-address", help=_help("metrics_address"))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
@@ -267,7 +269,8 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     come from --config instead.
     """
     from .config import resolve
-    from .mount import MountConfig, check_mountpoint, run_foreground, start_background
+    from .mount import MountConfig, run_foreground, start_background
+    from .mountpoint import check_mountpoint
 
     given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v is not None}}
     if source is not None:
@@ -280,7 +283,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     if foreground:
         run_foreground(cfg, ready_fd)
         return
-    check_mountpoint(cfg.mountpoint)  # fail fast, before starting anything
+    check_mountpoint(cfg.mountpoint, cfg.nonempty)  # fail fast, before starting anything
     slug = str(cfg.mountpoint).strip("/").replace("/", "_") or "root"
     log_path = cfg.cache_dir / "logs" / f"mount-{slug}.log"
     pid = start_background(sys.argv[1:], log_path)
@@ -304,7 +307,9 @@ def stats(mountpoint: Path, as_json: bool):
     click.echo(f"  served      {fmt_bytes(s.bytes_served)}")
     click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
                f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")
-    click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} memory, {s.cache_hits} disk cache)")
+    click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} served from the cache's map, "
+               f"{s.cache_hits} paged in by a worker)")
+    click.echo(f"  workers     {len(s.worker_pids)} ({s.worker_restarts} replaced)")
     click.echo(f"  in flight   {s.fetches_in_flight}")
     click.echo(f"  errors      {s.errors}")
     click.echo(f"  cache       {fmt_bytes(s.cache_used_bytes)} of {fmt_bytes(s.cache_cap_bytes)}")
@@ -316,7 +321,7 @@ def stats(mountpoint: Path, as_json: bool):
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint: Path, lazy: bool, timeout: float):
     """Unmount a modelfs mount and wait for its daemon to exit."""
-    from .mount import unmount_and_wait
+    from .mountpoint import unmount_and_wait
 
     r = unmount_and_wait(mountpoint, lazy, timeout)
     click.echo(f"unmounted {mountpoint}")
@@ -437,7 +442,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
     directories on a running mount, which are read through it.
     """
     from .cache import BlockCache, default_cache_dir
-    from .mount import remember_tag
+    from .catalog import Catalog
     from .prefetch import files_under, read_through, warm_cache
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
@@ -447,11 +452,15 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
         c = BlockCache(cache_dir or default_cache_dir(), cap)
         try:
             for ref in refs:
-                reg, version, m = _resolve(ctx, ref)
-                if reg is None:
-                    reg = origin_registry(m, registry_url, ctx.obj["config"])
-                else:  # a mount of this ref can then start even while the store is down
-                    remember_tag(c, reg, parse_model(ref), version)
+                if ref.startswith("s3://"):
+                    mref = parse_model(ref)
+                    reg = _registry(ctx, mref.registry)
+                    # records the tag and the manifest: a mount of it can start while the store is down
+                    version, m = Catalog(reg, c).resolve(mref)
+                else:
+                    m = read_manifest_file(ref)
+                    version, reg = m.version_id, origin_registry(m, registry_url, ctx.obj["config"])
+                    c.put_manifest(version, m.to_bytes())
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:
                     click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "

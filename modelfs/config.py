@@ -81,6 +81,14 @@ def _level(v: Any) -> str:
     return v.lower()
 
 
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return v
+    return parse
+
+
 def _s3_url(v: Any) -> str:
     s = _str(v)
     if not s.startswith(("http://", "https://")):
@@ -107,10 +115,12 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("memory_cache", "256M", parse_size, "Ignored: the kernel's page cache is the memory tier now (kept so older config files load)."),
     Key("fetch_workers", 0, _int_in(0, 64), "Fetch worker processes that GET, verify and cache chunks (0: half the cores, 2 to 8)."),
     Key("readahead", "64M", parse_size, "Largest readahead window per sequential reader."),
+    Key("readahead_order", "tensors", _choice("tensors", "file"), "Read ahead in the order loaders read tensors (safetensors: sorted names), or in file order."),
     Key("fetch_timeout", 60.0, _seconds, "Seconds before a chunk fetch becomes an I/O error."),
     Key("metadata_ttl", 30.0, _seconds, "Seconds model/tag/version listings are kept before asking the store again."),
     Key("kernel_readahead_kb", 1024, _int_in(0, 1 << 20), "Kernel readahead for the mount in KiB (root only; 0 keeps the kernel's)."),
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
+    Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
     Key("endpoint_url", None, _s3_url, "S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)."),
     Key("region", None, _str, "Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's)."),

@@ -9,14 +9,21 @@ worker processes of :mod:`modelfs.lanes`), which returns once it is committed.
 
 Readahead follows the reader: sequential readers get a window of chunks loaded
 ahead of them, and the loads of cached chunks page them in ahead of the reader
-too (a worker re-checks them, which reads them).
+too (a worker re-checks them, which reads them). For safetensors files the
+window follows the order loaders read tensors in (sorted names, see
+:class:`ReadOrder`), not the file's order.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import json
 import logging
 import math
 import mmap
+import struct
+from collections.abc import Iterator
 from typing import Protocol
 
 from .cache import CacheView, DamagedEntry
@@ -36,8 +43,9 @@ class ChunkSource(Protocol):
     stats: FetchStats
     generation: int  # bumped whenever a chunk becomes servable
 
-    async def load(self, h: str, size: int, *, refetch: bool = False) -> None:
-        """Return once chunk ``h`` is in the cache; raise ModelfsError if it cannot be."""
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | mmap.mmap | None:
+        """Return once chunk ``h`` is in the cache; raise ModelfsError if it cannot be.
+        With ``pin``, return the chunk's verified bytes too (they may be evicted at once)."""
 
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` for a reader that will want it soon."""
@@ -49,16 +57,34 @@ class ChunkSource(Protocol):
 class Fetcher:
     """Chunk bytes for readers: ``span`` of a file, from the cache, loading what is missing.
 
-    Invariant: every byte returned was checked against the block sums taken when
-    its chunk was verified with BLAKE3; a damaged entry is refetched once, then EIO.
+    Invariants: every byte returned was BLAKE3-verified (by a worker) and, when read
+    from the cache, checked against the block sums taken then; a damaged entry is
+    refetched once, then EIO. A read always makes progress, however small the cache:
+    a chunk evicted between its load and the read is loaded again *pinned* (its
+    bytes handed to this reader in memory).
     """
 
     def __init__(self, view: CacheView, source: ChunkSource, *, readahead_bytes: int = 64 * MiB,
-                 readahead_trigger: int = 4 * MiB):
+                 readahead_trigger: int = 4 * MiB, tensor_order: bool = True):
         self.view = view
         self.source = source
         self.readahead_bytes = readahead_bytes
         self.readahead_trigger = readahead_trigger  # sequential bytes before readahead starts
+        self.tensor_order = tensor_order  # read ahead in loaders' tensor order where known
+        self._orders: dict[tuple[str, int], ReadOrder | None] = {}
+
+    async def read_order(self, e: FileEntry) -> ReadOrder | None:
+        """The loaders' reading order of ``e`` (safetensors: from its header), once per file."""
+        if not self.tensor_order or e.description.get("format") != "safetensors" or e.size < 16:
+            return None
+        key = (e.sha256, e.size)
+        if key not in self._orders:
+            n = struct.unpack("<Q", bytes(await self.span(e, 0, 8)))[0]
+            order = None
+            if 8 + n <= min(e.size, MAX_HEADER):
+                order = ReadOrder.safetensors(bytes(await self.span(e, 0, 8 + n)), e.size)
+            self._orders[key] = order
+        return self._orders[key]
 
     @property
     def stats(self) -> FetchStats:
@@ -72,13 +98,18 @@ class Fetcher:
             h, n = e.chunks[i]
             start = e.offsets[i]
             parts.append((h, n, max(off, start) - start, min(end, start + n) - start))
-        for attempt in range(3):
+        pinned: dict[str, bytes | mmap.mmap] = {}
+        # round 1 loads; later rounds load pinned, and a pinned chunk stays: this ends
+        for attempt in range(2 + len(parts)):
             missing: list[tuple[str, int]] = []
             damaged: list[tuple[str, int]] = []
             views = []
             self.view.renew(self.source.generation)
             # no await from here until return: the views live as long as the transaction
             for h, n, lo, hi in parts:
+                if h in pinned:
+                    views.append(memoryview(pinned[h])[lo:hi])
+                    continue
                 try:
                     v = self.view.get(h, n, lo, hi)
                 except DamagedEntry as err:
@@ -93,14 +124,77 @@ class Fetcher:
                     views.append(v)
             if not missing and not damaged:
                 self.stats.memory_hits += len(views)
-                self.stats.bytes_served += end - off
                 return views[0] if len(views) == 1 else b"".join(views)
             del views
             for h, n in missing:
-                await self.source.load(h, n)
+                if (buf := await self.source.load(h, n, pin=attempt > 0)) is not None:
+                    pinned[h] = buf
             for h, n in damaged:
-                await self.source.load(h, n, refetch=True)
+                if (buf := await self.source.load(h, n, refetch=True, pin=attempt > 0)) is not None:
+                    pinned[h] = buf
         raise IntegrityError(f"{e.path}@{off}: chunks still missing or damaged after refetching")
+
+
+class ReadOrder:
+    """The order a loader reads a file's bytes in: file byte ranges, in reading order.
+
+    For a safetensors file: the header, then every tensor sorted by name, which is
+    how ``safe_open(...).keys()``, ``load_file`` and the serving frameworks built on
+    them walk a file; the file itself holds tensors in write order (layer 1, 2, …,
+    10 — or grouped by dtype), so a file-order readahead keeps resetting while a
+    loader walks layers ``1, 10, 11, …``. Bytes no tensor claims come last.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges  # (file_lo, file_hi), in reading order
+        self.ostart = list(itertools.accumulate((hi - lo for lo, hi in ranges), initial=0))
+        by_file = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+        self._file_lo = [ranges[i][0] for i in by_file]
+        self._pos = by_file
+
+    @classmethod
+    def safetensors(cls, head: bytes, size: int) -> ReadOrder | None:
+        """From the file's first ``8 + n`` bytes; None if they are not a usable header."""
+        try:
+            n = struct.unpack_from("<Q", head)[0]
+            doc = json.loads(bytes(head[8:8 + n]))
+            base = 8 + n
+            spans = sorted((name, base + int(t["data_offsets"][0]), base + int(t["data_offsets"][1]))
+                           for name, t in doc.items() if name != "__metadata__")
+        except (ValueError, KeyError, TypeError, IndexError, struct.error, AttributeError):
+            return None
+        ranges = [(0, base)] + [(lo, hi) for _, lo, hi in spans if base <= lo < hi <= size]
+        covered = sorted(ranges)
+        pos, gaps = 0, []
+        for lo, hi in covered:
+            if lo > pos:
+                gaps.append((pos, lo))
+            pos = max(pos, hi)
+        if pos < size:
+            gaps.append((pos, size))
+        return cls(ranges + gaps)
+
+    def position(self, off: int) -> int:
+        """The reading-order index of the range holding file offset ``off``."""
+        return self._pos[max(0, bisect.bisect_right(self._file_lo, off) - 1)]
+
+    def order_offset(self, off: int) -> int:
+        p = self.position(off)
+        return self.ostart[p] + off - self.ranges[p][0]
+
+    def file_ranges(self, olo: int, ohi: int) -> Iterator[tuple[int, int]]:
+        """The file byte ranges that reading-order bytes [olo, ohi) are."""
+        p = max(0, bisect.bisect_right(self.ostart, olo) - 1)
+        while p < len(self.ranges) and self.ostart[p] < ohi:
+            lo, hi = self.ranges[p]
+            a = lo + max(0, olo - self.ostart[p])
+            b = min(hi, lo + ohi - self.ostart[p])
+            if a < b:
+                yield a, b
+            p += 1
+
+
+MAX_HEADER = 100 * MiB  # a larger safetensors header is not believed (the format caps it too)
 
 
 class Stream:
@@ -111,6 +205,12 @@ class Stream:
     two chunks once ``readahead_trigger`` bytes were read in order, and doubles
     at each chunk boundary up to ``readahead_bytes``; a random access resets it.
     A single small read never loads more than the chunks it touches.
+
+    Where the fetcher knows the loaders' reading order (:class:`ReadOrder`), the same
+    rules apply in that order: a read is "sequential" when it lands in the tensor the
+    reader was in or a few after it, and the window covers the next tensors in that
+    order, wherever they lie in the file. A read is placed by its middle byte: the
+    kernel's read-around for an mmap fault starts before the faulting tensor.
     """
 
     def __init__(self, fetcher: Fetcher, entry: FileEntry):
@@ -122,12 +222,31 @@ class Stream:
         self.ahead_until = -1  # last chunk index already asked for
         avg = entry.size / max(1, len(entry.chunks))
         self.max_window = max(2, math.ceil(fetcher.readahead_bytes / max(avg, 1)))
+        self.avg_chunk = max(1, int(avg))
+        self.order: ReadOrder | None = None
+        self._order_known = False
+        self.t_pos = -1  # reading-order index of the range the last read was in
+        self.t_ahead = 0  # reading-order offset up to which loads were started
+        self.t_window = 2 * self.avg_chunk
 
     async def read(self, off: int, size: int) -> memoryview | bytes:
         e = self.entry
         end = min(off + size, e.size)
         if off >= end:
             return b""
+        if not self._order_known:
+            self._order_known = True
+            self.order = await self.fetcher.read_order(e)
+        if self.order is not None:
+            self._ahead_in_order(self.order, off, end)
+        else:
+            self._ahead_in_file(off, end)
+        data = await self.fetcher.span(e, off, end)
+        self.fetcher.stats.bytes_served += end - off  # what readers got (not our header reads)
+        return data
+
+    def _ahead_in_file(self, off: int, end: int) -> None:
+        e = self.entry
         last = e.chunk_index(end - 1)
         if -MiB <= off - self.next_off <= 16 * MiB:
             self.run_bytes += end - off
@@ -139,7 +258,26 @@ class Stream:
         else:
             self.run_bytes, self.window, self.ahead_until = end - off, 2, -1
         self.next_off = end
-        return await self.fetcher.span(e, off, end)
+
+    def _ahead_in_order(self, order: ReadOrder, off: int, end: int) -> None:
+        mid = (off + end) // 2
+        q, o = order.position(mid), order.order_offset(mid)
+        if self.t_pos - 2 <= q <= self.t_pos + 8:
+            self.run_bytes += end - off
+        else:  # a jump in the loader's order: start over
+            self.run_bytes, self.t_window, self.t_ahead = end - off, 2 * self.avg_chunk, 0
+        self.t_pos = q
+        if self.run_bytes < self.fetcher.readahead_trigger or o + self.t_window <= self.t_ahead:
+            return
+        lo, hi = max(self.t_ahead, o), o + self.t_window
+        e, asked = self.entry, set()
+        for flo, fhi in order.file_ranges(lo, hi):
+            for i in range(e.chunk_index(flo), e.chunk_index(fhi - 1) + 1):
+                if i not in asked:
+                    asked.add(i)
+                    self.fetcher.source.prefetch(*e.chunks[i])
+        self.t_ahead = hi
+        self.t_window = min(self.t_window * 2, self.fetcher.readahead_bytes)
 
     def _ahead(self, lo: int, hi: int) -> None:
         hi = min(hi, len(self.entry.chunks) - 1)

@@ -19,7 +19,7 @@ _GENERIC = {"ro", "defaults", "auto", "noauto", "user", "nouser", "users", "nofa
             "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
             "async", "sync"}
 _GLOBAL = {"endpoint_url", "region", "profile", "concurrency", "log_level"}  # before "mount"
-_FLAGS = {"allow_other": "--allow-other", "no_allow_other": "--no-allow-other"}
+_FLAGS = {"allow_other": "--allow-other", "no_allow_other": "--no-allow-other", "nonempty": "--nonempty"}
 
 
 class HelperError(Exception):
@@ -57,7 +57,7 @@ def mount_args(argv: list[str]) -> list[str]:
             out.append(_FLAGS[key])
         elif key == "config" and eq:
             out += ["--config", value]
-        elif key in KEYS and key not in ("source", "mountpoint", "allow_other") and eq:
+        elif key in KEYS and key not in ("source", "mountpoint", *_FLAGS) and eq:
             (before if key in _GLOBAL else out).extend(["--" + key.replace("_", "-"), value])
         else:
             raise HelperError(f"unknown mount option {opt!r} (see docs/operations.md)")

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
+WORKER_START_SECONDS = 30.0
 
 
 def default_workers() -> int:
@@ -81,14 +82,15 @@ class FetchStats:
 
 
 class _Flight:
-    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch")
+    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer")
 
-    def __init__(self, h: str, size: int, urgent: bool, refetch: bool) -> None:
-        self.h, self.size, self.urgent, self.refetch = h, size, urgent, refetch
+    def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
+        self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
         self.done = trio.Event()
         self.error: ModelfsError | None = None
         self.url: str | None = None
         self.retried = False
+        self.buffer: mmap.mmap | None = None  # the chunk's bytes, when a worker handed them over
 
 
 @dataclass(eq=False)
@@ -99,6 +101,7 @@ class _Proc:
     started: float
     pending: dict[int, _Flight] = field(default_factory=dict)
     dead: bool = False
+    ready: trio.Event = field(default_factory=trio.Event)
 
 
 class Lanes:
@@ -129,11 +132,19 @@ class Lanes:
 
     # -- life ---------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Start the workers and serve loads until cancelled (then ``close()``)."""
+        """Start the workers and serve loads until cancelled (then ``close()``).
+
+        Reports started once every worker said it is ready (imports done, cache open),
+        so the first read of a new mount does not wait for a process to start."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(self.n_workers):
                 self._spawn()
+            with trio.move_on_after(WORKER_START_SECONDS):
+                for p in list(self._procs):
+                    await p.ready.wait()
+            if not any(p.ready.is_set() for p in self._procs):
+                log.error("no fetch worker became ready within %g s", WORKER_START_SECONDS)
             task_status.started()
             await trio.sleep_forever()
 
@@ -178,11 +189,15 @@ class Lanes:
         return len(self._flights)
 
     # -- chunks ---------------------------------------------------------------------
-    async def load(self, h: str, size: int, *, refetch: bool = False) -> None:
-        """Return once chunk ``h`` is verified in the cache; ModelfsError if it cannot be."""
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> mmap.mmap | None:
+        """Return once chunk ``h`` is verified in the cache; ModelfsError if it cannot be.
+
+        With ``pin``, also return the chunk's bytes (a read-only map of a worker's memfd):
+        for a reader that found its chunk evicted right after an earlier load.
+        """
         flight = self._flights.get(h)
-        if flight is None or (refetch and not flight.refetch):
-            flight = self._start(h, size, urgent=True, refetch=refetch)
+        if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
+            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin)
         with trio.move_on_after(self.config.fetch_timeout):
             await flight.done.wait()
         if not flight.done.is_set():
@@ -190,14 +205,15 @@ class Lanes:
             raise StoreUnavailableError(f"chunk {h[:16]} not fetched within {self.config.fetch_timeout:g} s")
         if flight.error is not None:
             raise flight.error
+        return flight.buffer
 
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` (readahead); nobody waits for it."""
         if h not in self._flights and h not in self._confirmed:
             self._start(h, size, urgent=False, refetch=False)
 
-    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool) -> _Flight:
-        flight = self._flights[h] = _Flight(h, size, urgent, refetch)
+    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False) -> _Flight:
+        flight = self._flights[h] = _Flight(h, size, urgent, refetch, pin)
         try:
             if self.registry is not None:
                 flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
@@ -218,7 +234,7 @@ class Lanes:
         rid = self._next_id
         p.pending[rid] = flight
         msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
-               "refetch": flight.refetch}
+               "refetch": flight.refetch, "pin": flight.pin}
         try:
             await p.sock.send(json.dumps(msg).encode())
         except OSError:
@@ -234,13 +250,17 @@ class Lanes:
             if not data:
                 break
             reply = json.loads(data)
+            if "ready" in reply:
+                p.ready.set()
+                continue
             flight = p.pending.pop(reply["id"], None)
             for level, kind, fds in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fd = int.from_bytes(fds[:4], sys.byteorder)
                     try:
                         if flight is not None and reply.get("spill"):
-                            self._spilled[flight.h] = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
+                            flight.buffer = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
+                            self._spilled[flight.h] = flight.buffer
                     finally:
                         os.close(fd)
             if flight is not None:

@@ -11,10 +11,8 @@ and a failed mount leaves no process behind.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -30,14 +28,16 @@ import pyfuse3
 import trio
 
 from .cache import BlockCache, CacheView, default_cache_dir
+from .catalog import Catalog
 from .config import StoreConfig
-from .errors import ModelfsError, NotFoundError, StoreUnavailableError, UsageError
+from .errors import ModelfsError, NotFoundError, UsageError
 from .fetch import Fetcher
 from .fs import XATTR_PREFIX, ModelFS
 from .lanes import LaneConfig, Lanes
 from .manifest import Manifest
 from .metrics import Reporter
-from .refs import ModelRef, is_model_ref, parse_model, parse_registry
+from .mountpoint import PID_XATTR, check_mountpoint, set_kernel_readahead
+from .refs import is_model_ref, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
 
@@ -52,11 +52,13 @@ class MountConfig:
     cache_size: int
     registry_url: str | None = None  # chunks of a manifest file (default: its origin)
     allow_other: bool = False
+    nonempty: bool = False  # mount over a directory that has entries
     metadata_ttl: float = 30.0
     kernel_readahead_kb: int | None = 1024
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_address: str = "127.0.0.1"
     readahead_bytes: int = 64 << 20  # largest readahead window per sequential reader
+    readahead_order: str = "tensors"  # follow the loader's tensor order where a format says it
     store: StoreConfig = field(default_factory=StoreConfig)
     lanes: LaneConfig = field(default_factory=LaneConfig)
 
@@ -68,120 +70,20 @@ class MountConfig:
         return cls(
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
             cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
-            allow_other=s["allow_other"], metadata_ttl=s["metadata_ttl"],
+            allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
             kernel_readahead_kb=s["kernel_readahead_kb"] or None,
             metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
-            readahead_bytes=s["readahead"],
+            readahead_bytes=s["readahead"], readahead_order=s["readahead_order"],
             lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
                              fetch_timeout=s["fetch_timeout"], connect_timeout=store.connect_timeout,
                              read_timeout=store.read_timeout, max_attempts=store.max_attempts))
-
-
-# -- the mount point -------------------------------------------------------------
-
-def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        msg = r.stderr.strip().removeprefix("fusermount3: ")
-        if "busy" in msg.lower():
-            msg += " (files are open on it; close them, or use --lazy)"
-        raise ModelfsError(f"cannot unmount {mountpoint}: {msg}")
-
-
-@dataclass(frozen=True)
-class Unmounted:
-    pid: int | None  # the daemon's, when the mount answered
-    still_running: bool  # the daemon outlived the wait
-    other_mounts: list[str]  # bind mounts of the same filesystem still in place (this namespace)
-
-
-def mounts_of_device(dev: int) -> list[str]:
-    """Mount points in this mount namespace of the filesystem with st_dev ``dev``."""
-    want = f"{os.major(dev)}:{os.minor(dev)}"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[2] == want:
-                out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
-    return out
-
-
-def unmount_and_wait(mountpoint: Path, lazy: bool = False, timeout: float = 30.0) -> Unmounted:
-    """Unmount, then wait for the daemon to exit — unless a bind mount of the same
-    filesystem keeps it serving (the kernel ends a FUSE session only with its last mount)."""
-    try:
-        pid: int | None = int(os.getxattr(mountpoint, XATTR_PREFIX + "pid"))
-        dev: int | None = os.stat(mountpoint).st_dev
-    except (OSError, ValueError):
-        pid = dev = None
-    unmount(mountpoint, lazy)
-    others = mounts_of_device(dev) if dev is not None else []
-    if pid is None:
-        return Unmounted(None, False, others)
-    deadline = time.monotonic() + (0 if lazy or others else timeout)
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return Unmounted(pid, _alive(pid), others)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's daemon: alive
-        return True
-    return True
-
-
-def check_mountpoint(mountpoint: Path) -> None:
-    """A usable, not-yet-mounted directory; a dead FUSE mount there is cleared first."""
-    try:
-        os.stat(mountpoint)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:  # "Transport endpoint is not connected": a dead daemon
-            _clear_dead_mount(mountpoint)
-        elif e.errno == errno.ENOENT:
-            raise UsageError(f"mount point {mountpoint} does not exist") from None
-        else:
-            raise UsageError(f"mount point {mountpoint}: {e.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        # stat may be answered from the kernel's attribute cache even when the daemon
-        # is gone; listing the directory always asks the daemon
-        try:
-            os.listdir(mountpoint)
-        except OSError as e:
-            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-                _clear_dead_mount(mountpoint)
-                return
-        raise UsageError(f"{mountpoint} is already a mount point (busy); unmount it first")
-
-
-def _clear_dead_mount(mountpoint: Path) -> None:
-    log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
-    unmount(mountpoint, lazy=True)
-
-
-def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:
-    """Bigger kernel reads per request (CernVM-FS does the same); root only, best effort."""
-    dev = os.stat(mountpoint).st_dev
-    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-    try:
-        with open(path, "w") as f:
-            f.write(str(kb))
-    except OSError as e:
-        log.debug("could not set %s: %s", path, e)
 
 
 # -- what to show ------------------------------------------------------------------
 
 @dataclass
 class Source:
-    registry: Registry | None
+    catalog: Catalog | None
     model: str | None = None
     version: str | None = None
     manifest: Manifest | None = None  # None: the whole registry
@@ -192,62 +94,25 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
-            registry = open_registry(ref.registry, cfg.store)
-            version, manifest = _resolve_model(registry, ref, cache)
-            return Source(registry, ref.name, version, manifest)
+            catalog = Catalog(open_registry(ref.registry, cfg.store), cache)
+            version, manifest = catalog.resolve(ref)
+            return Source(catalog, ref.name, version, manifest)
         rref = parse_registry(src)
         registry = open_registry(rref, cfg.store)
         registry.store.check_bucket()
         if registry.models() or not rref.prefix:
-            return Source(registry)
+            return Source(Catalog(registry, cache))
         # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
         try:
             ref = parse_model(src)
-            parent = Registry(registry.store, ref.registry)
+            parent = Catalog(Registry(registry.store, ref.registry), cache)
             version, manifest = parent.resolve(ref)
         except (UsageError, NotFoundError):
             raise NotFoundError(f"no registry and no model at {src}") from None
         return Source(parent, ref.name, version, manifest)
     manifest = read_manifest_file(src)
-    return Source(origin_registry(manifest, cfg.registry_url, cfg.store), manifest.name,
+    return Source(Catalog(origin_registry(manifest, cfg.registry_url, cfg.store), cache), manifest.name,
                   manifest.version_id, manifest)
-
-
-def _resolve_model(registry: Registry, ref: ModelRef, cache: BlockCache | None) -> tuple[str, Manifest]:
-    """From the store; if it cannot be reached, from what this cache saw last.
-
-    So a daemon restarted during a store outage (Restart=on-failure after a crash)
-    comes back with the version it served, and its cached chunks read as before.
-    """
-    try:
-        version, manifest = registry.resolve(ref)
-    except StoreUnavailableError as e:
-        if cache is None:
-            raise
-        seen = (ref.selector, 0.0) if ref.is_version else cache.get_ref(_ref_key(registry, ref))
-        data = cache.get_manifest(seen[0]) if seen else None
-        if seen is None or data is None:
-            raise StoreUnavailableError(f"{e} (and this cache has never served {ref.name}@{ref.selector}, "
-                                        "so there is nothing to start from)") from None
-        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seen[1])) if seen[1] else "immutable"
-        log.warning("object store unreachable (%s): serving %s@%s as version %s, the last one seen (%s)",
-                    e, ref.name, ref.selector, seen[0], when)
-        return seen[0], registry.parse_manifest(ref.name, seen[0], data)
-    if cache is not None:
-        cache.put_manifest(version, manifest.to_bytes())
-        remember_tag(cache, registry, ref, version)
-    return version, manifest
-
-
-def _ref_key(registry: Registry, ref: ModelRef) -> str:
-    return f"{registry.store.endpoint} {ref}"
-
-
-def remember_tag(cache: BlockCache, registry: Registry, ref: ModelRef, version: str) -> None:
-    """Keep what a tag ref resolved to, so a mount of it can start while the store is down
-    (its manifest must be cached too: a mount and ``warm_cache`` put it there)."""
-    if not ref.is_version:
-        cache.put_ref(_ref_key(registry, ref), version)
 
 
 # -- the daemon ----------------------------------------------------------------------
@@ -280,18 +145,19 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None
 
 def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) -> None:
     source = resolve_source(cfg, cache)
-    check_mountpoint(cfg.mountpoint)
-    lanes = Lanes(source.registry, cache, cfg.lanes)
+    check_mountpoint(cfg.mountpoint, cfg.nonempty)
+    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes)
     view = CacheView(cache)
-    fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes)
-    ns = Namespace(lanes, source.registry, ttl=cfg.metadata_ttl)
+    fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes,
+                      tensor_order=cfg.readahead_order == "tensors")
+    ns = Namespace(lanes, source.catalog, ttl=cfg.metadata_ttl)
     if source.manifest is not None:
         ns.root_version(source.model, source.version, source.manifest)
     else:
         ns.root_registry()
     ops = ModelFS(ns, fetcher)
     reporter = Reporter(lanes, cache, cfg.source, cfg.mountpoint, source.version)
-    ops.root_xattrs["pid"] = lambda: str(os.getpid()).encode()
+    ops.root_xattrs[PID_XATTR.removeprefix(XATTR_PREFIX)] = lambda: str(os.getpid()).encode()
     ops.root_xattrs["stats"] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
     options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
@@ -343,7 +209,7 @@ async def _when_serving(cfg: MountConfig, reporter: Reporter, on_ready: Callable
     # From a worker thread, never the trio thread: the loop must be free to answer.
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
     if cfg.kernel_readahead_kb:
-        await trio.to_thread.run_sync(_set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
+        await trio.to_thread.run_sync(set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
     log.info("serving %s at %s", cfg.source, cfg.mountpoint)
     on_ready()
     await reporter.run(sd_notify)  # then STATUS= figures for systemctl status, until unmounted

@@ -3,9 +3,10 @@
 Two ways, for two situations:
 
 * ``warm_cache`` — by ref, no mount needed: fetch every chunk of a manifest the
-  block cache lacks, verified, straight into the LMDB cache a mount will use
-  (the cache is shared by every mount on the host and safe to write while they
-  run). The next mount of that version reads with zero GETs.
+  block cache lacks through the mount's own fetch workers (:mod:`modelfs.lanes`),
+  verified, straight into the LMDB cache a mount will use (the cache is shared by
+  every mount on the host and safe to write while they run). The next mount of
+  that version reads with zero GETs.
 * ``read_through`` — paths on a running mount: read the files through it, so the
   daemon fetches and caches them and the kernel's page cache holds them too.
 """
@@ -13,14 +14,16 @@ Two ways, for two situations:
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from .cache import BlockCache
 from .errors import ModelfsError
+from .lanes import LaneConfig, Lanes
 from .manifest import Manifest
 from .progress import Counters
 from .registry import Registry
@@ -51,45 +54,47 @@ def chunks_to_fetch(manifest: Manifest, cache: BlockCache) -> tuple[dict[str, in
 
 
 def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, concurrency: int = 16,
-               on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
-    """Fetch the missing chunks in parallel; this thread is the cache's one writer."""
+               workers: int = 0, on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
+    """Load the missing chunks through the same fetch workers a mount uses (GET, verify,
+    write to LMDB in other processes; host-wide single flight with running mounts).
+    At most ``2 × concurrency`` loads are pending at a time, whatever the model's size."""
     stats = PrefetchStats(files=len(manifest.files))
     missing, have = chunks_to_fetch(manifest, cache)
     stats.add(bytes=have, cached_chunks=sum(len(e.chunks) for e in manifest.files) - len(missing))
     on_progress(have)
-    cache.put_manifest(manifest.version_id, manifest.to_bytes())
-    window = threading.BoundedSemaphore(2 * concurrency)  # bounded memory: ≤ 2×N chunks held
+    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency))
 
-    def fetch(h: str, n: int) -> tuple[str, bytes]:
+    async def one(h: str, n: int, slots: trio.Semaphore) -> None:
         try:
-            return h, registry.get_chunk(h, n)
+            await lanes.load(h, n)
         finally:
-            window.release()
+            slots.release()
+        stats.add(bytes=n)
+        on_progress(n)
 
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="prefetch") as pool:
-        try:
-            pending: list[Future] = []
-            for h, n in missing.items():
-                window.acquire()
-                pending.append(pool.submit(fetch, h, n))
-                pending = _drain(pending, cache, stats, on_progress, block=False)
-            _drain(pending, cache, stats, on_progress, block=True)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # a failed GET (or ^C) stops the rest
-            raise
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            await outer.start(lanes.run)
+            slots = trio.Semaphore(2 * concurrency)
+            async with trio.open_nursery() as jobs:
+                for h, n in missing.items():
+                    await slots.acquire()
+                    jobs.start_soon(one, h, n, slots)
+            outer.cancel_scope.cancel()
+
+    try:
+        trio.run(main, strict_exception_groups=False)
+    except BaseExceptionGroup as group:  # several loads failed: report the first
+        raise next(e for e in _leaves(group) if isinstance(e, ModelfsError)) from None
+    finally:
+        lanes.close()
+    stats.add(fetched_bytes=lanes.stats.bytes_fetched, fetched_chunks=lanes.stats.fetches)
     return stats
 
 
-def _drain(pending: list, cache: BlockCache, stats: PrefetchStats, on_progress: Callable[[int], None],
-           block: bool) -> list:
-    done = [f for f in pending if block or f.done()]
-    batch = [f.result() for f in done]  # a failed GET raises here, after the pool has drained
-    if batch:
-        cache.write(batch)
-        n = sum(len(d) for _, d in batch)
-        stats.add(fetched_bytes=n, bytes=n, fetched_chunks=len(batch))
-        on_progress(n)
-    return [f for f in pending if f not in done]
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        yield from _leaves(e) if isinstance(e, BaseExceptionGroup) else (e,)
 
 
 def files_under(paths: Iterable[Path]) -> list[tuple[Path, int]]:

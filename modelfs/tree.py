@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelfsError, NotFoundError
+from .catalog import Catalog
 from .lanes import Lanes
 from .manifest import FileEntry, Manifest, all_directories
-from .refs import NAME_RE, VERSION_RE
-from .registry import Registry
+from .refs import VERSION_RE
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ class _VersionIndex:
 
 
 class Namespace:
-    def __init__(self, lanes: Lanes, registry: Registry | None, *, ttl: float = 30.0):
+    def __init__(self, lanes: Lanes, catalog: Catalog | None, *, ttl: float = 30.0):
         self.lanes = lanes
-        self.registry = registry
+        self.catalog = catalog
+        self.registry = catalog.registry if catalog is not None else None
         self.ttl = ttl
         self.nodes: dict[int, Node] = {}
         self._by_key: dict[tuple, int] = {}
@@ -212,20 +213,11 @@ class Namespace:
 
     # -- store access --------------------------------------------------------------
     async def manifest(self, model: str, version: str) -> Manifest:
-        """A version's manifest: memory, then the LMDB cache, then the store."""
+        """A version's manifest (the catalog: memory, then the LMDB cache, then the store)."""
         idx = self._indexes.get(version)
         if idx is not None:
             return idx.manifest
-        if not NAME_RE.match(model) or not VERSION_RE.match(version):
-            raise NotFoundError(f"{model}@{version}")
-        lanes = self.lanes
-        data = await lanes.cache_call(lanes.cache.get_manifest, version)
-        fresh = data is None
-        if fresh:
-            data = await lanes.store_call(self.registry.manifest_bytes, model, version)
-        m = self.registry.parse_manifest(model, version, data)
-        if fresh:
-            await lanes.cache_call(lanes.cache.put_manifest, version, data)
+        m = await self.lanes.store_call(self.catalog.manifest, model, version)
         self._index(version, m)
         return m
 

@@ -8,12 +8,13 @@ request (a presigned URL, valid for minutes), so credentials never leave it and
 a worker stays ~30 MB.
 
 Protocol: one SOCK_SEQPACKET socket (fd ``argv[2]``), one JSON message per
-packet. The daemon sends ``{"id", "h", "n", "url", "urgent", "refetch"}``; the
+packet. The worker first says ``{"ready": pid}`` once it can serve. The daemon sends ``{"id", "h", "n", "url", "urgent", "refetch", "pin"}``; the
 worker answers ``{"id", "ok", "fetched", "took"}`` or ``{"id", "ok": false,
 "kind", "status", "code", "msg"}`` once the chunk is committed to the cache (or
 cannot be). When the cache cannot store a chunk (a full disk), ``spill`` is
 true and the verified bytes come with the reply as a memfd (SCM_RIGHTS), so the
-reader is served all the same. End of file on the socket means "finish what you hold and exit", so
+reader is served all the same; ``pin`` asks for that memfd in any case (a reader
+whose chunk was evicted between its load and its read). End of file on the socket means "finish what you hold and exit", so
 a chunk that was fetched is always cached: an unmount, SIGTERM or a crash of the
 daemon never throws fetched bytes away. SIGINT and SIGTERM are ignored (systemd
 signals the whole cgroup; the daemon ends us through the socket).
@@ -154,6 +155,7 @@ class Worker:
         threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.cfg.threads)]
         for t in threads:
             t.start()
+        self._send({"ready": os.getpid()})  # the daemon waits for this before it reports READY
         while True:
             try:
                 msg = self.sock.recv(MAX_MESSAGE)
@@ -200,6 +202,18 @@ class Worker:
                 os.close(fd)
 
     def _ensure(self, req: dict, lock: FetchLock) -> dict:
+        reply = self._load(req, lock)
+        if req.get("pin") and "spill" not in reply:
+            # the reader saw this chunk evicted right after an earlier load: hand it the
+            # bytes themselves, so it makes progress however small the cache is
+            fd = self.cache.with_chunk(req["h"], _memfd)
+            if fd is None:  # evicted again already: fetch it and hand it over
+                reply = self._load({**req, "refetch": True, "keep": True}, lock)
+            else:
+                reply["spill"] = fd
+        return reply
+
+    def _load(self, req: dict, lock: FetchLock) -> dict:
         h, n = req["h"], req["n"]
         if req.get("refetch"):
             self.cache.delete([h])
@@ -209,15 +223,15 @@ class Worker:
             raise FetchFailed("other", "no object store configured for this mount")
         lock.acquire(h)
         try:
-            if self.cache.has(h):  # another process fetched it while we waited
+            if self.cache.has(h) and not req.get("keep"):  # another process fetched it while we waited
                 return {"id": req["id"], "ok": True, "fetched": False, "took": 0.0}
             t0 = time.monotonic()
             blob = self.http.get(req["url"], codec.max_stored_size(n))
             raw = codec.decode(blob, h, n)
             took = time.monotonic() - t0
-            if not self.cache.write([(h, raw)]):
-                # a full or failing cache disk must not fail the reader: hand the verified
-                # bytes over in memory (a memfd sent with the reply) instead
+            if not self.cache.write([(h, raw)]) or req.get("keep"):
+                # a full or failing cache disk must not fail the reader (nor may a cache
+                # too small to keep it): hand the verified bytes over in memory, a memfd
                 return {"id": req["id"], "ok": True, "fetched": True, "took": took, "spill": _memfd(raw)}
             return {"id": req["id"], "ok": True, "fetched": True, "took": took}
         finally:

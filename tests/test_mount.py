@@ -8,6 +8,7 @@ import random
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -262,6 +263,20 @@ def test_mount_failures_are_clear_and_leave_nothing(env, bucket, sample_model, m
     r = mounts.mount(f"s3://{bucket}/reg/m", mnt=busy, check=False)
     assert r.returncode != 0 and "already a mount point" in r.stderr
     mounts.unmount(busy)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    r = mounts.mount(f"s3://{bucket}/reg/m", mnt=full, check=False)
+    assert r.returncode != 0 and "is not empty" in r.stderr and "--nonempty" in r.stderr
+    assert not os.path.ismount(full)
+    over = mounts.mount(f"s3://{bucket}/reg/m", "--nonempty", mnt=full)
+    assert "keep.txt" not in os.listdir(over)
+    mounts.unmount(over)
+    assert (full / "keep.txt").read_text() == "mine"
+    for target, needle in ((tmp_path / "mp0", "is not mounted"), (Path("/proc"), "is not a modelfs mount")):
+        target.mkdir(exist_ok=True)
+        r = cli(env, "unmount", str(target), check=False)
+        assert r.returncode != 0 and needle in r.stderr and "Invalid argument" not in r.stderr, r.stderr
 
 
 def test_two_mounts_share_one_cache_dir(env, bucket, big, sample_model, mounts, seaweed):
