@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,3 +111,49 @@ def proc_peak_rss_mib(pid: int) -> float:
         except OSError:
             pass
     return total / 1024 if total else float("nan")
+
+
+def private_mib(pids: list[int]) -> float:
+    """Memory the processes own (anonymous and shared-memory pages, e.g. memfds), summed.
+    Mapped file pages (a cache's LMDB map) are the kernel's page cache: not counted."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith(("RssAnon:", "RssShmem:")))
+        except OSError:
+            pass
+    return total / 1024
+
+
+class PrivateMemory:
+    """Samples ``private_mib`` of a process and its children every 20 ms while in use."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.peak_mib = pid, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak_mib = max(self.peak_mib, private_mib([self.pid, *_children(self.pid)]))
+
+    def __enter__(self) -> "PrivateMemory":
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self.pid is not None:
+            self._thread.join()
+
+
+def load_safetensors_s(path: Path) -> float:
+    """Seconds to read every tensor of a safetensors file the way loaders do (sorted names)."""
+    from safetensors import safe_open
+    t = time.perf_counter()
+    with safe_open(str(path), "numpy") as f:
+        for k in f.keys():
+            f.get_tensor(k)
+    return time.perf_counter() - t

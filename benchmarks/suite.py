@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (MiB, client, drop_caches, machine, median, new_bucket, percentile,  # noqa: E402
-                    proc_cpu_seconds, proc_peak_rss_mib, seq_read)
+from common import (MiB, PrivateMemory, client, drop_caches, load_safetensors_s, machine,  # noqa: E402
+                    median, new_bucket, percentile, proc_cpu_seconds, proc_peak_rss_mib, seq_read)
 
 from modelfs.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
@@ -139,15 +139,6 @@ def preads_ms(path: Path, offsets: list[int], size: int) -> list[float]:
     return out
 
 
-def load_safetensors_s(path: Path) -> float:
-    from safetensors import safe_open
-    t = time.perf_counter()
-    with safe_open(str(path), "numpy") as f:
-        for k in f.keys():
-            f.get_tensor(k)
-    return time.perf_counter() - t
-
-
 def small_files_s(root: Path) -> float:
     t = time.perf_counter()
     subprocess.run(["ls", "-lR", str(root)], stdout=subprocess.DEVNULL, check=True)
@@ -183,10 +174,12 @@ def run_target(t: Target, tmp: Path, size: int, offsets: list[int], rec) -> None
     root = t.start(mnt, fresh=True)
     drop_caches()
     cpu0 = proc_cpu_seconds(t.proc.pid) if t.proc else 0.0
-    rec(t.name, "seq_cold_MBps", size / seq_read(big(root)) / 1e6)
+    with PrivateMemory(t.proc.pid if t.proc else None) as private:
+        rec(t.name, "seq_cold_MBps", size / seq_read(big(root)) / 1e6)
     if t.proc:
         rec(t.name, "cpu_s_per_GB_cold", (proc_cpu_seconds(t.proc.pid) - cpu0) / (size / 1e9))
         rec(t.name, "peak_rss_MiB", proc_peak_rss_mib(t.proc.pid))
+        rec(t.name, "peak_private_MiB", private.peak_mib)
     rec(t.name, "seq_hot_MBps", size / seq_read(big(root)) / 1e6)
     t.stop(mnt)
     # warm: remount on the cache the cold read filled (if the tool keeps one), page cache dropped
@@ -324,7 +317,7 @@ def report(args, size: int, med: dict, values: dict) -> None:
     metrics = ["seq_cold_MBps", "seq_warm_MBps", "seq_hot_MBps", "first_4KiB_cold_ms",
                "pread_4KiB_cold_p50_ms", "pread_4KiB_cold_p99_ms", "pread_4KiB_warm_p99_ms",
                "pread_1MiB_cold_p99_ms", "safetensors_load_cold_s", "small_files_cold_s",
-               "cpu_s_per_GB_cold", "peak_rss_MiB"]
+               "cpu_s_per_GB_cold", "peak_rss_MiB", "peak_private_MiB"]
     rows = [t for t in med if "seq_cold_MBps" in med[t]]
     lines = [f"{size / MiB:.0f} MiB safetensors, {args.small_files} small files, {args.preads} preads, "
              f"medians of {args.runs} run(s); {machine()}", "",

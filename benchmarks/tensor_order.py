@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MiB, client, drop_caches, machine, median, new_bucket, proc_cpu_seconds  # noqa: E402
+from common import (MiB, client, drop_caches, load_safetensors_s, machine, median, new_bucket,  # noqa: E402
+                    proc_cpu_seconds)
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import write_safetensors  # noqa: E402
@@ -43,15 +44,6 @@ def tensors(layers: int, hidden: int) -> dict[str, tuple[str, list[int]]]:
             out[f"{p}.mlp.{name}.weight"] = ("F16", [hidden, hidden])
     out["model.norm.weight"] = ("F32", [hidden])
     return out
-
-
-def load_all(path: Path) -> float:
-    from safetensors import safe_open
-    t = time.perf_counter()
-    with safe_open(str(path), "numpy") as f:
-        for k in f.keys():
-            f.get_tensor(k)
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -89,7 +81,7 @@ def main() -> None:
                         time.sleep(0.1)
                     drop_caches()
                     c0 = proc_cpu_seconds(proc.pid)
-                    results.setdefault(mode, []).append(load_all(mnt / "model.safetensors"))
+                    results.setdefault(mode, []).append(load_safetensors_s(mnt / "model.safetensors"))
                     cpu.setdefault(mode, []).append(proc_cpu_seconds(proc.pid) - c0)
                 finally:
                     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)

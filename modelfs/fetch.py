@@ -207,7 +207,8 @@ class Stream:
     A single small read never loads more than the chunks it touches.
 
     Where the fetcher knows the loaders' reading order (:class:`ReadOrder`), the same
-    rules apply in that order: a read is "sequential" when it lands in the tensor the
+    rules also apply in that order, side by side with file order (a copy reads in file
+    order, a loader in tensor order): a read is "sequential" there when it lands in the tensor the
     reader was in or a few after it, and the window covers the next tensors in that
     order, wherever they lie in the file. A read is placed by its middle byte: the
     kernel's read-around for an mmap fault starts before the faulting tensor.
@@ -237,10 +238,11 @@ class Stream:
         if not self._order_known:
             self._order_known = True
             self.order = await self.fetcher.read_order(e)
+        # two predictors side by side: copies and dd read in file order, loaders in tensor
+        # order; each reads ahead only while its reader looks sequential to it
+        self._ahead_in_file(off, end)
         if self.order is not None:
             self._ahead_in_order(self.order, off, end)
-        else:
-            self._ahead_in_file(off, end)
         data = await self.fetcher.span(e, off, end)
         self.fetcher.stats.bytes_served += end - off  # what readers got (not our header reads)
         return data
