@@ -235,7 +235,9 @@ class Stream:
         end = min(off + size, e.size)
         if off >= end:
             return b""
-        if not self._order_known:
+        if not self._order_known and (len(e.chunks) < 2 or off >= e.offsets[1]):
+            # once the reader leaves the first chunk (a loader: done with the header), not
+            # before: a lone small read at the start must not wait for a header parse
             self._order_known = True
             self.order = await self.fetcher.read_order(e)
         # two predictors side by side: copies and dd read in file order, loaders in tensor
