@@ -160,20 +160,6 @@ class BlockCache:
             return self.env.begin(write=write, buffers=buffers)
 
     # -- reads (any thread) ------------------------------------------------------
-    def get(self, h: str) -> bytes | None:
-        """The verified chunk, or None (a miss, or a damaged entry that is now dropped)."""
-        key = bytes.fromhex(h)
-        with self._txn() as txn:
-            data = txn.get(key, db=self.chunks)
-        if data is None:
-            return None
-        if chunk_hash(data) != h:
-            log.warning("cache entry for chunk %s is damaged: dropped, will refetch", h)
-            self.delete([h])
-            return None
-        self._note_use(key)
-        return data
-
     def has(self, h: str) -> bool:
         """A chunk that reads can be served from: present and with its block sums."""
         with self._txn() as txn:

@@ -314,6 +314,7 @@ class Lanes:
         self._procs.remove(p)
         if self._closing:
             return
+        p.sock.close()
         code = await trio.to_thread.run_sync(p.proc.wait)
         lived = time.monotonic() - p.started
         log.error("fetch worker %d exited (%s) after %.1f s; starting another", p.proc.pid, code, lived)
