@@ -159,8 +159,13 @@ class ModelFS(pyfuse3.Operations):
             out["chunks"] = lambda: str(len(e.chunks)).encode()
             out["description"] = lambda: json.dumps(e.description, sort_keys=True).encode()
         elif node.kind == "tree" and node.path == "" and node.version:
-            out["created"] = lambda: (node.manifest.created.encode() if node.manifest else b"")
+            out["created"] = lambda: self._created(node)
         return out
+
+    async def _created(self, node: Node) -> bytes:
+        """A version's creation time; a tag's directory may exist before its manifest is loaded."""
+        m = node.manifest or await self.ns.manifest(node.model, node.version)
+        return m.created.encode()
 
     async def getxattr(self, inode, name, ctx):
         key = os.fsdecode(name)

@@ -32,6 +32,9 @@ def test_three_forms_read_byte_identical(env, bucket, sample_model, mounts, tmp_
     one = mounts.mount(f"s3://{bucket}/reg/m@prod")
     assert tree_digest(one) == want
     reg = mounts.mount(f"s3://{bucket}/reg")
+    # a documented attribute has its value whatever was accessed first (issue 13: it was empty)
+    created = os.getxattr(reg / "m" / "prod", "user.modelfs.created").decode()
+    assert created and created == os.getxattr(reg / "m" / "versions" / version, "user.modelfs.created").decode()
     assert sorted(os.listdir(reg)) == ["m"]
     assert sorted(os.listdir(reg / "m")) == ["latest", "prod", "versions"]
     assert os.listdir(reg / "m" / "versions") == [version]
