@@ -10,7 +10,6 @@ and a failed mount leaves no process behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -27,6 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import malloc
 from .cache import BlockCache, CacheView, default_cache_dir
 from .catalog import Catalog
 from .config import StoreConfig
@@ -124,12 +124,7 @@ def _bound_malloc() -> None:
     freed, after which 4 MiB chunk buffers come from per-thread heaps and fragment
     them: the daemon's RSS then grows far past its memory budget.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB
-        libc.mallopt(-8, 4)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    malloc.tune(mmap_threshold=1 << 20, arena_max=4)
 
 
 def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:

@@ -25,7 +25,6 @@ after the commit; memory is bounded by ``threads`` chunk buffers.
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import logging
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import codec
+from . import codec, malloc
 from .cache import BlockCache, FetchLock
 from .errors import IntegrityError
 
@@ -253,13 +252,7 @@ def _bound_malloc() -> None:
     with the default (dynamic) mmap threshold each one costs page faults and a
     munmap. Measured: LMDB put+commit 2.1 → 0.4 CPU-s/GB. Memory stays bounded by
     the few buffers each of the few threads holds (and the arena cap)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    malloc.tune(mmap_threshold=64 << 20, trim_threshold=256 << 20, arena_max=2)
 
 
 def main() -> None:
