@@ -30,6 +30,7 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB: larger is a corrupt or hostile manifest
 MAX_CHUNK_SIZE = 1 << 30
 MAX_PATH = 4096
 MAX_COMPONENT = 255
+MTIME_NS_RANGE = (-(1 << 63), (1 << 63) - 1)  # what a filesystem's 64-bit nanosecond time holds
 _HEX = set("0123456789abcdef")
 
 
@@ -41,6 +42,7 @@ class FileEntry:
     sha256: str
     chunks: tuple[tuple[str, int], ...]  # (blake3 hex, raw length), in file order
     description: dict = field(default_factory=dict, compare=False)
+    mtime_ns: int | None = None  # the source file's mtime at publish; None in older manifests
 
     @cached_property
     def offsets(self) -> list[int]:
@@ -57,7 +59,8 @@ class FileEntry:
     def as_json(self) -> dict:
         return {"path": self.path, "size": self.size, "mode": f"{self.mode:04o}",
                 "sha256": self.sha256, "chunks": [[h, n] for h, n in self.chunks],
-                "description": self.description}
+                "description": self.description,
+                **({"mtime_ns": self.mtime_ns} if self.mtime_ns is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -265,9 +268,11 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
         if total != size:
             raise ManifestError(f"{path}: chunk sizes add up to {total}, not to the file size {size}")
         desc = f.get("description", {})
+        mtime = f.get("mtime_ns")
         files.append(FileEntry(path, size, _mode(f.get("mode"), f"{path}: mode"),
                                _hex(f.get("sha256"), 64, f"{path}: sha256"), tuple(chunks),
-                               _obj(desc, f"{path}: description")))
+                               _obj(desc, f"{path}: description"),
+                               None if mtime is None else _int(mtime, f"{path}: mtime_ns", *MTIME_NS_RANGE)))
     _check_tree(files, dirs)
     return Manifest(name=name, created=created, files=tuple(files), directories=tuple(dirs),
                     chunking=chunking, origin=origin)

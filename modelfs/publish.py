@@ -60,6 +60,7 @@ class SourceFile:
     full: Path
     size: int
     mode: int
+    mtime_ns: int  # recorded so a mount and a pull show the source's times (rsync, make)
 
 
 def scan(root: Path) -> tuple[list[SourceFile], list[DirEntry]]:
@@ -89,7 +90,8 @@ def scan(root: Path) -> tuple[list[SourceFile], list[DirEntry]]:
             if not stat.S_ISREG(st.st_mode):
                 log.warning("skipping %s: not a regular file", rel)
                 continue
-            files.append(SourceFile(_rel(rel), full, st.st_size, stat.S_IMODE(st.st_mode) & 0o777))
+            files.append(SourceFile(_rel(rel), full, st.st_size, stat.S_IMODE(st.st_mode) & 0o777,
+                                     st.st_mtime_ns))
     files.sort(key=lambda s: s.path)
     dirs.sort(key=lambda d: d.path)
     return files, dirs
@@ -188,7 +190,7 @@ class Publisher:
             raise UsageError(f"{s.path} changed size while being published")
         self.stats.add(files=1, bytes=size, chunks=len(chunks))
         return FileEntry(s.path, size, s.mode, sha.hexdigest(), chunks,
-                         describe(str(s.full), size))
+                         describe(str(s.full), size), s.mtime_ns)
 
     def _chunk(self, view: memoryview, off: int, n: int) -> tuple[str, int]:
         # ``with``: the slice is released even when an error's traceback keeps this

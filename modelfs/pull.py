@@ -65,6 +65,8 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
             target = _inside(dest, entry.path)
             if target.is_file() and target.stat().st_size == entry.size \
                     and file_sha256(target) == entry.sha256:
+                if entry.mtime_ns is not None:
+                    os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
                 stats.add(skipped_files=1, bytes=entry.size)
                 on_progress(entry.size)
                 continue
@@ -110,5 +112,7 @@ def _pull_file(registry: Registry, entry: FileEntry, target: Path, pool: ThreadP
         partial.unlink(missing_ok=True)
         raise IntegrityError(f"{entry.path}: SHA-256 of the assembled file does not match the manifest")
     os.chmod(partial, entry.mode)
+    if entry.mtime_ns is not None:
+        os.utime(partial, ns=(entry.mtime_ns, entry.mtime_ns))
     os.replace(partial, target)
     stats.add(files=1, bytes=entry.size)

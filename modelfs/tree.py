@@ -191,7 +191,8 @@ class Namespace:
                             model=parent.model, version=parent.version, manifest=idx.manifest,
                             path=path, tag=parent.tag)
             e = idx.manifest.file(path)
-            return Node(i, False, e.mode, idx.mtime_ns, IMMUTABLE_TTL, "file", size=e.size,
+            mtime = idx.mtime_ns if e.mtime_ns is None else e.mtime_ns  # older manifests: publish time
+            return Node(i, False, e.mode, mtime, IMMUTABLE_TTL, "file", size=e.size,
                         model=parent.model, version=parent.version, manifest=idx.manifest,
                         path=path, entry=e, tag=parent.tag)
         return self._node(view, path, make)

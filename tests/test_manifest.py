@@ -14,7 +14,7 @@ H = "ab" * 32
 def make(files=None, dirs=()):
     files = files if files is not None else [
         FileEntry("model.safetensors", 10, 0o644, "cd" * 32, ((H, 6), ("ef" * 32, 4)), {"format": "safetensors"}),
-        FileEntry("sub/dir/tok.json", 3, 0o600, "00" * 32, ((H, 3),), {}),
+        FileEntry("sub/dir/tok.json", 3, 0o600, "00" * 32, ((H, 3),), {}, 1_763_857_316_123_456_789),
         FileEntry("empty", 0, 0o755, "11" * 32, (), {"format": "empty"}),
     ]
     return Manifest(name="m", created="2026-11-22T00:00:00Z", files=tuple(files),
@@ -36,6 +36,10 @@ def test_round_trip_is_canonical_and_deterministic():
     assert back.file("model.safetensors").chunk_index(7) == 1
     assert back.totals()["unique_chunks"] == 2
     assert set(all_directories(back)) == {"empty_dir", "sub", "sub/dir"}
+    # mtimes are optional: exact nanoseconds where recorded, absent (older manifests) elsewhere
+    assert back.file("sub/dir/tok.json").mtime_ns == 1_763_857_316_123_456_789
+    assert back.file("empty").mtime_ns is None and '"mtime_ns"' in data.decode()
+    assert data.decode().count('"mtime_ns"') == 1
 
 
 def test_version_id_guards_the_bytes():
@@ -84,6 +88,9 @@ HOSTILE = {
     "bad hash algo": lambda d: d.update(hashes={"chunk": "md5", "file": "sha256"}),
     "name with slash": lambda d: d.update(name="a/b"),
     "description not object": _setf("description", []),
+    "mtime is float": _setf("mtime_ns", 1.5),
+    "mtime is string": _setf("mtime_ns", "2026-11-23"),
+    "mtime beyond 64 bits": _setf("mtime_ns", 1 << 70),
 }
 
 

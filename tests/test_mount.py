@@ -322,3 +322,26 @@ def test_damaged_cache_entry_is_dropped_and_refetched(env, bucket, big, mounts, 
     assert gets(seaweed, bucket) - before == 1  # exactly the damaged chunk was fetched again
     log = next((mounts.cache_dir / "logs").glob(f"*_{mnt2.name}.log")).read_text()
     assert f"cache entry for chunk {h} is damaged" in log
+
+
+def test_files_keep_their_mtimes_across_republish_and_pull(env, bucket, sample_model, mounts, tmp_path):
+    """Issue 13 (6): a mount and a pull show each file's own mtime, recorded at publish, so
+    ``rsync -a`` and build tools see a re-published, unchanged file as unchanged."""
+    src = tmp_path / "src"
+    shutil.copytree(sample_model, src)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    want = {}
+    for i, p in enumerate(files):
+        t = 1_600_000_000_123_456_789 + i * 86_400 * 10**9  # distinct, old, with nanoseconds
+        os.utime(p, ns=(t, t))
+        want[str(p.relative_to(src))] = t
+    v1 = publish(env, bucket, src, "m", "prod")
+    time.sleep(1.1)  # a later publish: a per-version time would differ
+    v2 = publish(env, bucket, src, "m", "prod")
+    assert v1 != v2
+    for ref in (f"s3://{bucket}/reg/m@{v1}", f"s3://{bucket}/reg/m@prod"):
+        mnt = mounts.mount(ref)
+        assert {rel: os.stat(mnt / rel).st_mtime_ns for rel in want} == want
+    dest = tmp_path / "pulled"
+    cli(env, "pull", f"s3://{bucket}/reg/m@prod", str(dest), "-q")
+    assert {rel: os.stat(dest / rel).st_mtime_ns for rel in want} == want
