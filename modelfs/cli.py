@@ -47,11 +47,18 @@ class _Cli(click.Group):
 @click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
 @click.option("--concurrency", "-j", default=DEFAULTS["concurrency"], show_default=True,
               type=click.IntRange(1, 256), help="Parallel transfers.")
+@click.option("--connect-timeout", default=DEFAULTS["connect_timeout"], show_default=True, type=float,
+              help=KEYS["connect_timeout"].doc)
+@click.option("--read-timeout", default=DEFAULTS["read_timeout"], show_default=True, type=float,
+              help=KEYS["read_timeout"].doc)
+@click.option("--attempts", default=DEFAULTS["attempts"], show_default=True, type=click.IntRange(1, 20),
+              help=KEYS["attempts"].doc)
 @click.option("--log-level", default=DEFAULTS["log_level"], show_default=True, envvar="MODELFS_LOG_LEVEL",
               type=click.Choice(LOG_LEVELS), help="Also $MODELFS_LOG_LEVEL.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
-def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_level, debug):
+def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect_timeout, read_timeout,
+         attempts, log_level, debug):
     """modelfs: publish large models as deduplicated chunks to S3, and read them back."""
     logs.setup(log_level)
     # what the user set (flag or its environment variable): a config file may fill in the rest
@@ -60,7 +67,16 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, log_lev
              and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     ctx.obj = {"debug": debug, "given": given,
                "config": StoreConfig(endpoint_url=endpoint_url or None, region=region,
-                                     profile=profile, concurrency=concurrency)}
+                                     profile=profile, concurrency=concurrency,
+                                     connect_timeout=_positive("--connect-timeout", connect_timeout),
+                                     read_timeout=_positive("--read-timeout", read_timeout),
+                                     max_attempts=attempts)}
+
+
+def _positive(flag: str, seconds: float) -> float:
+    if not 0 < seconds <= 86400:
+        raise click.BadParameter(f"expected seconds, more than 0, got {seconds:g}", param_hint=flag)
+    return seconds
 
 
 def _registry(ctx: click.Context, ref: RegistryRef) -> Registry:
@@ -286,7 +302,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     check_mountpoint(cfg.mountpoint, cfg.nonempty)  # fail fast, before starting anything
     slug = str(cfg.mountpoint).strip("/").replace("/", "_") or "root"
     log_path = cfg.cache_dir / "logs" / f"mount-{slug}.log"
-    pid = start_background(sys.argv[1:], log_path)
+    pid = start_background(sys.argv[1:], log_path, cfg.start_timeout())
     click.echo(f"mounted {cfg.source} at {cfg.mountpoint} (pid {pid}; log {log_path})")
 
 

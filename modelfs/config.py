@@ -23,15 +23,34 @@ from .errors import UsageError
 from .units import parse_size
 
 
+# How long a request may take against a store that is down or hung (issue 13): the
+# defaults bound a command's wait to attempts × (connect or read timeout) + backoff,
+# about 33 s, and every process that talks to the store (boto3 here, the fetch
+# workers' http.client) uses the same three values.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0  # seconds without a byte from the store, per attempt
+ATTEMPTS = 3  # tries per request, the first included (throttling, 5xx, resets, timeouts)
+
+
+def retry_backoff(attempts: int) -> float:
+    """The most botocore's "standard" retry mode sleeps between ``attempts`` tries
+    (random × 2^(n-1) s before try n+1, each at most 20 s); the workers use the same."""
+    return sum(min(2.0 ** (n - 1), 20.0) for n in range(1, attempts))
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL or AWS itself
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile
     profile: str | None = None  # None: AWS_PROFILE or the default profile
     concurrency: int = 16  # parallel transfers; the connection pool is sized to it
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_attempts: int = 5  # botocore "standard" retries: throttling, 5xx, resets
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    max_attempts: int = ATTEMPTS
+
+    def request_bound(self) -> float:
+        """The longest one request can take before it fails, whatever the store does."""
+        return self.max_attempts * (self.connect_timeout + self.read_timeout) + retry_backoff(self.max_attempts)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -122,6 +141,9 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
+    Key("connect_timeout", CONNECT_TIMEOUT, _seconds, "Seconds to wait for a connection to the store, per attempt."),
+    Key("read_timeout", READ_TIMEOUT, _seconds, "Seconds to wait for the store's next bytes, per attempt."),
+    Key("attempts", ATTEMPTS, _int_in(1, 20), "Tries per store request, the first included (a hung store fails a request after attempts × timeout + backoff)."),
     Key("endpoint_url", None, _s3_url, "S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)."),
     Key("region", None, _str, "Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's)."),
     Key("profile", None, _str, "AWS profile in the standard files (default: $AWS_PROFILE)."),

@@ -39,6 +39,7 @@ import cachetools
 import trio
 
 from .cache import BlockCache
+from .config import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT
 from .errors import IntegrityError, ModelfsError, StoreError, StoreUnavailableError
 from .registry import Registry
 from .worker import MAX_MESSAGE, WorkerConfig
@@ -61,9 +62,9 @@ class LaneConfig:
     concurrency: int = 16  # parallel GETs over all workers
     cache_threads: int = 4  # parallel LMDB calls from this process
     fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_attempts: int = 5
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    max_attempts: int = ATTEMPTS
     spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
 
 

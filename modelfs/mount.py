@@ -66,7 +66,8 @@ class MountConfig:
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
         """From :func:`modelfs.config.resolve`'s merged, parsed settings."""
         store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
-                            concurrency=s["concurrency"])
+                            concurrency=s["concurrency"], connect_timeout=s["connect_timeout"],
+                            read_timeout=s["read_timeout"], max_attempts=s["attempts"])
         return cls(
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
             cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
@@ -77,6 +78,13 @@ class MountConfig:
             lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
                              fetch_timeout=s["fetch_timeout"], connect_timeout=store.connect_timeout,
                              read_timeout=store.read_timeout, max_attempts=store.max_attempts))
+
+
+    def start_timeout(self) -> float:
+        """How long ``modelfs mount`` waits for its daemon: long enough for the daemon's
+        own start-up requests (a tag, a manifest) to fail with their error on a hung
+        store, so the user sees that error rather than a bare timeout."""
+        return 3 * self.store.request_bound() + 30.0
 
 
 # -- what to show ------------------------------------------------------------------
@@ -244,7 +252,7 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None) -> None:
         raise
 
 
-def start_background(argv: list[str], log_path: Path, timeout: float = 120.0) -> int:
+def start_background(argv: list[str], log_path: Path, timeout: float) -> int:
     """Start ``modelfs … mount … --foreground`` detached; return its PID once it serves."""
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     r, w = os.pipe()

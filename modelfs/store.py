@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from .config import StoreConfig
 from .errors import NotFoundError, StoreError, StoreUnavailableError
@@ -21,6 +22,16 @@ from .errors import NotFoundError, StoreError, StoreUnavailableError
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# what a boto3 call raises: its own errors, S3's error answers, and answers it cannot parse
+_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+           botocore.parsers.ResponseParserError)
+
+
+def _speaks_s3(headers: dict, code: str) -> bool:
+    """Whether an error answer came from an S3 store: S3 explains every error of a GET
+    in an XML body (botocore then has a named code, not just the status) and stamps
+    its answers with ``x-amz-*`` ids; a plain web server does neither."""
+    return not code.isdigit() or any(h.lower().startswith("x-amz-") for h in headers)
 
 
 @dataclass(frozen=True)
@@ -61,21 +72,38 @@ class Store:
 
     def _fail(self, e: Exception, what: str) -> Exception:
         where = f"s3://{self.bucket}/{what}"
+        c = self.config
         if isinstance(e, botocore.exceptions.ClientError):
             err = e.response.get("Error", {})
-            return self.http_error(what, e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
-                                   str(err.get("Code", "")), str(err.get("Message", e)))
+            meta = e.response.get("ResponseMetadata", {})
+            status, code = meta.get("HTTPStatusCode"), str(err.get("Code", ""))
+            if not e.operation_name.startswith("Head") and not _speaks_s3(meta.get("HTTPHeaders", {}), code):
+                return self._not_s3(f"HTTP {status} for {where}")
+            return self.http_error(what, status, code, str(err.get("Message", e)))
+        if isinstance(e, botocore.parsers.ResponseParserError):
+            return self._not_s3(f"an answer for {where} that is not S3's XML")
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
-        if isinstance(e, (botocore.exceptions.EndpointConnectionError,
-                          botocore.exceptions.ConnectTimeoutError)):
+        tries = f"{c.max_attempts} attempt{'s' if c.max_attempts > 1 else ''}"
+        if isinstance(e, botocore.exceptions.ConnectTimeoutError):
+            return StoreUnavailableError(
+                f"cannot reach the object store at {self.endpoint}: no connection within "
+                f"{c.connect_timeout:g} s ({tries}; --connect-timeout, --attempts)")
+        if isinstance(e, botocore.exceptions.EndpointConnectionError):
             return StoreUnavailableError(f"cannot reach the object store at {self.endpoint}: {e}")
         if isinstance(e, botocore.exceptions.ReadTimeoutError):
-            return StoreUnavailableError(f"{where}: the object store did not answer in time")
+            return StoreUnavailableError(
+                f"the object store at {self.endpoint} accepted the connection but did not answer "
+                f"within {c.read_timeout:g} s ({tries}) for {where}; if it is only slow, raise "
+                "--read-timeout or --attempts")
         if isinstance(e, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
             return StoreUnavailableError(f"{where}: connection to the object store failed: {e}")
         return StoreError(f"{where}: {e}")
+
+    def _not_s3(self, what: str) -> StoreError:
+        return StoreError(f"the endpoint {self.endpoint} does not speak S3 ({what}, without an S3 "
+                          "error or request id): check --endpoint-url / $AWS_ENDPOINT_URL")
 
     def http_error(self, what: str, status: int | None, code: str, message: str) -> Exception:
         """The error for an S3 error answer, whoever made the request (boto3 here, or a
@@ -102,7 +130,7 @@ class Store:
         try:
             return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
                                                       ExpiresIn=expires)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             raise self._fail(e, key) from None
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -113,20 +141,20 @@ class Store:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, **kw)
             return resp["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             raise self._fail(e, key) from None
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             raise self._fail(e, key) from None
 
     def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             err = self._fail(e, key)
             if isinstance(err, NotFoundError):
                 return False
@@ -135,7 +163,7 @@ class Store:
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             raise self._fail(e, key) from None
 
     def list(self, prefix: str, delimiter: str | None = None) -> Iterator[ObjectInfo | str]:
@@ -149,15 +177,23 @@ class Store:
                     yield cp["Prefix"]
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp())
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             raise self._fail(e, prefix) from None
 
     def check_bucket(self) -> None:
         """Fail early, with a clear message, on a missing bucket or bad credentials."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except _ERRORS as e:
             err = self._fail(e, "")
             if isinstance(err, NotFoundError):
-                err = StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+                # A HEAD answer has no body to tell an S3 store from any web server: ask
+                # once more with a GET, whose error an S3 store always explains.
+                try:
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                    return
+                except _ERRORS as e2:
+                    err = self._fail(e2, "")
+                if isinstance(err, NotFoundError):
+                    err = StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
             raise err from None

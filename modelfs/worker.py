@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from . import codec, malloc
 from .cache import BlockCache, FetchLock
+from .config import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT
 from .errors import IntegrityError
 
 log = logging.getLogger("modelfs.worker")
@@ -57,9 +58,9 @@ class WorkerConfig:
     cache_dir: str
     cache_cap: int
     threads: int = 8
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_attempts: int = 5
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    max_attempts: int = ATTEMPTS
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

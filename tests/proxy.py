@@ -1,4 +1,6 @@
-"""A TCP proxy between a mount and its store, to stall GETs or cut connections.
+"""Stores that misbehave, for tests: a TCP proxy between a mount and its store that
+stalls GETs or cuts connections, a listener that never answers, a web server that
+is not S3.
 
 Loopback only, threads, bounded by the test that owns it. Requests are stalled
 as they pass client → server, so a stall delays exactly the GETs it is set for.
@@ -6,6 +8,8 @@ as they pass client → server, so a stall delays exactly the GETs it is set for
 
 from __future__ import annotations
 
+import functools
+import http.server
 import socket
 import threading
 import time
@@ -78,3 +82,61 @@ class StallProxy:
         self._stopped = True
         self._listener.close()
         self.cut()
+
+
+class Silent:
+    """A listener that accepts connections and never answers (a hung store)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
+
+    def _drain(self, c):
+        while True:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.requests += data.count(b"GET ")
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class NotS3:
+    """A plain web server (Python's own), serving an empty directory: any HTTP, no S3."""
+
+    def __init__(self, root: str):
+        handler = functools.partial(_Quiet, directory=root)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass

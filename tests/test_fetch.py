@@ -4,8 +4,6 @@ Fast; the real SeaweedFS + FUSE tier (test_mount, test_readpath) stays above it.
 
 import errno
 import os
-import socket
-import threading
 
 import pyfuse3
 import pytest
@@ -24,6 +22,8 @@ from modelfs.refs import RegistryRef
 from modelfs.registry import Registry
 from modelfs.store import Store
 from modelfs.tree import Namespace
+
+from proxy import Silent
 
 MiB = 1 << 20
 
@@ -156,41 +156,6 @@ def test_damaged_entry_is_refetched_and_lasting_damage_is_eio(cache):
             await ops.read(fi.fh + 100, 0, 1)
         assert e.value.errno == errno.EBADF
     trio.run(main)
-
-
-class Silent:
-    """A listener that accepts connections and never answers (a hung store)."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.requests = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
-
-    def _drain(self, c):
-        while True:
-            try:
-                data = c.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self.requests += data.count(b"GET ")
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 def test_lanes_single_flight_and_timeout_against_a_hung_store(cache, monkeypatch):

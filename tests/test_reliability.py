@@ -21,7 +21,7 @@ from modelfs.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
 from modelfs.sample import layer_tensors, write_safetensors
 
 from conftest import Mounts, cli, one_line_error, read_as_nobody, tree_digest
-from proxy import StallProxy
+from proxy import NotS3, Silent, StallProxy
 
 
 # -- a store of the test's own, which it may stop, restart or slow down ---------------
@@ -356,6 +356,40 @@ def test_credentials_errors_are_one_clear_line(tmp_path, sample_model):
         mnt.mkdir()
         r = cli(wrong, "mount", "s3://secured/reg/m", str(mnt), "--cache-dir", str(tmp_path / "c"), check=False)
         assert r.returncode != 0 and "access denied" in r.stderr and not os.path.ismount(mnt)
+
+
+def test_hung_or_non_s3_endpoint_fails_in_bounded_time_naming_it(tmp_path):
+    """Issue 13 (1, 2): a store that accepts and never answers fails each command, and a
+    mount's start, within attempts × read timeout + backoff, with a line naming the endpoint
+    (the mount's log says it too); a web server that is not S3 is called that, not "not found"."""
+    silent, web = Silent(), NotS3(str(tmp_path))
+    env = _env(silent.endpoint)
+    timeouts = ("--read-timeout", "1", "--attempts", "2")  # bound: 2 × 1 s + ≤ 1 s backoff
+    try:
+        for args in (["inspect", "s3://bkt/reg/m@prod"], ["ls", "s3://bkt/reg"]):
+            t0 = time.monotonic()
+            r = cli(env, *timeouts, *args, check=False, timeout=60)
+            one_line_error(r, silent.endpoint, "did not answer within 1 s (2 attempts)")
+            assert time.monotonic() - t0 < 15
+        mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+        mnt.mkdir()
+        t0 = time.monotonic()
+        r = cli(env, *timeouts, "mount", "s3://bkt/reg/m@prod", str(mnt), "--cache-dir", str(cache),
+                check=False, timeout=60)
+        assert time.monotonic() - t0 < 20 and not os.path.ismount(mnt)
+        one_line_error(r, silent.endpoint, "did not answer")
+        (log,) = (cache / "logs").iterdir()
+        assert silent.endpoint in log.read_text() and "did not answer" in log.read_text()
+
+        env = _env(web.endpoint)
+        for args in (["inspect", "s3://bkt/reg/m@prod"], ["ls", "s3://bkt/reg"], ["pull", "s3://bkt/reg/m", "x"]):
+            r = cli(env, *args, check=False, timeout=60)
+            one_line_error(r, web.endpoint, "does not speak S3")
+        r = cli(env, "mount", "s3://bkt/reg/m@prod", str(mnt), "--cache-dir", str(cache), check=False)
+        assert "does not speak S3" in r.stderr and not os.path.ismount(mnt)
+    finally:
+        silent.close()
+        web.close()
 
 
 # -- 7. load ---------------------------------------------------------------------------------
