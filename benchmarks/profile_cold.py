@@ -1,12 +1,13 @@
-"""Where a cold sequential read's CPU goes: per process (daemon, each fetch worker, the store).
+"""Where a sequential read's CPU goes, cold and warm: per process (daemon, fetch workers, store).
 
     .venv/bin/python benchmarks/profile_cold.py [LAYERS] [-- extra mount flags]     # as root
     PYSPY=1 .venv/bin/python benchmarks/profile_cold.py        # also py-spy the daemon and a worker
-                                                              # (pip install py-spy; writes /tmp/spy-*.txt)
+                                                              # (pip install py-spy; writes /tmp/spy-{cold,warm}-*.txt)
 
 Publishes a ~1 GiB F16 safetensors file (LAYERS=1365) to its own SeaweedFS, mounts it,
 drops the page cache, reads the file like ``dd bs=1M`` and prints user/sys CPU seconds
-per GB for each process, from /proc.
+per GB for each process, from /proc. Then the same warm: a new mount on the now full
+cache, page cache dropped, beside the same read of the source file on local disk.
 """
 
 from __future__ import annotations
@@ -47,38 +48,50 @@ def main() -> None:
                        env=env, check=True, capture_output=True)
         mnt = d / "mnt"
         mnt.mkdir()
-        proc = subprocess.Popen([str(BIN / "modelfs"), "mount", f"s3://{b}/reg/m", str(mnt), "--foreground",
-                                 "--cache-dir", str(d / "cache"), *extra], env=env, stdin=subprocess.DEVNULL)
-        try:
-            while not (mnt / "model.safetensors").exists():
-                time.sleep(0.1)
-            drop_caches()
-            pids = {"daemon": proc.pid, **{f"worker{i}": c for i, c in enumerate(_children(proc.pid))},
-                    "store": srv.proc.pid}
-            c0 = {k: cpu(p) for k, p in pids.items()}
-            spies = []
-            if os.environ.get("PYSPY"):
-                for k in ("daemon", "worker0"):
-                    spies.append(subprocess.Popen(
-                        [str(BIN / "py-spy"), "record", "-r", "200", "-d", "4", "-f", "raw", "-n",
-                         "-o", f"/tmp/spy-{k}.txt", "--pid", str(pids[k])],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                time.sleep(0.5)
-            t = seq_read(mnt / "model.safetensors")
-            for sp in spies:
-                sp.wait()
-            c1 = {k: cpu(p) for k, p in pids.items()}
-        finally:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-            proc.wait(60)
+        rows = []
+        for phase in ("cold", "warm"):
+            rows.append((phase, *_read_through_mount(phase, env, b, d, mnt, srv, extra)))
+        drop_caches()
+        local = seq_read(d / "m" / "model.safetensors")
     gb = size / 1e9
-    print(f"{size / 2**20:.0f} MiB cold in {t:.2f} s = {size / t / 1e6:.0f} MB/s")
-    total = 0.0
-    for k in pids:
-        u, s = c1[k][0] - c0[k][0], c1[k][1] - c0[k][1]
-        total += (u + s) if k != "store" else 0
-        print(f"  {k:8s} user {u / gb:5.2f}  sys {s / gb:5.2f}  CPU-s/GB")
-    print(f"  modelfs, all processes: {total / gb:.2f} CPU-s/GB")
+    for phase, t, c0, c1 in rows:
+        print(f"{phase}: {size / 2**20:.0f} MiB in {t:.2f} s = {size / t / 1e6:.0f} MB/s")
+        total = 0.0
+        for k in c0:
+            u, s = c1[k][0] - c0[k][0], c1[k][1] - c0[k][1]
+            total += (u + s) if k != "store" else 0
+            print(f"  {k:8s} user {u / gb:5.2f}  sys {s / gb:5.2f}  CPU-s/GB")
+        print(f"  modelfs, all processes: {total / gb:.2f} CPU-s/GB")
+    print(f"local disk, page cache dropped: {size / local / 1e6:.0f} MB/s; "
+          f"warm / local = {local / rows[1][1]:.2f}")
+
+
+def _read_through_mount(phase: str, env: dict, bucket: str, d: Path, mnt: Path, srv: SeaweedServer, extra: list[str]):
+    proc = subprocess.Popen([str(BIN / "modelfs"), "mount", f"s3://{bucket}/reg/m", str(mnt), "--foreground",
+                             "--cache-dir", str(d / "cache"), *extra], env=env, stdin=subprocess.DEVNULL)
+    try:
+        while not (mnt / "model.safetensors").exists():
+            time.sleep(0.1)
+        drop_caches()
+        pids = {"daemon": proc.pid, **{f"worker{i}": c for i, c in enumerate(_children(proc.pid))},
+                "store": srv.proc.pid}
+        c0 = {k: cpu(p) for k, p in pids.items()}
+        spies = []
+        if os.environ.get("PYSPY"):
+            for k in ("daemon", "worker0"):
+                spies.append(subprocess.Popen(
+                    [str(BIN / "py-spy"), "record", "-r", "200", "-d", "4", "-f", "raw", "-n",
+                     "-o", f"/tmp/spy-{phase}-{k}.txt", "--pid", str(pids[k])],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(0.5)
+        t = seq_read(mnt / "model.safetensors")
+        for sp in spies:
+            sp.wait()
+        c1 = {k: cpu(p) for k, p in pids.items()}
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+        proc.wait(60)
+    return t, c0, c1
 
 
 if __name__ == "__main__":
