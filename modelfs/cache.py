@@ -165,6 +165,13 @@ class BlockCache:
         with self._txn() as txn:
             return txn.get(bytes.fromhex(h), db=self.sums) is not None
 
+    def page_in(self, h: str) -> bool:
+        """Read chunk ``h``'s pages into the page cache (run it on a thread: py-lmdb
+        touches every page of a value it returns, with the GIL released), so a reader
+        finds them in memory. False if the cache does not hold ``h``."""
+        with self._txn(buffers=True) as txn:
+            return txn.get(bytes.fromhex(h), db=self.chunks) is not None
+
     def reverify(self, h: str, size: int) -> bool:
         """Make the entry for ``h`` servable without a GET if its bytes are good.
 
@@ -431,6 +438,12 @@ class CacheView:
                 raise DamagedEntry(f"cache entry for chunk {h} is damaged (block {b} does not match its checksum)")
         self.touched[key] = time.time_ns()
         return data[lo:hi]
+
+    def has(self, h: str) -> bool:
+        """Whether the cache can serve ``h`` (in this transaction's snapshot). Reads no
+        chunk bytes: py-lmdb touches every page of a value it returns."""
+        assert self._txn is not None, "renew() first"
+        return self._txn.get(bytes.fromhex(h), db=self.cache.sums) is not None
 
     def close(self) -> None:
         if self._txn is not None:

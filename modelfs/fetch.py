@@ -8,8 +8,9 @@ is not in the cache is loaded by a :class:`ChunkSource` (in a mount: the fetch
 worker processes of :mod:`modelfs.lanes`), which returns once it is committed.
 
 Readahead follows the reader: sequential readers get a window of chunks loaded
-ahead of them, and the loads of cached chunks page them in ahead of the reader
-too (a worker re-checks them, which reads them). For safetensors files the
+ahead of them; cached chunks in that window are paged in from disk on a thread,
+so a warm reader finds them in memory instead of the FUSE thread waiting for
+the disk. For safetensors files the
 window follows the order loaders read tensors in (sorted names, see
 :class:`ReadOrder`), not the file's order.
 """
@@ -50,6 +51,9 @@ class ChunkSource(Protocol):
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` for a reader that will want it soon."""
 
+    def page_in(self, h: str) -> None:
+        """Start reading cached chunk ``h`` from disk into memory for a reader that will want it soon."""
+
     def spilled(self, h: str) -> bytes | mmap.mmap | None:
         """Verified bytes of ``h`` that the cache could not store (a full disk), if held."""
 
@@ -89,6 +93,16 @@ class Fetcher:
     @property
     def stats(self) -> FetchStats:
         return self.source.stats
+
+    def ahead(self, h: str, n: int) -> None:
+        """Readahead of one chunk. A cached one is paged in from disk on a thread (no
+        worker, no presigned URL); a missing one is loaded by the source. Called only
+        where no view is outstanding."""
+        self.view.renew(self.source.generation)
+        if self.view.has(h):
+            self.source.page_in(h)
+        else:
+            self.source.prefetch(h, n)
 
     async def span(self, e: FileEntry, off: int, end: int) -> memoryview | bytes:
         """Bytes [off, end) of file ``e`` (0 < end - off; end ≤ size)."""
@@ -279,7 +293,7 @@ class Stream:
             for i in range(e.chunk_index(flo), e.chunk_index(fhi - 1) + 1):
                 if i not in asked:
                     asked.add(i)
-                    self.fetcher.source.prefetch(*e.chunks[i])
+                    self.fetcher.ahead(*e.chunks[i])
         self.t_ahead = hi
         self.t_window = min(self.t_window * 2, self.fetcher.readahead_bytes)
 
@@ -287,5 +301,5 @@ class Stream:
         hi = min(hi, len(self.entry.chunks) - 1)
         for i in range(max(lo, self.ahead_until + 1), hi + 1):
             h, n = self.entry.chunks[i]
-            self.fetcher.source.prefetch(h, n)
+            self.fetcher.ahead(h, n)
         self.ahead_until = max(self.ahead_until, hi)

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
 WORKER_START_SECONDS = 30.0
+PAGING_MAX = 64  # cached chunks being paged in at once (readahead windows are smaller)
 
 
 def default_workers() -> int:
@@ -126,6 +127,7 @@ class Lanes:
         self._nursery: trio.Nursery | None = None
         self._quick_deaths = 0
         self._closing = False
+        self._paging: set[str] = set()  # cached chunks being read into memory
         # chunks a worker confirmed lately: readahead need not ask again
         self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
@@ -212,6 +214,23 @@ class Lanes:
         """Start loading ``h`` (readahead); nobody waits for it."""
         if h not in self._flights and h not in self._confirmed:
             self._start(h, size, urgent=False, refetch=False)
+
+    def page_in(self, h: str) -> None:
+        """Read cached chunk ``h`` from disk into the page cache on a cache thread
+        (readahead of a warm chunk); nobody waits for it."""
+        if h in self._paging or len(self._paging) >= PAGING_MAX:
+            return
+        self._paging.add(h)
+        assert self._nursery is not None, "Lanes.run() is not running"
+        self._nursery.start_soon(self._page_in, h)
+
+    async def _page_in(self, h: str) -> None:
+        try:
+            await self.cache_call(self.cache.page_in, h)
+        except Exception as e:  # readahead only: the read itself will say what is wrong
+            log.debug("paging in chunk %s: %s", h[:16], e)
+        finally:
+            self._paging.discard(h)
 
     def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False) -> _Flight:
         flight = self._flights[h] = _Flight(h, size, urgent, refetch, pin)

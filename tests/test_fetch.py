@@ -36,6 +36,7 @@ class FakeSource:
         self.stats, self.generation = FetchStats(), 0
         self.loads: list[tuple[str, bool]] = []
         self.prefetched: list[str] = []
+        self.paged_in: list[str] = []
         self.garbage: set[str] = set()
         self.failing: set[str] = set()
 
@@ -55,6 +56,9 @@ class FakeSource:
 
     def prefetch(self, h: str, size: int) -> None:
         self.prefetched.append(h)
+
+    def page_in(self, h: str) -> None:
+        self.paged_in.append(h)
 
     def spilled(self, h: str) -> None:
         return None
@@ -118,6 +122,16 @@ def test_readahead_window_grows_and_resets(cache):
         src.prefetched.clear()
         await stream.read(2 * MiB, 4096)  # a jump back: no readahead, window back to 2
         assert src.prefetched == [] and stream.window == 2
+
+        # warm: readahead of cached chunks pages them in, and asks the source to load nothing
+        cache.write(list(chunks.items()))
+        src.generation += 1
+        loads = len(src.loads)
+        warm = Stream(fetcher, entry)
+        for off in range(0, 20 * MiB, MiB):
+            assert bytes(await warm.read(off, MiB)) == data[off:off + MiB]
+        assert src.prefetched == [] and len(src.loads) == loads
+        assert len(src.paged_in) >= 8 and len(set(src.paged_in)) == len(src.paged_in)
     trio.run(main)
 
 
