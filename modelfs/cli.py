@@ -18,7 +18,7 @@ import click
 
 from . import __version__, logs
 from .config import DEFAULTS, KEYS, LOG_LEVELS, StoreConfig
-from .errors import ModelfsError
+from .errors import ModelfsError, UsageError
 from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
@@ -193,6 +193,66 @@ def _summary(d: dict) -> str:
     return fmt + (f" {json.dumps(extra, ensure_ascii=False)}" if extra else "")
 
 
+@main.command("diff")
+@click.argument("old")
+@click.argument("new")
+@click.option("--registry", "registry_url", help="Registry holding the chunks of manifest files without an origin.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
+@click.option("--limit", default=20, show_default=True, help="Tensors listed per kind and file (all with --json).")
+@click.pass_context
+def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, limit: int):
+    """What changed from version OLD to NEW (refs or manifest files): files, tensors, bytes to fetch."""
+    from .diff import diff
+
+    sides = []
+    for ref in (old, new):
+        reg, version, m = _resolve(ctx, ref)
+        if reg is None and (registry_url or m.origin):
+            reg = origin_registry(m, registry_url, ctx.obj["config"])
+        read = reg.get_chunk if reg is not None else _no_chunks
+        sides.append((f"{m.name}@{version}", m, read))
+    (la, ma, ra), (lb, mb, rb) = sides
+    d = diff(ma, mb, la, lb, ra, rb)
+    if as_json:
+        click.echo(json.dumps(d.as_json(), indent=2))
+        return
+    click.echo(f"{d.old} -> {d.new}")
+    click.echo(f"  files: {len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+               f"{d.unchanged} unchanged")
+    for f in d.added:
+        click.echo(f"  + {f.path} ({fmt_bytes(f.size)})")
+    for f in d.removed:
+        click.echo(f"  - {f.path} ({fmt_bytes(f.size)})")
+    for c in d.changed:
+        what = []
+        if c.size[0] != c.size[1]:
+            what.append(f"size {fmt_bytes(c.size[0])} -> {fmt_bytes(c.size[1])}")
+        if c.mode[0] != c.mode[1]:
+            what.append(f"mode {c.mode[0]:04o} -> {c.mode[1]:04o}")
+        if c.content_changed:
+            what.append("content")
+        click.echo(f"  ~ {c.path}: {', '.join(what)}")
+        t = c.tensors
+        if t is None:
+            continue
+        click.echo(f"      tensors: {len(t.added)} added, {len(t.removed)} removed, {len(t.reshaped)} reshaped, "
+                   f"{len(t.retyped)} retyped, {len(t.changed)} with changed bytes")
+        rows = ([f"+ {n}" for n in t.added] + [f"- {n}" for n in t.removed]
+                + [f"~ {n}: shape {a} -> {b}" for n, a, b in t.reshaped]
+                + [f"~ {n}: dtype {a} -> {b}" for n, a, b in t.retyped] + [f"~ {n}: bytes" for n in t.changed])
+        for r in rows[:limit]:
+            click.echo(f"        {r}")
+        if len(rows) > limit:
+            click.echo(f"        … {len(rows) - limit} more (--limit, --json)")
+    click.echo(f"  a host holding {d.old} fetches {fmt_bytes(d.fetch_bytes)} in {d.fetch_chunks} chunks "
+               f"(of {fmt_bytes(d.new_bytes)}) to get {d.new}")
+
+
+def _no_chunks(h: str, n: int) -> bytes:
+    raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX "
+                     "to compare tensors")
+
+
 @main.command()
 @click.argument("ref")
 @click.argument("tag")
@@ -204,6 +264,76 @@ def tag(ctx, ref: str, tag: str):
     version, _ = reg.resolve(mref)  # proves the version exists and is valid
     reg.set_tag(mref.name, tag, version)
     click.echo(f"{mref.name}@{tag} -> {version}")
+
+
+@main.command("rm")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Also remove the tags that point at the version.")
+@click.pass_context
+def rm_cmd(ctx, ref: str, force: bool):
+    """Retire version REF (s3://…/NAME@VERSION): delete its manifest; its chunks go at the next gc."""
+    from .lifecycle import remove_version
+
+    mref = parse_model(ref)
+    if not mref.is_version:
+        raise UsageError(f"rm takes a version (NAME@<20-hex id>), not the tag {mref.selector!r}: "
+                         "see the versions with modelfs ls")
+    reg = _registry(ctx, mref.registry)
+    r = remove_version(reg, mref.name, mref.selector, force=force)
+    click.echo(f"removed {mref.name}@{r.version}" + (f" and its tags {', '.join(r.tags_removed)}"
+                                                    if r.tags_removed else ""))
+    if "latest" in r.tags_removed:
+        click.echo(f"  latest -> {r.latest_moved_to}" if r.latest_moved_to else "  no version left: latest removed")
+    click.echo("  its chunks stay until `modelfs gc` finds no other version using them")
+
+
+@main.command("gc")
+@click.argument("registry")
+@click.option("--delete", is_flag=True, help="Delete the garbage (without it: a dry run that only reports).")
+@click.option("--grace", default="24h", show_default=True,
+              help="Only chunks written longer ago than this (s, m, h, d) are garbage.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
+    """Find (and with --delete, remove) the chunks no version in REGISTRY references."""
+    from .lifecycle import collect
+    from .units import parse_duration
+
+    try:
+        grace_s = parse_duration(grace)
+    except ValueError as e:
+        raise UsageError(f"--grace: {e}") from None
+    reg = _registry(ctx, parse_registry(registry))
+    reg.store.check_bucket()
+    bar = Progress("gc: deleting", enabled=False if quiet or not delete else None)
+    done = [-1]  # not started
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if done[0] < 0:
+            bar.start(total)
+            done[0] = 0
+        bar.advance(n - done[0])
+        done[0] = n
+
+    try:
+        r = collect(reg, grace=grace_s, delete=delete, on_progress=progress)
+    finally:
+        bar.close()
+    click.echo(f"{reg.ref}: {r.chunks} chunks ({fmt_bytes(r.stored_bytes)} stored), "
+               f"{r.referenced} referenced by {sum(u.versions for u in r.models.values())} versions")
+    for name, u in sorted(r.models.items()):
+        click.echo(f"  {name}: {u.versions} versions, {u.chunks} chunks, {fmt_bytes(u.bytes)}")
+    click.echo(f"  unreferenced: {r.unreferenced} chunks ({fmt_bytes(r.unreferenced_bytes)}); "
+               f"{r.young} of them written within the grace period ({grace}): kept")
+    if not delete:
+        click.echo(f"  would delete: {len(r.candidates)} chunks ({fmt_bytes(r.candidate_bytes)}); "
+                   "run with --delete to delete them")
+        return
+    click.echo(f"  deleted: {r.deleted} chunks ({fmt_bytes(r.deleted_bytes)})"
+               + (f"; {r.kept_on_recheck} kept on the re-check before deletion" if r.kept_on_recheck else ""))
+    if r.stopped_by_lease:
+        click.echo(f"  stopped: a publish is running ({r.stopped_by_lease}); "
+                   f"{len(r.candidates) - r.deleted - r.kept_on_recheck} chunks left for a later gc")
 
 
 @main.command()

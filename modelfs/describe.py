@@ -9,6 +9,7 @@ publish.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
@@ -48,7 +49,7 @@ def describe(path: str, size: int) -> dict:
         f.seek(0)
         try:
             if head[:4] == b"GGUF":
-                return _gguf(f)
+                return _gguf(f, size)
             if path.endswith(".safetensors") or _looks_safetensors(head, size):
                 return _safetensors(f, size)
         except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
@@ -63,7 +64,9 @@ def _looks_safetensors(head: bytes, size: int) -> bool:
     return 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER)
 
 
-def _safetensors(f: BinaryIO, size: int) -> dict:
+def safetensors_tensors(f: BinaryIO, size: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict | None, int]:
+    """``{name: (dtype, shape, start, end)}`` with absolute file offsets, the
+    ``__metadata__`` and the header's length, from a safetensors file's header."""
     (n,) = struct.unpack("<Q", f.read(8))
     if n > min(size - 8, MAX_SAFETENSORS_HEADER):
         raise ValueError(f"safetensors header length {n} out of range")
@@ -71,14 +74,29 @@ def _safetensors(f: BinaryIO, size: int) -> dict:
     if not isinstance(header, dict):
         raise ValueError("safetensors header is not an object")
     meta = header.pop("__metadata__", None)
-    dtypes: Counter[str] = Counter()
+    out = {}
+    for name, t in header.items():
+        lo, hi = t["data_offsets"]
+        out[name] = (str(t["dtype"]), [int(d) for d in t["shape"]], 8 + n + int(lo), 8 + n + int(hi))
+    return out, meta if isinstance(meta, dict) else None, n + 8
+
+
+def _tally(tensors: dict[str, tuple[str, list[int], int, int]]) -> tuple[Counter[str], int]:
+    """Tensors per dtype, and the parameter count."""
+    types: Counter[str] = Counter()
     params = 0
-    for t in header.values():
-        dtypes[t["dtype"]] += 1
-        params += math.prod(t["shape"])
-    out = {"format": "safetensors", "tensors": len(header), "dtypes": dict(sorted(dtypes.items())),
-           "parameters": params, "header_bytes": n + 8}
-    if isinstance(meta, dict):
+    for dtype, shape, _, _ in tensors.values():
+        types[dtype] += 1
+        params += math.prod(shape)
+    return types, params
+
+
+def _safetensors(f: BinaryIO, size: int) -> dict:
+    tensors, meta, header_bytes = safetensors_tensors(f, size)
+    dtypes, params = _tally(tensors)
+    out = {"format": "safetensors", "tensors": len(tensors), "dtypes": dict(sorted(dtypes.items())),
+           "parameters": params, "header_bytes": header_bytes}
+    if meta is not None:
         out["metadata"] = {str(k): _short(str(v)) for k, v in sorted(meta.items())}
     return out
 
@@ -121,7 +139,9 @@ class _Reader:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def _gguf(f: BinaryIO) -> dict:
+def gguf_tensors(f: BinaryIO, size: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict, int]:
+    """``{name: (type, dims, start, end)}`` with absolute file offsets (a tensor ends where
+    the next begins), the key/values (large arrays summarized, not read) and the version."""
     r = _Reader(f)
     f.read(4)
     version, n_tensors, n_kv = r.take("<I"), r.take("<Q"), r.take("<Q")
@@ -131,16 +151,28 @@ def _gguf(f: BinaryIO) -> dict:
     for _ in range(n_kv):
         key = r.string()
         meta[key] = r.value(r.take("<I"))
-    types: Counter[str] = Counter()
-    params = 0
+    infos = []
     for _ in range(n_tensors):
-        r.string(keep=False)
+        name = r.string()
         dims = [r.take("<Q") for _ in range(r.take("<I"))]
-        types[GGML_TYPES.get(r.take("<I"), "unknown")] += 1
-        r.take("<Q")
-        params += math.prod(dims)
+        infos.append((name, GGML_TYPES.get(r.take("<I"), "unknown"), dims, r.take("<Q")))
+    align = meta.get("general.alignment", 32)
+    align = align if isinstance(align, int) and 0 < align <= 1 << 20 else 32
+    base = -(-f.tell() // align) * align
+    starts = sorted({base + off for *_, off in infos} | {max(size, base)})
+    out = {}
+    for name, ggml_type, dims, off in infos:
+        start = base + off
+        end = starts[bisect.bisect_right(starts, start)] if start < starts[-1] else start
+        out[name] = (ggml_type, dims, start, end)
+    return out, meta, version
+
+
+def _gguf(f: BinaryIO, size: int) -> dict:
+    tensors, meta, version = gguf_tensors(f, size)
+    types, params = _tally(tensors)
     return {"format": "gguf", "gguf_version": version,
-            "architecture": meta.get("general.architecture"), "tensors": n_tensors,
+            "architecture": meta.get("general.architecture"), "tensors": len(tensors),
             "tensor_types": dict(sorted(types.items())), "parameters": params,
             "metadata": dict(sorted(meta.items()))}
 

@@ -26,6 +26,7 @@ from . import codec
 from .chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
 from .describe import describe
 from .errors import ManifestError, UsageError
+from .lifecycle import Lease
 from .manifest import DirEntry, FileEntry, Manifest, check_path
 from .progress import Counters
 from .refs import check_name, check_tag
@@ -138,6 +139,13 @@ class Publisher:
             check_tag(t)
         t0 = time.monotonic()
         self.registry.store.check_bucket()
+        if self.dry_run:
+            return self._run(tree, name, tags, t0)
+        with Lease(self.registry, f"publish {name}"):  # gc deletes nothing while it is held
+            return self._run(tree, name, tags, t0)
+
+    def _run(self, tree: tuple[list[SourceFile], list[DirEntry]], name: str, tags: list[str],
+             t0: float) -> PublishResult:
         files, dirs = tree
         previous = self.registry.latest_manifest(name)
         if previous is not None:

@@ -3,6 +3,7 @@
     <prefix>/chunks/<blake3>                    chunk objects (see codec), shared by all models
     <prefix>/models/<name>/versions/<id>.json   manifests, immutable, id = hash of the bytes
     <prefix>/models/<name>/tags/<tag>.json      {"version": id, ...}, mutable pointers
+    <prefix>/leases/<id>.json                   a publish in progress (see lifecycle)
 
 Readers only ever follow tag → manifest → chunks, and writers write in the
 opposite order (chunks, then the manifest, then the tag), so a reader never
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag, pars
 from .store import ObjectInfo, Store
 
 TAG_FORMAT = "modelfs-tag"
+_HEX = frozenset("0123456789abcdef")
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +53,20 @@ class Registry:
     def tag_key(self, name: str, tag: str) -> str:
         return self.ref.key("models", name, "tags", f"{tag}.json")
 
+    def lease_key(self, lease_id: str) -> str:
+        return self.ref.key("leases", f"{lease_id}.json")
+
     # -- chunks --------------------------------------------------------------
+    def chunks(self) -> Iterator[ObjectInfo]:
+        """Every chunk object (key, stored size, store time), in key order."""
+        base = self.ref.key("chunks") + "/"
+        for o in self.store.list(base):
+            if isinstance(o, ObjectInfo) and _is_hash(o.key[len(base):]):
+                yield o
+
+    def chunk_of(self, key: str) -> str:
+        return key.rsplit("/", 1)[-1]
+
     def has_chunk(self, h: str) -> bool:
         return self.store.exists(self.chunk_key(h))
 
@@ -109,6 +125,13 @@ class Registry:
                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.store.put(self.tag_key(name, tag), json.dumps(doc, sort_keys=True).encode(),
                        "application/json")
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        self.store.delete(self.tag_key(name, tag))
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Remove a manifest (its chunks stay until ``gc``)."""
+        self.store.delete(self.version_key(name, version))
 
     def resolve(self, ref: ModelRef) -> tuple[str, Manifest]:
         """``(version id, manifest)`` for a tag or version reference."""
@@ -177,3 +200,7 @@ def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig) 
     if not url:
         raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
     return open_registry(parse_registry(url), config)
+
+
+def _is_hash(name: str) -> bool:
+    return len(name) == 64 and set(name) <= _HEX

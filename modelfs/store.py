@@ -160,6 +160,17 @@ class Store:
                 return False
             raise err from None
 
+    def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and store-side modification time, or None if it is absent."""
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+        except _ERRORS as e:
+            err = self._fail(e, key)
+            if isinstance(err, NotFoundError):
+                return None
+            raise err from None
+        return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp())
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)

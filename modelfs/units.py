@@ -1,4 +1,4 @@
-"""Byte sizes as people write them (``20G``) and read them (``1.5 GiB``)."""
+"""Byte sizes and durations as people write them (``20G``, ``24h``) and read them (``1.5 GiB``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ def parse_size(text: Any) -> int:
     if not value > 0:
         raise ValueError(f"invalid size {text!r}: must be positive")
     return int(value * mult)
+
+
+def parse_duration(text: Any) -> float:
+    """``90s``, ``30m``, ``24h``, ``7d``, ``0`` or plain seconds → seconds; ValueError if not."""
+    t = str(text).strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(t[-1:], 0)
+    try:
+        value = float(t[:-1] if mult else t)
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 30m, 24h, 7d") from None
+    if not 0 <= value < 1e9:
+        raise ValueError(f"invalid duration {text!r}: must be 0 or more")
+    return value * (mult or 1)
 
 
 def fmt_bytes(n: float) -> str:
