@@ -66,8 +66,9 @@ def test_republish_unchanged_uploads_no_chunk(env, bucket, sample_model, s3, sea
     before, puts = chunk_objects(s3, bucket), seaweed.request_counts(bucket)[("PUT", "200")]
     r = cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod")
     assert chunk_objects(s3, bucket) == before
-    # server side: exactly the manifest and the two tags were written, no chunk
-    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == 3
+    # server side: exactly the publish's lease, the manifest and the two tags were written, no chunk
+    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == 4
+    assert not objects(s3, bucket, "reg/leases/")  # the lease is gone with the publish
     assert "uploaded  0 B in 0 chunks" in r.stdout
 
 
@@ -144,8 +145,8 @@ def test_killed_publish_leaves_no_dangling_manifest_and_resumes(env, bucket, tmp
     after = chunk_objects(s3, bucket)
     missing = len(after) - len(done)
     assert missing > 0 and f"reused    {len(done)} chunks" in r.stdout
-    # server side: only the missing chunks, one manifest and two tags were PUT
-    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == missing + 3
+    # server side: only the missing chunks, its lease, one manifest and two tags were PUT
+    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == missing + 4
     out = tmp_path / "out"
     cli(env, "pull", f"s3://{bucket}/reg/m@prod", str(out))
     assert tree_digest(out) == tree_digest(d)
