@@ -2,7 +2,8 @@
 
 Only headers are read (a safetensors JSON header, GGUF key/values and tensor
 infos — large GGUF arrays such as tokenizer vocabularies are skipped, not
-loaded), so describing a 20 GB shard costs milliseconds. A file that claims a
+loaded), so describing a 20 GB shard costs milliseconds. The other formats
+(NumPy, PyTorch, pickles, ONNX, HDF5/Keras, tokenizers) are in :mod:`formats`. A file that claims a
 format but has a broken header is described as such instead of failing the
 publish.
 """
@@ -15,6 +16,8 @@ import math
 import struct
 from collections import Counter
 from typing import BinaryIO
+
+from . import formats
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_JSON_DESCRIBE = 4 * 1024 * 1024
@@ -52,9 +55,9 @@ def describe(path: str, size: int) -> dict:
                 return _gguf(f, size)
             if path.endswith(".safetensors") or _looks_safetensors(head, size):
                 return _safetensors(f, size)
-        except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
-            return {"format": "unknown", "note": f"unreadable header: {e}"[:MAX_STRING]}
-        return _other(f, path, size, head)
+            return _other(f, path, size, head)
+        except formats.ERRORS as e:
+            return {"format": "unknown", "note": f"unreadable header: {type(e).__name__}: {e}"[:MAX_STRING]}
 
 
 def _looks_safetensors(head: bytes, size: int) -> bool:
@@ -182,10 +185,20 @@ def _other(f: BinaryIO, path: str, size: int, head: bytes) -> dict:
     ext = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
     if size == 0:
         return {"format": "empty"}
+    if head[:6] == formats.NPY_MAGIC:
+        return formats.npy(f)
     if head[:4] == b"PK\x03\x04":
-        return {"format": "pytorch-zip" if ext in (".pt", ".pth", ".bin") else "zip"}
-    if head[:1] == b"\x80" and ext in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
-        return {"format": "pickle"}
+        return formats.zip_archive(f, size, ext)
+    if head[:8] == formats.HDF5_MAGIC:
+        return {"format": "hdf5", **({"note": "Keras (HDF5)"} if ext in (".h5", ".keras", ".hdf5") else {})}
+    if ext == ".joblib" and head[:1] != b"\x80":
+        return {"format": "joblib", "note": "compressed: not described"}
+    if head[:1] == b"\x80" or ext in (".pkl", ".pickle", ".joblib"):
+        return formats.pickle_file(f, "joblib" if ext == ".joblib" else "pickle")
+    if ext == ".onnx":
+        return formats.onnx(f, size)
+    if name == "tokenizer.json":
+        return formats.tokenizer_json(f, size)
     if ext == ".json" and size <= MAX_JSON_DESCRIBE:
         try:
             doc = json.loads(f.read())
