@@ -411,8 +411,9 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     """Mount SOURCE read-only at MOUNTPOINT.
 
     SOURCE is a registry (s3://BUCKET/PREFIX: every model, tag and version), one
-    model version (s3://BUCKET/PREFIX/NAME@TAG), or a manifest file. Both may
-    come from --config instead.
+    model version (s3://BUCKET/PREFIX/NAME@TAG), a manifest file, or a directory
+    of *.modelfs.json pointer files (a git checkout: each pointer shows as a
+    directory). Both may come from --config instead.
     """
     from .config import resolve
     from .mount import MountConfig, run_foreground, start_background

@@ -126,9 +126,9 @@ class Key:
 # The one list of mount settings: flags, config file keys, defaults and docs
 # (docs/operations.md and systemd/modelfs.example.toml; a test keeps them in step).
 MOUNT_KEYS: tuple[Key, ...] = (
-    Key("source", None, _str, "What to mount: s3://BUCKET/PREFIX (a registry), s3://…/NAME@TAG, or a manifest file. Required."),
+    Key("source", None, _str, "What to mount: s3://BUCKET/PREFIX (a registry), s3://…/NAME@TAG, a manifest file, or a directory of *.modelfs.json pointers (a git checkout). Required."),
     Key("mountpoint", None, _path, "An existing empty directory. Required."),
-    Key("registry", None, _str, "Registry holding the chunks when source is a manifest file (default: its origin)."),
+    Key("registry", None, _str, "Registry holding the chunks when source is a manifest file or a directory of pointers (default: their origin)."),
     Key("cache_dir", None, _path, "Persistent block cache (default: $CACHE_DIRECTORY under systemd, /var/cache/modelfs for root, else ~/.cache/modelfs)."),
     Key("cache_size", "16G", parse_size, "Cap of the block cache on disk."),
     Key("memory_cache", "256M", parse_size, "Ignored: the kernel's page cache is the memory tier now (kept so older config files load)."),

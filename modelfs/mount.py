@@ -37,6 +37,7 @@ from .lanes import LaneConfig, Lanes
 from .manifest import Manifest
 from .metrics import Reporter
 from .mountpoint import PID_XATTR, check_mountpoint, set_kernel_readahead
+from .pointers import PointerDir, registry_url_for
 from .refs import is_model_ref, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
@@ -95,6 +96,7 @@ class Source:
     model: str | None = None
     version: str | None = None
     manifest: Manifest | None = None  # None: the whole registry
+    pointers: PointerDir | None = None  # a directory of pointer files (a git checkout)
 
 
 def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
@@ -118,6 +120,13 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
         except (UsageError, NotFoundError):
             raise NotFoundError(f"no registry and no model at {src}") from None
         return Source(parent, ref.name, version, manifest)
+    if Path(src).is_dir():
+        url = registry_url_for(Path(src), cfg.registry_url)
+        registry = open_registry(parse_registry(url), cfg.store)
+        registry.store.check_bucket()
+        # with --registry every pointer is read from it; else only those whose origin it is
+        pointers = PointerDir(Path(src), None if cfg.registry_url else str(registry.ref))
+        return Source(Catalog(registry, cache), pointers=pointers)
     manifest = read_manifest_file(src)
     return Source(Catalog(origin_registry(manifest, cfg.registry_url, cfg.store), cache), manifest.name,
                   manifest.version_id, manifest)
@@ -154,7 +163,9 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes,
                       tensor_order=cfg.readahead_order == "tensors")
     ns = Namespace(lanes, source.catalog, ttl=cfg.metadata_ttl)
-    if source.manifest is not None:
+    if source.pointers is not None:
+        ns.root_pointers(source.pointers)
+    elif source.manifest is not None:
         ns.root_version(source.model, source.version, source.manifest)
     else:
         ns.root_registry()

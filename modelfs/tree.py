@@ -34,6 +34,7 @@ from .errors import ModelfsError, NotFoundError
 from .catalog import Catalog
 from .lanes import Lanes
 from .manifest import FileEntry, Manifest, all_directories
+from .pointers import PointerDir
 from .refs import VERSION_RE
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Node:
     mode: int  # permission bits
     mtime_ns: int
     ttl: float  # how long the kernel may cache this entry and its attributes
-    kind: str  # registry | model | versions | tree (a version's dir) | file
+    kind: str  # registry | model | versions | tree (a version's dir) | file | pointers (a checkout's dir)
     size: int = 0
     model: str | None = None
     version: str | None = None
@@ -98,11 +99,19 @@ class Namespace:
         self._listings: dict[tuple, tuple[float, Any]] = {}
         self._indexes: dict[str, _VersionIndex] = {}
         self.started_ns = time.time_ns()
+        self.pointers: PointerDir | None = None  # a checkout of pointer files, when that is the root
 
     # -- setting up the root -------------------------------------------------------
     def root_registry(self) -> Node:
         root = Node(1, True, 0o755, self.started_ns, self.ttl, "registry")
         self.nodes[1] = root
+        return root
+
+    def root_pointers(self, pointers: PointerDir) -> Node:
+        self.pointers = pointers
+        root = Node(1, True, 0o755, self.started_ns, self.ttl, "pointers")
+        self.nodes[1] = root
+        self._by_key[(("pd", ""), "")] = 1
         return root
 
     def root_version(self, name: str, version: str, manifest: Manifest) -> Node:
@@ -153,6 +162,23 @@ class Namespace:
             versions = await self._listing(("versions", m), lambda: self.registry.versions(m))
             return [(v.version, self._version_root(("v", m, v.version), m, v.version))
                     for v in versions]
+        if node.kind == "pointers":
+            assert self.pointers is not None
+            pointers = self.pointers
+            entries = await self._listing(("dir", node.path), lambda: pointers.entries(node.path))
+            out = []
+            for e in entries:
+                if only not in (None, e.name):
+                    continue
+                p = posixpath.join(node.path, e.name) if node.path else e.name
+                if e.manifest is None:
+                    out.append((e.name, self._pointer_dir(p)))
+                else:  # looked up again after the TTL: a checkout may point it elsewhere
+                    m = e.manifest
+                    self._index(m.version_id, m)
+                    out.append((e.name, self._version_root(("v", m.name, m.version_id), m.name,
+                                                           m.version_id, moving=True, key=("p", p))))
+            return out
         if node.kind == "tree":
             idx = self._indexes.get(node.version) or self._index(
                 node.version, await self.manifest(node.model, node.version))
@@ -197,12 +223,18 @@ class Namespace:
                         path=path, entry=e, tag=parent.tag)
         return self._node(view, path, make)
 
-    def _version_root(self, view: tuple, model: str, version: str, tag: str | None = None) -> Node:
-        """A version's root directory; its manifest is loaded when it is first listed."""
+    def _pointer_dir(self, path: str) -> Node:
+        return self._node(("pd", path), "", lambda i: Node(i, True, 0o755, self.started_ns, self.ttl,
+                                                            "pointers", path=path))
+
+    def _version_root(self, view: tuple, model: str, version: str, tag: str | None = None, *,
+                      moving: bool = False, key: tuple = ()) -> Node:
+        """A version's root directory; its manifest is loaded when it is first listed.
+        ``key`` tells apart roots of one version shown at several places (pointer files)."""
         idx = self._indexes.get(version)
-        # a tag's entry must be looked up again after the TTL, to see it move
-        ttl = self.ttl if tag else IMMUTABLE_TTL
-        return self._node(view, "", lambda i: Node(
+        # a tag's entry (or a pointer file's) must be looked up again after the TTL, to see it move
+        ttl = self.ttl if tag or moving else IMMUTABLE_TTL
+        return self._node(view + key, "", lambda i: Node(
             i, True, 0o755, idx.mtime_ns if idx else self.started_ns, ttl, "tree", model=model,
             version=version, manifest=idx.manifest if idx else None, tag=tag))
 

@@ -345,3 +345,42 @@ def test_files_keep_their_mtimes_across_republish_and_pull(env, bucket, sample_m
     dest = tmp_path / "pulled"
     cli(env, "pull", f"s3://{bucket}/reg/m@prod", str(dest), "-q")
     assert {rel: os.stat(dest / rel).st_mtime_ns for rel in want} == want
+
+
+def test_a_checkout_of_pointer_files_mounts_as_a_registry(env, bucket, sample_model, mounts, tmp_path):
+    """Issue 12 (4): each *.modelfs.json in a directory tree is a model; a checkout that
+    changes a pointer changes what the mount shows within the TTL; open files keep
+    their version; bad pointers are skipped, not fatal."""
+    repo = tmp_path / "repo"
+    (repo / "team").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    (repo / ".git" / "x.modelfs.json").write_text("{}")  # hidden: never shown
+    src2 = tmp_path / "v2"
+    shutil.copytree(sample_model, src2)
+    (src2 / "config.json").write_text('{"model_type": "llama", "changed": true}')
+    for src, out in ((sample_model, "v1.json"), (src2, "v2.json")):
+        cli(env, "publish", str(src), f"s3://{bucket}/reg", "--name", "m", "-q",
+            "--manifest-out", str(tmp_path / out))
+    shutil.copy(tmp_path / "v1.json", repo / "llama.modelfs.json")
+    shutil.copy(tmp_path / "v1.json", repo / "team" / "llama-copy.modelfs.json")
+    (repo / "broken.modelfs.json").write_text("{not json")
+    (repo / "README.md").write_text("pointers")
+
+    mnt = mounts.mount(str(repo), "--metadata-ttl", "1")
+    assert sorted(os.listdir(mnt)) == ["llama", "team"]
+    assert os.listdir(mnt / "team") == ["llama-copy"]
+    assert tree_digest(mnt / "llama") == tree_digest(sample_model)
+    assert tree_digest(mnt / "team" / "llama-copy") == tree_digest(sample_model)
+    old_config = (sample_model / "config.json").read_bytes()
+    with open(mnt / "llama" / "config.json", "rb") as held:
+        # "git checkout": the pointer now names v2; the pointer in team/ is deleted
+        tmp = repo / "llama.modelfs.json.tmp"
+        shutil.copy(tmp_path / "v2.json", tmp)
+        tmp.replace(repo / "llama.modelfs.json")
+        (repo / "team" / "llama-copy.modelfs.json").unlink()
+        deadline = time.monotonic() + 15
+        while (mnt / "llama" / "config.json").read_bytes() == old_config and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert tree_digest(mnt / "llama") == tree_digest(src2)
+        assert held.read() == old_config  # an open file keeps the version it opened
+    assert os.listdir(mnt / "team") == []
