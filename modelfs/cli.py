@@ -23,7 +23,7 @@ from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
-from .units import fmt_bytes
+from .units import count, fmt_bytes
 
 
 class _Cli(click.Group):
@@ -244,7 +244,7 @@ def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, l
             click.echo(f"        {r}")
         if len(rows) > limit:
             click.echo(f"        … {len(rows) - limit} more (--limit, --json)")
-    click.echo(f"  a host holding {d.old} fetches {fmt_bytes(d.fetch_bytes)} in {d.fetch_chunks} chunks "
+    click.echo(f"  a host holding {d.old} fetches {fmt_bytes(d.fetch_bytes)} in {count(d.fetch_chunks, 'chunk')} "
                f"(of {fmt_bytes(d.new_bytes)}) to get {d.new}")
 
 
@@ -319,17 +319,17 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
         r = collect(reg, grace=grace_s, delete=delete, on_progress=progress)
     finally:
         bar.close()
-    click.echo(f"{reg.ref}: {r.chunks} chunks ({fmt_bytes(r.stored_bytes)} stored), "
-               f"{r.referenced} referenced by {sum(u.versions for u in r.models.values())} versions")
+    click.echo(f"{reg.ref}: {count(r.chunks, 'chunk')} ({fmt_bytes(r.stored_bytes)} stored), "
+               f"{r.referenced} referenced by {count(sum(u.versions for u in r.models.values()), 'version')}")
     for name, u in sorted(r.models.items()):
-        click.echo(f"  {name}: {u.versions} versions, {u.chunks} chunks, {fmt_bytes(u.bytes)}")
-    click.echo(f"  unreferenced: {r.unreferenced} chunks ({fmt_bytes(r.unreferenced_bytes)}); "
+        click.echo(f"  {name}: {count(u.versions, 'version')}, {count(u.chunks, 'chunk')}, {fmt_bytes(u.bytes)}")
+    click.echo(f"  unreferenced: {count(r.unreferenced, 'chunk')} ({fmt_bytes(r.unreferenced_bytes)}); "
                f"{r.young} of them written within the grace period ({grace}): kept")
     if not delete:
-        click.echo(f"  would delete: {len(r.candidates)} chunks ({fmt_bytes(r.candidate_bytes)}); "
+        click.echo(f"  would delete: {count(len(r.candidates), 'chunk')} ({fmt_bytes(r.candidate_bytes)}); "
                    "run with --delete to delete them")
         return
-    click.echo(f"  deleted: {r.deleted} chunks ({fmt_bytes(r.deleted_bytes)})"
+    click.echo(f"  deleted: {count(r.deleted, 'chunk')} ({fmt_bytes(r.deleted_bytes)})"
                + (f"; {r.kept_on_recheck} kept on the re-check before deletion" if r.kept_on_recheck else ""))
     if r.stopped_by_lease:
         click.echo(f"  stopped: a publish is running ({r.stopped_by_lease}); "

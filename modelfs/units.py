@@ -43,3 +43,8 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def count(n: int, word: str) -> str:
+    """``1 chunk``, ``2 chunks``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -71,14 +71,14 @@ def test_gc_dry_run_then_delete_only_what_no_version_uses(env, bucket, two_versi
     before = chunk_keys(s3, bucket)
 
     dry = cli(env, "gc", f"s3://{bucket}/reg", "--grace", "0").stdout
-    assert f"would delete: {len(only_v1)} chunks" in dry and "m: 1 versions" in dry
+    assert f"would delete: {len(only_v1)} chunk" in dry and "m: 1 version," in dry
     assert chunk_keys(s3, bucket) == before  # a dry run deletes nothing
 
     young = cli(env, "gc", f"s3://{bucket}/reg", "--delete").stdout  # default grace: 24 h
     assert "deleted: 0 chunks" in young and chunk_keys(s3, bucket) == before
 
     out = cli(env, "gc", f"s3://{bucket}/reg", "--delete", "--grace", "0s", "-q").stdout
-    assert f"deleted: {len(only_v1)} chunks" in out
+    assert f"deleted: {len(only_v1)} chunk" in out
     assert chunk_keys(s3, bucket) == before - only_v1
     dest = tmp_path / "pulled"
     cli(env, "pull", f"s3://{bucket}/reg/m@{v2}", str(dest), "-q")  # verified: every chunk is there
