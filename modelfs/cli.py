@@ -455,7 +455,7 @@ def stats(mountpoint: Path, as_json: bool):
     click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
                f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")
     click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} served from the cache's map, "
-               f"{s.cache_hits} paged in by a worker)")
+               f"{s.cache_hits} re-checked by a worker; {s.paged_in} paged in ahead of readers)")
     click.echo(f"  workers     {len(s.worker_pids)} ({s.worker_restarts} replaced)")
     click.echo(f"  in flight   {s.fetches_in_flight}")
     click.echo(f"  errors      {s.errors}")

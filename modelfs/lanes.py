@@ -75,6 +75,7 @@ class FetchStats:
     bytes_served: int = 0  # bytes returned to readers (page-cache hits never reach us)
     memory_hits: int = 0  # chunk reads served straight from the cache's map by the FUSE process
     cache_hits: int = 0  # chunk loads a worker answered from the cache (re-checked, paged in)
+    paged_in: int = 0  # cached chunks read from disk ahead of a reader by a daemon thread
     fetches: int = 0  # chunk GETs from the store
     bytes_fetched: int = 0
     fetch_seconds: float = 0.0  # sum of GET durations (decode and verification included)
@@ -226,7 +227,8 @@ class Lanes:
 
     async def _page_in(self, h: str) -> None:
         try:
-            await self.cache_call(self.cache.page_in, h)
+            if await self.cache_call(self.cache.page_in, h):
+                self.stats.paged_in += 1
         except Exception as e:  # readahead only: the read itself will say what is wrong
             log.debug("paging in chunk %s: %s", h[:16], e)
         finally:

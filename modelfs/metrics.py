@@ -41,6 +41,7 @@ class Snapshot:
     fetches: int
     memory_hits: int
     cache_hits: int
+    paged_in: int  # cached chunks read from disk ahead of readers (readahead of a warm file)
     hit_ratio: float  # chunk loads answered from memory or the disk cache, not the store
     errors: int
     fetches_in_flight: int
@@ -98,7 +99,7 @@ class Reporter:
             source=self.source, version=self.version, mountpoint=self.mountpoint, pid=os.getpid(),
             uptime_seconds=round(time.monotonic() - self.started, 3),
             bytes_served=st.bytes_served, bytes_fetched=st.bytes_fetched, fetches=st.fetches,
-            memory_hits=st.memory_hits, cache_hits=st.cache_hits,
+            memory_hits=st.memory_hits, cache_hits=st.cache_hits, paged_in=st.paged_in,
             hit_ratio=(st.memory_hits + st.cache_hits) / loads if loads else 0.0,
             errors=st.errors, fetches_in_flight=self.lanes.in_flight,
             fetch_seconds_total=st.fetch_seconds,
@@ -157,6 +158,8 @@ class Reporter:
         hits.add_metric(["cache"], s.cache_hits)
         hits.add_metric(["store"], s.fetches)
         yield hits
+        yield CounterMetricFamily("modelfs_paged_in_chunks", "Cached chunks read from disk ahead of readers",
+                                  value=s.paged_in)
         yield CounterMetricFamily("modelfs_errors", "Chunk loads that failed (readers got EIO)", value=s.errors)
         yield GaugeMetricFamily("modelfs_hit_ratio", "Share of chunk loads not sent to the store",
                                 value=s.hit_ratio)

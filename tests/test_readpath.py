@@ -79,6 +79,8 @@ def test_stop_right_after_a_cold_read_keeps_every_fetched_chunk(stop, env, bucke
     before = settle(seaweed, bucket)
     assert sha(mnt2 / "model.safetensors") == want
     assert settle(seaweed, bucket) == before  # every chunk came from the cache
+    s = read_stats(mnt2)  # warm readahead pages cached chunks in on the daemon's threads, no worker
+    assert s.paged_in > 0 and s.cache_hits == 0 and s.fetches == 0
 
 
 def test_16_concurrent_readers_fetch_each_chunk_once(env, bucket, model, mounts, seaweed):
