@@ -115,10 +115,7 @@ def remove_version(registry: Registry, name: str, version: str, *, force: bool =
         raise UsageError(f"{name}@{version} is tagged {', '.join(tags)}: move the tag(s) first "
                          "(modelfs tag), or pass --force to remove them with the version")
     latest_to = None
-    for t in tags:
-        if t != "latest":
-            registry.delete_tag(name, t)
-    registry.delete_version(name, version)
+    # tags first, the manifest last: an interrupted rm never leaves a tag on a missing version
     if "latest" in tags:
         rest = [v for v in registry.versions(name) if v.version != version]
         if rest:
@@ -126,6 +123,10 @@ def remove_version(registry: Registry, name: str, version: str, *, force: bool =
             registry.set_tag(name, "latest", latest_to)
         else:
             registry.delete_tag(name, "latest")
+    for t in tags:
+        if t != "latest":
+            registry.delete_tag(name, t)
+    registry.delete_version(name, version)
     return Removed(version, tags, latest_to)
 
 
