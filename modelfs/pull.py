@@ -1,8 +1,9 @@
 """Materializing a model version on local disk, for places that cannot use FUSE.
 
 Chunks are fetched in parallel and verified (BLAKE3) as they arrive, written
-in place into ``<file>.modelfs-partial``, and each finished file is checked
-against its SHA-256 before it is renamed into place — so a destination never
+in place into ``<file>.modelfs-partial`` and hashed in file order as they
+become contiguous, and each finished file is checked against its SHA-256 (of
+the bytes written, without reading the file again) before it is renamed into place — so a destination never
 holds a half-written file under its real name, and a re-run skips files that
 are already complete.
 """
@@ -76,26 +77,50 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
     return stats
 
 
+class _InOrderHash:
+    """The SHA-256 of a file whose chunks arrive in any order: a chunk is hashed once every
+    chunk before it was, from the bytes just written (no second read of the file). A
+    chunk's slot is given back when it is hashed, so at most the slots' worth of chunks
+    wait in memory for a slow one before them."""
+
+    def __init__(self, slots: threading.BoundedSemaphore):
+        self.sha = hashlib.sha256()
+        self.slots = slots
+        self.next = 0
+        self.waiting: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+
+    def add(self, i: int, data: bytes) -> None:
+        with self.lock:
+            self.waiting[i] = data
+            while self.next in self.waiting:
+                self.sha.update(self.waiting.pop(self.next))
+                self.next += 1
+                self.slots.release()
+
+
 def _pull_file(registry: Registry, entry: FileEntry, target: Path, pool: ThreadPoolExecutor,
                slots: threading.BoundedSemaphore, stats: PullStats,
                on_progress: Callable[[int], None]) -> None:
     partial = target.with_name(target.name + PARTIAL)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    digest = _InOrderHash(slots)
+    held = [0]  # slots taken for this file and not yet given back by the hash
 
     def fetch(i: int) -> None:
-        try:
-            h, n = entry.chunks[i]
-            os.pwrite(fd, registry.get_chunk(h, n), entry.offsets[i])
-            stats.add(fetched_bytes=n)
-            on_progress(n)
-        finally:
-            slots.release()
+        h, n = entry.chunks[i]
+        data = registry.get_chunk(h, n)
+        os.pwrite(fd, data, entry.offsets[i])
+        digest.add(i, data)
+        stats.add(fetched_bytes=n)
+        on_progress(n)
 
     futures: list[Future] = []
     try:
         os.ftruncate(fd, entry.size)
         for i in range(len(entry.chunks)):
             slots.acquire()
+            held[0] += 1
             futures.append(pool.submit(fetch, i))
         for f in futures:
             f.result()
@@ -108,7 +133,10 @@ def _pull_file(registry: Registry, entry: FileEntry, target: Path, pool: ThreadP
         raise
     finally:
         os.close(fd)
-    if file_sha256(partial) != entry.sha256:
+        with digest.lock:  # the slots of chunks that were never hashed (a failure)
+            for _ in range(held[0] - digest.next):
+                slots.release()
+    if digest.sha.hexdigest() != entry.sha256:
         partial.unlink(missing_ok=True)
         raise IntegrityError(f"{entry.path}: SHA-256 of the assembled file does not match the manifest")
     os.chmod(partial, entry.mode)

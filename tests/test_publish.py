@@ -207,3 +207,27 @@ def test_clear_errors(env, bucket, sample_model, tmp_path):
     dead = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}")
     r = cli(dead, "--concurrency", "2", "ls", reg, check=False, timeout=120)
     one_line_error(r, "cannot reach")
+
+
+def test_pull_hashes_chunks_in_file_order_whatever_order_they_arrive():
+    """pull checks a file's SHA-256 from the bytes it wrote, without reading the file again:
+    chunks arriving in any order give the file's hash, and every slot comes back."""
+    import hashlib
+    import random
+    import threading
+
+    from modelfs.pull import _InOrderHash
+
+    chunks = [random.Random(i).randbytes(1000 + i) for i in range(50)]
+    order = list(range(50))
+    random.Random(7).shuffle(order)
+    slots = threading.BoundedSemaphore(50)
+    for _ in range(50):
+        slots.acquire()
+    h = _InOrderHash(slots)
+    for i in order:
+        h.add(i, chunks[i])
+    assert h.sha.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert h.next == 50 and not h.waiting
+    for _ in range(50):  # all 50 slots were given back
+        assert slots.acquire(blocking=False)
