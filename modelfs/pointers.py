@@ -45,8 +45,12 @@ class PointerDir:
 
     def entries(self, rel: str) -> list[Entry]:
         """The directories and pointers in directory ``rel`` of the checkout, sorted by name."""
+        where = self.root / rel if rel else self.root
+        if os.path.commonpath([self.root, os.path.realpath(where)]) != str(self.root):
+            log.warning("%s now leads outside %s (a symlink): not shown", rel, self.root)
+            return []
         try:
-            with os.scandir(self.root / rel if rel else self.root) as it:
+            with os.scandir(where) as it:
                 found = list(it)
         except (FileNotFoundError, NotADirectoryError):  # removed by a checkout: now empty
             return []
@@ -75,10 +79,7 @@ class PointerDir:
             cached = self._parsed.get(rel)
             if cached is not None and cached[0] == key:
                 return cached[1]
-            if st.st_size > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"larger than {MAX_MANIFEST_BYTES} bytes")
-            with open(e.path, "rb") as f:
-                m: Manifest | None = loads(f.read(MAX_MANIFEST_BYTES + 1), source=rel)
+            m: Manifest | None = _read(e.path, rel)
         except OSError as err:
             log.warning("skipping pointer %s: %s", rel, err.strerror)
             return None
@@ -99,15 +100,20 @@ class PointerDir:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
                 if name.endswith(SUFFIX) and not name.startswith("."):
-                    rel = os.path.relpath(os.path.join(top, name), self.root)
+                    path = os.path.join(top, name)
                     try:
-                        with open(os.path.join(top, name), "rb") as f:
-                            m = loads(f.read(MAX_MANIFEST_BYTES + 1), source=rel)
+                        m = _read(path, os.path.relpath(path, self.root))
                     except (OSError, ManifestError):
                         continue
                     if m.origin:
                         out.add(m.origin)
         return out
+
+
+def _read(path: str, rel: str) -> Manifest:
+    """A pointer file's manifest, validated (OSError, ManifestError)."""
+    with open(path, "rb") as f:
+        return loads(f.read(MAX_MANIFEST_BYTES + 1), source=rel)  # loads refuses more than the max
 
 
 def _safe(name: str) -> bool:
