@@ -26,6 +26,9 @@ from .registry import Registry, open_registry, origin_registry, read_manifest_fi
 from .units import count, fmt_bytes
 
 
+_SECONDS = click.FloatRange(0, 86400, min_open=True)  # the same bound as a config file's seconds
+
+
 class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -47,9 +50,9 @@ class _Cli(click.Group):
 @click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
 @click.option("--concurrency", "-j", default=DEFAULTS["concurrency"], show_default=True,
               type=click.IntRange(1, 256), help="Parallel transfers.")
-@click.option("--connect-timeout", default=DEFAULTS["connect_timeout"], show_default=True, type=float,
+@click.option("--connect-timeout", default=DEFAULTS["connect_timeout"], show_default=True, type=_SECONDS,
               help=KEYS["connect_timeout"].doc)
-@click.option("--read-timeout", default=DEFAULTS["read_timeout"], show_default=True, type=float,
+@click.option("--read-timeout", default=DEFAULTS["read_timeout"], show_default=True, type=_SECONDS,
               help=KEYS["read_timeout"].doc)
 @click.option("--attempts", default=DEFAULTS["attempts"], show_default=True, type=click.IntRange(1, 20),
               help=KEYS["attempts"].doc)
@@ -68,15 +71,8 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect
     ctx.obj = {"debug": debug, "given": given,
                "config": StoreConfig(endpoint_url=endpoint_url or None, region=region,
                                      profile=profile, concurrency=concurrency,
-                                     connect_timeout=_positive("--connect-timeout", connect_timeout),
-                                     read_timeout=_positive("--read-timeout", read_timeout),
+                                     connect_timeout=connect_timeout, read_timeout=read_timeout,
                                      max_attempts=attempts)}
-
-
-def _positive(flag: str, seconds: float) -> float:
-    if not 0 < seconds <= 86400:
-        raise click.BadParameter(f"expected seconds, more than 0, got {seconds:g}", param_hint=flag)
-    return seconds
 
 
 def _registry(ctx: click.Context, ref: RegistryRef) -> Registry:

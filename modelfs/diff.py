@@ -136,8 +136,7 @@ class Diff:
 def diff(old: Manifest, new: Manifest, old_label: str, new_label: str,
          read_old: ChunkReader, read_new: ChunkReader) -> Diff:
     """Compare two manifests; tensor tables are read (``read_*``) only for changed files."""
-    old_chunks = {h: n for f in old.files for h, n in f.chunks}
-    new_chunks = {h: n for f in new.files for h, n in f.chunks}
+    old_chunks, new_chunks = old.unique_chunks, new.unique_chunks
     missing = {h: n for h, n in new_chunks.items() if h not in old_chunks}
     added = [f for f in new.files if old.file(f.path) is None]
     removed = [f for f in old.files if new.file(f.path) is None]
@@ -152,14 +151,14 @@ def diff(old: Manifest, new: Manifest, old_label: str, new_label: str,
             continue
         change = FileChange(f.path, (o.size, f.size), (o.mode, f.mode), content)
         if content:
-            change.tensors = _tensor_diff(o, f, read_old, read_new, set(old_chunks))
+            change.tensors = _tensor_diff(o, f, read_old, read_new, old_chunks)
         changed.append(change)
     return Diff(old_label, new_label, added, removed, changed, unchanged,
                 sum(missing.values()), len(missing), sum(new_chunks.values()))
 
 
 def _tensor_diff(o: FileEntry, f: FileEntry, read_old: ChunkReader, read_new: ChunkReader,
-                 old_chunks: set[str]) -> TensorDiff | None:
+                 old_chunks: dict[str, int]) -> TensorDiff | None:
     try:
         a, b = tensor_table(o, read_old), tensor_table(f, read_new)
     except ModelfsError as e:  # a header chunk that cannot be fetched: the file diff stands

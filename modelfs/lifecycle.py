@@ -188,12 +188,11 @@ class _Marks:
                                        f"{name}@{v.version}: {e}") from None
                 self._seen.add((name, v.version))
                 use.versions += 1
-                for f in m.files:
-                    for h, n in f.chunks:
-                        if h not in mine:
-                            mine.add(h)
-                            use.chunks += 1
-                            use.bytes += n
+                for h, n in m.unique_chunks.items():
+                    if h not in mine:
+                        mine.add(h)
+                        use.chunks += 1
+                        use.bytes += n
                 self.chunks |= mine
 
 

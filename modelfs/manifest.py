@@ -83,8 +83,13 @@ class Manifest:
     file_hash: str = "sha256"
     origin: str | None = None  # the registry it was published to: where its chunks are
 
+    @cached_property
+    def unique_chunks(self) -> dict[str, int]:
+        """Every chunk the version uses, once: hash → raw length."""
+        return {h: n for f in self.files for h, n in f.chunks}
+
     def totals(self) -> dict:
-        unique = {h: n for f in self.files for h, n in f.chunks}
+        unique = self.unique_chunks
         return {"files": len(self.files), "directories": len(self.directories),
                 "bytes": sum(f.size for f in self.files),
                 "chunks": sum(len(f.chunks) for f in self.files),

@@ -151,14 +151,7 @@ class Store:
             raise self._fail(e, key) from None
 
     def exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except _ERRORS as e:
-            err = self._fail(e, key)
-            if isinstance(err, NotFoundError):
-                return False
-            raise err from None
+        return self.stat(key) is not None
 
     def stat(self, key: str) -> ObjectInfo | None:
         """The object's size and store-side modification time, or None if it is absent."""
