@@ -75,8 +75,41 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect
                                      max_attempts=attempts)}
 
 
-def _registry(ctx: click.Context, ref: RegistryRef) -> Registry:
-    return open_registry(ref, ctx.obj["config"])
+KEY_ENV = "MODELFS_ENCRYPTION_KEY_FILE"
+
+
+def _encryption_option(f=None, *, expose: bool = False):
+    """``--encryption-key FILE`` (or $MODELFS_ENCRYPTION_KEY_FILE), on every command that
+    opens a registry. ``mount`` takes it as its setting; the others keep it in ctx.obj."""
+    def remember(ctx: click.Context, _param, value):
+        if value is not None:
+            ctx.ensure_object(dict)["encryption_key_file"] = value
+        return value
+
+    def decorate(f):
+        return click.option("--encryption-key", "encryption_key_file", envvar=KEY_ENV,
+                            type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
+                            callback=None if expose else remember,
+                            help=KEYS["encryption_key_file"].doc)(f)
+    return decorate(f) if f is not None else decorate
+
+
+def _key(ctx: click.Context):
+    """The registry key the command was given, if any (loaded once)."""
+    from .encryption import RegistryKey
+
+    if "encryption_key" not in ctx.obj:
+        path = ctx.obj.get("encryption_key_file")
+        ctx.obj["encryption_key"] = RegistryKey.load(path) if path is not None else None
+    return ctx.obj["encryption_key"]
+
+
+def _registry(ctx: click.Context, ref: RegistryRef, *, creating: bool = False, dry_run: bool = False) -> Registry:
+    return open_registry(ref, ctx.obj["config"], _key(ctx), creating=creating, dry_run=dry_run)
+
+
+def _origin(ctx: click.Context, m: Manifest, registry_url: str | None) -> Registry:
+    return origin_registry(m, registry_url, ctx.obj["config"], _key(ctx))
 
 
 def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manifest]:
@@ -100,12 +133,13 @@ def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manife
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the manifest here (the pointer file to commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_encryption_option
 @click.pass_context
 def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet):
     """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX)."""
     from .publish import Publisher, scan
 
-    reg = _registry(ctx, parse_registry(registry))
+    reg = _registry(ctx, parse_registry(registry), creating=True, dry_run=dry_run)
     tag_list = list(dict.fromkeys(["latest", *tags]))
     bar = Progress("publish", enabled=False if quiet else None)
     tree = scan(src)
@@ -135,8 +169,24 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
 
 
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path):
+    """Write a new random 256-bit registry key to PATH (mode 0600, never over a file).
+
+    Publish with --encryption-key PATH to an empty prefix and it becomes an encrypted
+    registry: chunks, manifests and tags are encrypted before upload. Every reader
+    needs the same file; a lost key cannot be recovered."""
+    from .encryption import RegistryKey
+
+    key = RegistryKey.generate()
+    key.save(path)
+    click.echo(f"wrote a new registry key to {path} (key id {key.key_id}); keep it secret, and keep a copy")
+
+
 @main.command("ls")
 @click.argument("registry")
+@_encryption_option
 @click.pass_context
 def ls_cmd(ctx, registry: str):
     """List the models in REGISTRY with their tags and versions."""
@@ -160,6 +210,7 @@ def ls_cmd(ctx, registry: str):
 @main.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest itself.")
+@_encryption_option
 @click.pass_context
 def inspect(ctx, ref: str, as_json: bool):
     """Show what model REF holds: files, sizes, tensors (REF: s3://…/NAME@TAG or a manifest file)."""
@@ -195,6 +246,7 @@ def _summary(d: dict) -> str:
 @click.option("--registry", "registry_url", help="Registry holding the chunks of manifest files without an origin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
 @click.option("--limit", default=20, show_default=True, help="Tensors listed per kind and file (all with --json).")
+@_encryption_option
 @click.pass_context
 def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, limit: int):
     """What changed from version OLD to NEW (refs or manifest files): files, tensors, bytes to fetch."""
@@ -204,7 +256,7 @@ def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, l
     for ref in (old, new):
         reg, version, m = _resolve(ctx, ref)
         if reg is None and (registry_url or m.origin):
-            reg = origin_registry(m, registry_url, ctx.obj["config"])
+            reg = _origin(ctx, m, registry_url)
         read = reg.get_chunk if reg is not None else _no_chunks
         sides.append((f"{m.name}@{version}", m, read))
     (la, ma, ra), (lb, mb, rb) = sides
@@ -252,6 +304,7 @@ def _no_chunks(h: str, n: int) -> bytes:
 @main.command()
 @click.argument("ref")
 @click.argument("tag")
+@_encryption_option
 @click.pass_context
 def tag(ctx, ref: str, tag: str):
     """Point TAG of the model at the version REF names (s3://…/NAME@TAG-OR-VERSION)."""
@@ -265,6 +318,7 @@ def tag(ctx, ref: str, tag: str):
 @main.command("rm")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Also remove the tags that point at the version.")
+@_encryption_option
 @click.pass_context
 def rm_cmd(ctx, ref: str, force: bool):
     """Retire version REF (s3://…/NAME@VERSION): delete its manifest; its chunks go at the next gc."""
@@ -289,6 +343,7 @@ def rm_cmd(ctx, ref: str, force: bool):
 @click.option("--grace", default="24h", show_default=True,
               help="Only chunks written longer ago than this (s, m, h, d) are garbage.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_encryption_option
 @click.pass_context
 def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
     """Find (and with --delete, remove) the chunks no version in REGISTRY references."""
@@ -337,6 +392,7 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when REF is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_encryption_option
 @click.pass_context
 def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
     """Download model REF into DEST, verified, in parallel."""
@@ -344,7 +400,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
 
     reg, version, m = _resolve(ctx, ref)
     if reg is None:
-        reg = origin_registry(m, registry_url, ctx.obj["config"])
+        reg = _origin(ctx, m, registry_url)
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()
@@ -400,6 +456,7 @@ def _help(name: str) -> str:
 @click.option("--nonempty/--no-nonempty", default=None, help=_help("nonempty"))
 @click.option("--metrics-port", type=int, help=_help("metrics_port"))
 @click.option("--metrics-address", help=_help("metrics_address"))
+@_encryption_option(expose=True)
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
 @click.pass_context
@@ -576,6 +633,7 @@ def _is_manifest_file(path: str) -> bool:
               help="Cap of the cache (by ref), as the mounts that use it have.")
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when a target is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_encryption_option
 @click.pass_context
 def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
     """Warm the cache before traffic arrives.
@@ -602,7 +660,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
                     version, m = Catalog(reg, c).resolve(mref)
                 else:
                     m = read_manifest_file(ref)
-                    version, reg = m.version_id, origin_registry(m, registry_url, ctx.obj["config"])
+                    version, reg = m.version_id, _origin(ctx, m, registry_url)
                     c.put_manifest(version, m.to_bytes())
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:

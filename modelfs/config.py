@@ -140,6 +140,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("kernel_readahead_kb", 1024, _int_in(0, 1 << 20), "Kernel readahead for the mount in KiB (root only; 0 keeps the kernel's)."),
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
+    Key("encryption_key_file", None, _path, "Key file of an encrypted registry (made by `modelfs keygen`; also $MODELFS_ENCRYPTION_KEY_FILE). The file is read, never its contents logged or passed on."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
     Key("connect_timeout", CONNECT_TIMEOUT, _seconds, "Seconds to wait for a connection to the store, per attempt."),
     Key("read_timeout", READ_TIMEOUT, _seconds, "Seconds to wait for the store's next bytes, per attempt."),

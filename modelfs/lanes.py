@@ -22,6 +22,7 @@ not store (a full disk), mapped from the workers' memfds, at most ``spill_bytes`
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import mmap
@@ -117,7 +118,8 @@ class Lanes:
             cache_dir=str(cache.path.parent), cache_cap=cache.cap,
             threads=max(1, -(-config.concurrency // self.n_workers)),
             connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
-            max_attempts=config.max_attempts)
+            max_attempts=config.max_attempts,
+            encrypted=registry is not None and registry.key is not None)
         self.store_limiter = trio.CapacityLimiter(config.concurrency)
         self.cache_limiter = trio.CapacityLimiter(config.cache_threads)
         self.stats = FetchStats()
@@ -164,6 +166,9 @@ class Lanes:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
+        if self.worker_config.encrypted:  # the key goes through the socket, never argv or env
+            assert self.registry is not None and self.registry.key is not None
+            mine.send(json.dumps({"key": base64.b64encode(self.registry.key.secret).decode()}).encode())
         p = _Proc(proc, mine, trio.socket.from_stdlib_socket(mine), time.monotonic())
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)

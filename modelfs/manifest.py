@@ -23,6 +23,7 @@ from .errors import IntegrityError, ManifestError
 FORMAT = "modelfs-manifest"
 FORMAT_VERSION = 1
 VERSION_ID_HEX = 20  # 80 bits of BLAKE3 over the manifest bytes
+CHUNK_HASHES = ("blake3", "blake3-keyed")  # plain, and keyed by an encrypted registry's key
 
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 MAX_FILES = 1_000_000
@@ -79,7 +80,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     directories: tuple[DirEntry, ...]
     chunking: dict
-    chunk_hash: str = "blake3"
+    chunk_hash: str = "blake3"  # "blake3-keyed": the chunks of an encrypted registry
     file_hash: str = "sha256"
     origin: str | None = None  # the registry it was published to: where its chunks are
 
@@ -237,7 +238,7 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
     if not isinstance(created, str) or len(created) > 64:
         raise ManifestError("created must be a timestamp string")
     hashes = _obj(doc.get("hashes"), "hashes")
-    if hashes.get("chunk") != "blake3" or hashes.get("file") != "sha256":
+    if hashes.get("chunk") not in CHUNK_HASHES or hashes.get("file") != "sha256":
         raise ManifestError(f"unsupported hash algorithms {hashes!r}"[:300])
     chunking = _obj(doc.get("chunking", {}), "chunking")
     origin = doc.get("origin")
@@ -280,7 +281,7 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
                                None if mtime is None else _int(mtime, f"{path}: mtime_ns", *MTIME_NS_RANGE)))
     _check_tree(files, dirs)
     return Manifest(name=name, created=created, files=tuple(files), directories=tuple(dirs),
-                    chunking=chunking, origin=origin)
+                    chunking=chunking, chunk_hash=hashes["chunk"], origin=origin)
 
 
 def _check_tree(files: list[FileEntry], dirs: list[DirEntry]) -> None:

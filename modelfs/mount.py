@@ -39,6 +39,7 @@ from .metrics import Reporter
 from .mountpoint import PID_XATTR, check_mountpoint, set_kernel_readahead
 from .pointers import PointerDir, registry_url_for
 from .refs import is_model_ref, parse_model, parse_registry
+from .encryption import RegistryKey
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
 
@@ -62,6 +63,7 @@ class MountConfig:
     readahead_order: str = "tensors"  # follow the loader's tensor order where a format says it
     store: StoreConfig = field(default_factory=StoreConfig)
     lanes: LaneConfig = field(default_factory=LaneConfig)
+    encryption_key: RegistryKey | None = None  # an encrypted registry's key (never shown)
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
@@ -69,7 +71,9 @@ class MountConfig:
         store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
                             concurrency=s["concurrency"], connect_timeout=s["connect_timeout"],
                             read_timeout=s["read_timeout"], max_attempts=s["attempts"])
+        key_file = s["encryption_key_file"]
         return cls(
+            encryption_key=RegistryKey.load(key_file) if key_file is not None else None,
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
             cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
             allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
@@ -104,31 +108,38 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
-            catalog = Catalog(open_registry(ref.registry, cfg.store), cache)
+            catalog = Catalog(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True), cache)
             version, manifest = catalog.resolve(ref)
             return Source(catalog, ref.name, version, manifest)
         rref = parse_registry(src)
-        registry = open_registry(rref, cfg.store)
+        registry = open_registry(rref, cfg.store, cfg.encryption_key, check=False)
         registry.store.check_bucket()
         if registry.models() or not rref.prefix:
+            registry.check_encryption()
             return Source(Catalog(registry, cache))
         # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
         try:
             ref = parse_model(src)
-            parent = Catalog(Registry(registry.store, ref.registry), cache)
+        except UsageError:
+            raise NotFoundError(f"no registry and no model at {src}") from None
+        parent_registry = Registry(registry.store, ref.registry, cfg.encryption_key)
+        parent_registry.check_encryption()  # its own line for a missing or wrong key
+        parent = Catalog(parent_registry, cache)
+        try:
             version, manifest = parent.resolve(ref)
-        except (UsageError, NotFoundError):
+        except NotFoundError:
             raise NotFoundError(f"no registry and no model at {src}") from None
         return Source(parent, ref.name, version, manifest)
     if Path(src).is_dir():
         url = registry_url_for(Path(src), cfg.registry_url)
-        registry = open_registry(parse_registry(url), cfg.store)
+        registry = open_registry(parse_registry(url), cfg.store, cfg.encryption_key, offline_ok=True)
         registry.store.check_bucket()
         # with --registry every pointer is read from it; else only those whose origin it is
         pointers = PointerDir(Path(src), None if cfg.registry_url else str(registry.ref))
         return Source(Catalog(registry, cache), pointers=pointers)
     manifest = read_manifest_file(src)
-    return Source(Catalog(origin_registry(manifest, cfg.registry_url, cfg.store), cache), manifest.name,
+    registry = origin_registry(manifest, cfg.registry_url, cfg.store, cfg.encryption_key, offline_ok=True)
+    return Source(Catalog(registry, cache), manifest.name,
                   manifest.version_id, manifest)
 
 

@@ -22,8 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import codec
-from .chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
+from .chunking import DEFAULT_PARAMS, ChunkParams, cut
 from .describe import describe
 from .errors import ManifestError, UsageError
 from .lifecycle import Lease
@@ -156,7 +155,8 @@ class Publisher:
                 entries.append(self._file(pool, s))
         manifest = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             files=tuple(entries), directories=tuple(dirs),
-                            chunking=self.params.as_json(), origin=str(self.registry.ref))
+                            chunking=self.params.as_json(), chunk_hash=self.registry.codec.hash_algorithm,
+                            origin=str(self.registry.ref))
         self.stats.seconds = time.monotonic() - t0
         if self.dry_run:
             return PublishResult(manifest, manifest.version_id, self.stats, [])
@@ -204,14 +204,14 @@ class Publisher:
         # ``with``: the slice is released even when an error's traceback keeps this
         # frame alive; otherwise the mapping could not be closed.
         with view[off:off + n] as data:
-            h = chunk_hash(data)
+            h = self.registry.codec.hash(data)
             with self._lock:
                 first = h not in self._seen
                 self._seen.add(h)
             if not first or h in self._known or self.registry.has_chunk(h):
                 self.stats.add(reused_chunks=1, reused_bytes=n)
             else:
-                blob = codec.encode(data, self.compress)
+                blob = self.registry.codec.encode(data, h, self.compress)
                 if not self.dry_run:
                     self.registry.put_chunk(h, blob)
                 self.stats.add(uploaded_chunks=1, uploaded_bytes=len(blob))

@@ -4,6 +4,12 @@
     <prefix>/models/<name>/versions/<id>.json   manifests, immutable, id = hash of the bytes
     <prefix>/models/<name>/tags/<tag>.json      {"version": id, ...}, mutable pointers
     <prefix>/leases/<id>.json                   a publish in progress (see lifecycle)
+    <prefix>/encryption.json                    only in an encrypted registry: scheme and key id
+
+An encrypted registry (docs/security.md) has the same layout: chunk ids are keyed
+BLAKE3, chunks are AES-256-GCM (see codec), and manifests and tags are sealed
+objects bound to their key under the prefix (see encryption). Its marker object
+lets every command tell a missing or wrong key from damage, in one clear line.
 
 Readers only ever follow tag → manifest → chunks, and writers write in the
 opposite order (chunks, then the manifest, then the tag), so a reader never
@@ -19,14 +25,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import codec
-from .errors import IntegrityError, ManifestError, NotFoundError, StoreError, UsageError
+from .codec import ChunkCodec
+from .encryption import MetadataSealer, RegistryKey, is_sealed
+from .errors import IntegrityError, ManifestError, NotFoundError, StoreError, StoreUnavailableError, UsageError
 from .config import StoreConfig
 from .manifest import Manifest, loads
 from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag, parse_registry
 from .store import ObjectInfo, Store
 
 TAG_FORMAT = "modelfs-tag"
+MARKER_FORMAT = "modelfs-encryption"
+MARKER = "encryption.json"
 _HEX = frozenset("0123456789abcdef")
 log = logging.getLogger(__name__)
 
@@ -39,9 +48,19 @@ class VersionInfo:
 
 
 class Registry:
-    def __init__(self, store: Store, ref: RegistryRef):
+    """One registry under an S3 prefix: its chunks, manifests and tags.
+
+    Invariants: with a key, everything read is opened (decrypted and authenticated)
+    before it is parsed, and plain manifests, tags or chunks are refused; without
+    one, encrypted objects are refused with a line that asks for the key.
+    """
+
+    def __init__(self, store: Store, ref: RegistryRef, key: RegistryKey | None = None):
         self.store = store
         self.ref = ref
+        self.key = key
+        self.codec = ChunkCodec(key)
+        self._sealer = MetadataSealer(key) if key is not None else None
 
     # -- keys ----------------------------------------------------------------
     def chunk_key(self, h: str) -> str:
@@ -79,17 +98,86 @@ class Registry:
             blob = self.store.get(self.chunk_key(h))
         except NotFoundError:
             raise NotFoundError(f"chunk {h} is missing from {self.ref}") from None
-        return codec.decode(blob, h, size)
+        return self.codec.decode(blob, h, size)
+
+    # -- encryption --------------------------------------------------------------
+    def check_encryption(self, *, creating: bool = False, dry_run: bool = False) -> None:
+        """Refuse, in one line, a key this registry does not take, or its lack.
+
+        ``creating`` (publish): an empty prefix published to with a key becomes an
+        encrypted registry (its marker is written first, unless ``dry_run``); one
+        that already holds plain models does not."""
+        try:
+            data = self.store.get(self.ref.key(MARKER))
+        except NotFoundError:
+            data = None
+        if data is None:
+            if self.key is None:
+                return
+            if not creating:
+                raise UsageError(f"registry {self.ref} is not encrypted, but an encryption key was given "
+                                 "(leave --encryption-key out)")
+            if self.models() or next(self.chunks(), None) is not None:
+                raise UsageError(f"registry {self.ref} already holds unencrypted models: an encrypted "
+                                 "registry needs a prefix of its own")
+            if dry_run:
+                return
+            doc = {"format": MARKER_FORMAT, "version": 1, "chunk_cipher": "AES-256-GCM",
+                   "metadata_cipher": "AES-256-GCM", "chunk_ids": "BLAKE3-keyed", "kdf": "HKDF-SHA256",
+                   "key_id": self.key.key_id}
+            self.store.put(self.ref.key(MARKER), json.dumps(doc, sort_keys=True, indent=2).encode() + b"\n",
+                           "application/json")
+            log.info("registry %s is now encrypted (key id %s)", self.ref, self.key.key_id)
+            return
+        try:
+            doc = json.loads(data)
+            key_id = doc["key_id"]
+            if doc.get("format") != MARKER_FORMAT or not isinstance(key_id, str):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise ManifestError(f"the encryption marker of registry {self.ref} ({MARKER}) is malformed") \
+                from None
+        if doc.get("version") != 1:
+            raise UsageError(f"registry {self.ref} uses encryption scheme version {doc.get('version')!r}, "
+                             "which this modelfs does not know: upgrade modelfs")
+        if self.key is None:
+            raise UsageError(f"registry {self.ref} is encrypted: pass --encryption-key FILE "
+                             f"(or $MODELFS_ENCRYPTION_KEY_FILE) with its key (key id {key_id})")
+        if key_id != self.key.key_id:
+            raise UsageError(f"wrong encryption key for registry {self.ref}: it was encrypted with key id "
+                             f"{key_id}, the key given has id {self.key.key_id}")
+
+    def _seal(self, data: bytes, key: str) -> bytes:
+        return data if self._sealer is None else self._sealer.seal(data, self._where(key))
+
+    def _open(self, blob: bytes, key: str) -> bytes:
+        if self._sealer is not None:
+            return self._sealer.open(blob, self._where(key))
+        if is_sealed(blob):
+            raise UsageError(f"{key} is encrypted: registry {self.ref} needs --encryption-key")
+        return blob
+
+    def _where(self, key: str) -> str:
+        """An object's key under the prefix: what a sealed object is bound to (so a
+        registry copied to another bucket or prefix still opens)."""
+        base = self.ref.key("")
+        return key[len(base) + 1:] if base and key.startswith(base + "/") else key
 
     # -- manifests and tags ----------------------------------------------------
     def put_manifest(self, m: Manifest) -> str:
-        data = m.to_bytes()
-        self.store.put(self.version_key(m.name, m.version_id), data, "application/json")
+        if m.chunk_hash != self.codec.hash_algorithm:
+            raise UsageError(f"manifest of {m.name} names its chunks with {m.chunk_hash}, registry {self.ref} "
+                             f"with {self.codec.hash_algorithm}")
+        key = self.version_key(m.name, m.version_id)
+        self.store.put(key, self._seal(m.to_bytes(), key),
+                       "application/json" if self._sealer is None else "application/octet-stream")
         return m.version_id
 
     def manifest_bytes(self, name: str, version: str) -> bytes:
+        """The manifest's plain bytes (opened, in an encrypted registry)."""
+        key = self.version_key(name, version)
         try:
-            return self.store.get(self.version_key(name, version))
+            return self._open(self.store.get(key), key)
         except NotFoundError:
             raise NotFoundError(f"no version {version} of model {name!r} in {self.ref}") from None
 
@@ -98,14 +186,25 @@ class Registry:
         m = loads(data, expected_version=version, source=f"{self.ref}/{name}@{version}")
         if m.name != name:
             raise IntegrityError(f"manifest {version} names model {m.name!r}, not {name!r}")
+        self.check_chunk_names(m)
         return m
+
+    def check_chunk_names(self, m: Manifest) -> None:
+        """A manifest whose chunk ids this registry's codec cannot verify is refused."""
+        if m.chunk_hash == self.codec.hash_algorithm:
+            return
+        if self.key is None:
+            raise UsageError(f"{m.name}@{m.version_id} belongs to an encrypted registry: pass --encryption-key")
+        raise UsageError(f"{m.name}@{m.version_id} is not from an encrypted registry, but an encryption "
+                         "key was given")
 
     def get_manifest(self, name: str, version: str) -> Manifest:
         return self.parse_manifest(name, version, self.manifest_bytes(name, version))
 
     def get_tag(self, name: str, tag: str) -> str:
+        key = self.tag_key(name, tag)
         try:
-            data = self.store.get(self.tag_key(name, tag))
+            data = self._open(self.store.get(key), key)
         except NotFoundError:
             if not self.model_exists(name):
                 raise NotFoundError(f"no model {name!r} in {self.ref}") from None
@@ -123,8 +222,9 @@ class Registry:
         check_tag(tag)
         doc = {"format": TAG_FORMAT, "version": version,
                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.store.put(self.tag_key(name, tag), json.dumps(doc, sort_keys=True).encode(),
-                       "application/json")
+        key = self.tag_key(name, tag)
+        self.store.put(key, self._seal(json.dumps(doc, sort_keys=True).encode(), key),
+                       "application/json" if self._sealer is None else "application/octet-stream")
 
     def delete_tag(self, name: str, tag: str) -> None:
         self.store.delete(self.tag_key(name, tag))
@@ -159,7 +259,7 @@ class Registry:
                 tag = o.key[len(base):-5]
                 try:
                     out[check_tag(tag)] = self.get_tag(name, tag)
-                except (ManifestError, UsageError) as e:
+                except (ManifestError, IntegrityError, UsageError) as e:
                     log.warning("skipping tag object %s: %s", o.key, e)
                 except NotFoundError:  # listed but not readable: not consistent yet
                     raise StoreError(f"tag {name}@{tag} is listed but cannot be read yet") from None
@@ -183,8 +283,23 @@ class Registry:
 
 # -- opening what a user names ------------------------------------------------------
 
-def open_registry(ref: RegistryRef, config: StoreConfig) -> Registry:
-    return Registry(Store(ref.bucket, config), ref)
+def open_registry(ref: RegistryRef, config: StoreConfig, key: RegistryKey | None = None, *,
+                  creating: bool = False, dry_run: bool = False, check: bool = True,
+                  offline_ok: bool = False) -> Registry:
+    """The registry at ``ref``, its encryption checked against ``key`` (one clear line
+    for a missing or wrong key) unless ``check`` is false. With ``offline_ok`` (a
+    mount, which may start from its cache) an unreachable store defers the check:
+    whatever then needs the store fails on its own."""
+    registry = Registry(Store(ref.bucket, config), ref, key)
+    if not check:
+        return registry
+    try:
+        registry.check_encryption(creating=creating, dry_run=dry_run)
+    except StoreUnavailableError as e:
+        if not offline_ok:
+            raise
+        log.warning("could not check the encryption of %s (%s)", ref, e)
+    return registry
 
 
 def read_manifest_file(path: str) -> Manifest:
@@ -194,12 +309,15 @@ def read_manifest_file(path: str) -> Manifest:
     return loads(Path(path).read_bytes(), source=path)
 
 
-def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig) -> Registry:
+def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig,
+                    key: RegistryKey | None = None, *, offline_ok: bool = False) -> Registry:
     """Where a manifest file's chunks live: ``--registry``, else the manifest's origin."""
     url = registry_url or m.origin
     if not url:
         raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
-    return open_registry(parse_registry(url), config)
+    registry = open_registry(parse_registry(url), config, key, offline_ok=offline_ok)
+    registry.check_chunk_names(m)
+    return registry
 
 
 def _is_hash(name: str) -> bool:

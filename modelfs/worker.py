@@ -8,7 +8,8 @@ request (a presigned URL, valid for minutes), so credentials never leave it and
 a worker stays ~30 MB.
 
 Protocol: one SOCK_SEQPACKET socket (fd ``argv[2]``), one JSON message per
-packet. The worker first says ``{"ready": pid}`` once it can serve. The daemon sends ``{"id", "h", "n", "url", "urgent", "refetch", "pin"}``; the
+packet. For an encrypted registry the daemon's first message is ``{"key": base64}``
+(the registry key goes through the socket, never argv or the environment). The worker first says ``{"ready": pid}`` once it can serve. The daemon sends ``{"id", "h", "n", "url", "urgent", "refetch", "pin"}``; the
 worker answers ``{"id", "ok", "fetched", "took"}`` or ``{"id", "ok": false,
 "kind", "status", "code", "msg"}`` once the chunk is committed to the cache (or
 cannot be). When the cache cannot store a chunk (a full disk), ``spill`` is
@@ -25,6 +26,7 @@ after the commit; memory is bounded by ``threads`` chunk buffers.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import logging
@@ -42,10 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import codec, malloc
+from . import malloc
 from .cache import BlockCache, FetchLock
+from .codec import ChunkCodec
 from .config import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT
-from .errors import IntegrityError
+from .encryption import RegistryKey
+from .errors import IntegrityError, UsageError
 
 log = logging.getLogger("modelfs.worker")
 
@@ -61,6 +65,7 @@ class WorkerConfig:
     connect_timeout: float = CONNECT_TIMEOUT
     read_timeout: float = READ_TIMEOUT
     max_attempts: int = ATTEMPTS
+    encrypted: bool = False  # the registry key comes as the first message
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -146,6 +151,7 @@ class Worker:
         self.cfg = cfg
         self.sock = sock
         self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap)
+        self.codec = ChunkCodec(_receive_key(sock) if cfg.encrypted else None)
         self.http = HttpGetter(cfg)
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
         self.send_lock = threading.Lock()
@@ -226,8 +232,8 @@ class Worker:
             if self.cache.has(h) and not req.get("keep"):  # another process fetched it while we waited
                 return {"id": req["id"], "ok": True, "fetched": False, "took": 0.0}
             t0 = time.monotonic()
-            blob = self.http.get(req["url"], codec.max_stored_size(n))
-            raw = codec.decode(blob, h, n)
+            blob = self.http.get(req["url"], self.codec.max_stored_size(n))
+            raw = self.codec.decode(blob, h, n)
             took = time.monotonic() - t0
             if not self.cache.write([(h, raw)]) or req.get("keep"):
                 # a full or failing cache disk must not fail the reader (nor may a cache
@@ -236,6 +242,15 @@ class Worker:
             return {"id": req["id"], "ok": True, "fetched": True, "took": took}
         finally:
             lock.release(h)
+
+
+def _receive_key(sock: socket.socket) -> RegistryKey:
+    """The registry key, the daemon's first message (see the protocol above)."""
+    msg = sock.recv(MAX_MESSAGE)
+    try:
+        return RegistryKey(base64.b64decode(json.loads(msg)["key"], validate=True))
+    except (ValueError, KeyError, TypeError, UsageError):
+        raise SystemExit("modelfs worker: the daemon did not send a registry key") from None
 
 
 def _memfd(data: bytes | memoryview) -> int:

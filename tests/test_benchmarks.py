@@ -34,3 +34,13 @@ def test_suite_quick_mode_produces_every_result(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ratio" in (tmp_path / "results.md").read_text()
     assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops the page cache and mounts FUSE: needs root")
+def test_encryption_benchmark_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "encryption.py"), "--size-mib", "16",
+                        "--runs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "encryption.json").read_text())
+    assert res["publish_ratio"] > 0 and res["cold_read_ratio"] > 0
+    assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line]
