@@ -9,8 +9,11 @@ Layout (one environment at ``<cache-dir>/blocks``, shared by every mount on the 
     sums       blake3 (32 raw bytes) → xxh3-64 of each 64 KiB block of the chunk (8 bytes each)
     meta       blake3 (32 raw bytes) → u64 last use (ns), u64 size (written in batches)
     manifests  version id (ascii)    → manifest bytes (immutable, hash-checked)
-    refs       model ref (ascii)     → JSON {"version", "at"}: what a tag last resolved to,
-                                       so a mount can start while the store is unreachable
+    refs       model ref (ascii)     → JSON {"version", "at", "sequence"}: what a tag last
+                                       resolved to, so a mount can start while the store is
+                                       unreachable, and (signed tags) the highest sequence seen,
+                                       so an older record put back is refused
+    signatures version id (ascii)    → the version's model_signing bundle (shown as model.sig)
 
 Integrity: a chunk is verified against its BLAKE3 id once, before it is written
 (the fetch workers do that). What a read then checks is cheaper and enough: the
@@ -147,8 +150,9 @@ class BlockCache:
         self.sums = env.open_db(b"sums")
         self.manifests = env.open_db(b"manifests")
         self.refs = env.open_db(b"refs")
+        self.signatures = env.open_db(b"signatures")
         with env.begin() as txn:  # touch every database once: garbage fails here, not later
-            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs):
+            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs, self.signatures):
                 txn.stat(db)
         return env
 
@@ -237,24 +241,35 @@ class BlockCache:
             return None
         return data
 
-    def get_ref(self, ref: str) -> tuple[str, float] | None:
-        """(version, when it was resolved) of a model ref, as last seen by a mount."""
+    def get_ref(self, ref: str) -> tuple[str, float, int] | None:
+        """(version, when it was resolved, tag sequence) of a model ref, as last seen here."""
         with self._txn() as txn:
             data = txn.get(ref.encode(), db=self.refs)
         try:
             doc = json.loads(data) if data is not None else None
-            return (str(doc["version"]), float(doc["at"])) if doc else None
+            return (str(doc["version"]), float(doc["at"]), int(doc.get("sequence", 0))) if doc else None
         except (ValueError, KeyError, TypeError):
             return None
 
+    def get_signature(self, version: str) -> bytes | None:
+        with self._txn() as txn:
+            return txn.get(version.encode(), db=self.signatures)
+
     # -- writes (one thread at a time) ----------------------------------------------
-    def put_ref(self, ref: str, version: str) -> None:
+    def put_ref(self, ref: str, version: str, sequence: int = 0) -> None:
+        doc = {"version": version, "at": time.time(), "sequence": sequence}
         try:
             with self._txn(write=True) as txn:
-                txn.put(ref.encode(), json.dumps({"version": version, "at": time.time()}).encode(),
-                        db=self.refs)
+                txn.put(ref.encode(), json.dumps(doc).encode(), db=self.refs)
         except (lmdb.Error, OSError) as e:
             log.warning("could not cache %s: %s", ref, e)
+
+    def put_signature(self, version: str, data: bytes) -> None:
+        try:
+            with self._txn(write=True) as txn:
+                txn.put(version.encode(), data, db=self.signatures)
+        except (lmdb.Error, OSError) as e:
+            log.warning("could not cache the signature of %s: %s", version, e)
 
     def put_manifest(self, version: str, data: bytes) -> None:
         try:
@@ -390,7 +405,7 @@ class BlockCache:
     def clear(self) -> None:
         """Drop every chunk and manifest (the file keeps its size; the pages are reused)."""
         with self._txn(write=True) as txn:
-            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs):
+            for db in (self.chunks, self.sums, self.meta, self.manifests, self.refs, self.signatures):
                 txn.drop(db, delete=False)
 
     def close(self) -> None:

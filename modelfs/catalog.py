@@ -8,6 +8,12 @@ timeouts, 5xx — not a denial) a mount can start from what this cache saw last:
 daemon restarted during an outage (``Restart=on-failure``) comes back with the
 version it served, and its cached chunks read as before.
 
+With trusted keys (``--trusted-key``) it is also where trust is enforced, once
+for every command and the mount: a manifest is returned only if a trusted key
+signed exactly its files, a tag only if its record is signed by a trusted key and
+its sequence is not below the highest this cache has seen for it (a rollback).
+Signatures come the way manifests do: memory → cache → store.
+
 Blocking (store and LMDB calls): the mount calls it through
 :class:`~modelfs.lanes.Lanes`' threads; the CLI calls it directly.
 """
@@ -18,10 +24,11 @@ import logging
 import time
 
 from .cache import BlockCache
-from .errors import NotFoundError, StoreUnavailableError
+from .errors import IntegrityError, ManifestError, NotFoundError, StoreUnavailableError, TrustError
 from .manifest import Manifest
 from .refs import NAME_RE, VERSION_RE, ModelRef
-from .registry import Registry
+from .registry import Registry, TagRecord, VersionInfo
+from .trust import TrustedKeys
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +37,17 @@ class Catalog:
     """Manifests and tag resolutions of one registry, through one host's cache (optional).
 
     Invariants: a manifest returned was validated against the version id it was
-    asked for; a tag resolution is recorded only together with its manifest.
+    asked for (and, with ``trust``, against a trusted signature); a tag resolution
+    is recorded only together with its manifest, and with its sequence.
     """
 
-    def __init__(self, registry: Registry, cache: BlockCache | None = None):
+    def __init__(self, registry: Registry, cache: BlockCache | None = None, trust: TrustedKeys | None = None):
         self.registry = registry
         self.cache = cache
+        self.trust = trust
         self._manifests: dict[str, Manifest] = {}
+        self._signatures: dict[str, bytes | None] = {}
+        self.signed_by: dict[str, str] = {}  # version → id of the trusted key that signed it
 
     def manifest(self, name: str, version: str) -> Manifest:
         """The manifest of ``name@version``: memory → cache → store (then cached)."""
@@ -52,13 +63,73 @@ class Catalog:
         m = self.registry.parse_manifest(name, version, data)
         if fresh and self.cache is not None:
             self.cache.put_manifest(version, data)
+        self.verify(m, version)
         self._manifests[version] = m
         return m
 
+    def verify(self, m: Manifest, version: str) -> None:
+        """With trusted keys: TrustError unless a trusted key signed exactly ``m``'s files."""
+        if self.trust is None or version in self.signed_by:
+            return
+        self.signed_by[version] = self.trust.verify_version(m, self.signature(m.name, version),
+                                                            f"{m.name}@{version}")
+
+    def signature(self, name: str, version: str) -> bytes | None:
+        """The version's signature bundle (None: unsigned): memory → cache → store."""
+        if version in self._signatures:
+            return self._signatures[version]
+        data = self.cache.get_signature(version) if self.cache is not None else None
+        if data is None:
+            data = self.registry.get_signature(name, version)
+            if data is not None and self.cache is not None:
+                self.cache.put_signature(version, data)
+        self._signatures[version] = data
+        return data
+
+    def tags(self, name: str) -> dict[str, str]:
+        """Every tag of ``name``; with trusted keys only those that verify (and whose
+        version does), the others logged."""
+        records = self.registry.tag_records(name)
+        if self.trust is None:
+            return {tag: r.version for tag, r in records.items()}
+        out = {}
+        for tag, r in records.items():
+            ref = ModelRef(self.registry.ref, name, tag)
+            try:
+                self._trusted_tag(ref, r)
+                self.manifest(name, r.version)
+            except (TrustError, NotFoundError, ManifestError, IntegrityError) as e:
+                log.warning("not showing %s: %s", ref, e)
+                continue
+            self._record(ref, r)
+            out[tag] = r.version
+        return out
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``name``; with trusted keys only those that verify, the others logged."""
+        versions = self.registry.versions(name)
+        if self.trust is None:
+            return versions
+        out = []
+        for v in versions:
+            try:
+                self.manifest(name, v.version)
+            except (TrustError, NotFoundError, ManifestError, IntegrityError) as e:
+                log.warning("not showing %s/%s@%s: %s", self.registry.ref, name, v.version, e)
+                continue
+            out.append(v)
+        return out
+
     def resolve(self, ref: ModelRef) -> tuple[str, Manifest]:
         """``(version, manifest)`` of a tag or version ref; offline, what this cache saw last."""
+        record = None
         try:
-            version = ref.selector if ref.is_version else self.registry.get_tag(ref.name, ref.selector)
+            if ref.is_version:
+                version = ref.selector
+            else:
+                record = self.registry.tag_record(ref.name, ref.selector)
+                self._trusted_tag(ref, record)
+                version = record.version
             manifest = self.manifest(ref.name, version)
         except StoreUnavailableError as e:
             seen = self.cache.get_ref(self._ref_key(ref)) if self.cache is not None and not ref.is_version \
@@ -75,9 +146,27 @@ class Catalog:
             log.warning("object store unreachable (%s): serving %s@%s as version %s, the last one seen (%s)",
                         e, ref.name, ref.selector, seen[0], when)
             return seen[0], manifest
-        if not ref.is_version and self.cache is not None:
-            self.cache.put_ref(self._ref_key(ref), version)
+        if record is not None:
+            self._record(ref, record)
         return version, manifest
+
+    def _trusted_tag(self, ref: ModelRef, r: TagRecord) -> None:
+        """With trusted keys: the record is signed by one, and not older than what this
+        cache has seen for the tag (an older record put back is a rollback)."""
+        if self.trust is None:
+            return
+        self.trust.verify_tag(ref.name, ref.selector, r.version, r.sequence, r.signature)
+        seen = self.cache.get_ref(self._ref_key(ref)) if self.cache is not None else None
+        if seen is not None and (seen[2] > r.sequence or (seen[2] == r.sequence and seen[0] != r.version)):
+            raise TrustError(f"tag {ref.name}@{ref.selector} went back from sequence {seen[2]} (version "
+                             f"{seen[0]}) to {r.sequence} (version {r.version}): refused as a rollback")
+
+    def _record(self, ref: ModelRef, r: TagRecord) -> None:
+        """What ``ref`` resolved to now; the sequence kept is the highest ever seen."""
+        if self.cache is None:
+            return
+        seen = self.cache.get_ref(self._ref_key(ref))
+        self.cache.put_ref(self._ref_key(ref), r.version, max(r.sequence, seen[2] if seen else 0))
 
     def _ref_key(self, ref: ModelRef) -> str:
         return f"{self.registry.store.endpoint} {ref}"

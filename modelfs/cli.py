@@ -22,6 +22,7 @@ from .errors import ModelfsError, UsageError
 from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
+from .catalog import Catalog
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .units import count, fmt_bytes
 
@@ -112,15 +113,51 @@ def _origin(ctx: click.Context, m: Manifest, registry_url: str | None) -> Regist
     return origin_registry(m, registry_url, ctx.obj["config"], _key(ctx))
 
 
-def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manifest]:
-    """A model ref (s3://…/NAME@SEL) or a local manifest file → (registry, version, manifest)."""
+def _trust_option(f=None, *, expose: bool = False):
+    """``--trusted-key PEM`` (repeatable), on every command that reads a version.
+    ``mount`` takes it as its ``trusted_keys`` setting; the others keep it in ctx.obj."""
+    def remember(ctx: click.Context, _param, value):
+        if value:
+            ctx.ensure_object(dict)["trusted_keys"] = value
+        return value or None
+
+    def decorate(f):
+        return click.option("--trusted-key", "trusted_keys", multiple=True,
+                            type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
+                            callback=None if expose else remember,
+                            help=KEYS["trusted_keys"].doc)(f)
+    return decorate(f) if f is not None else decorate
+
+
+def _trust(ctx: click.Context):
+    """The trusted public keys the command was given, if any (loaded once)."""
+    from .trust import TrustedKeys
+
+    if "trust" not in ctx.obj:
+        paths = ctx.obj.get("trusted_keys")
+        ctx.obj["trust"] = TrustedKeys(paths) if paths else None
+    return ctx.obj["trust"]
+
+
+def _resolve(ctx: click.Context, ref: str, registry_url: str | None = None, *,
+             need_registry: bool = False) -> tuple[Catalog | None, str, Manifest]:
+    """A model ref (s3://…/NAME@SEL) or a local manifest file → (catalog, version, manifest).
+
+    With --trusted-key the version (and the tag, if REF names one) must verify first.
+    A manifest file gets its registry (its origin, or --registry) only when the command
+    needs one or has trusted keys (the signature lives there)."""
+    trust = _trust(ctx)
     if ref.startswith("s3://"):
         mref = parse_model(ref)
-        registry = _registry(ctx, mref.registry)
-        version, manifest = registry.resolve(mref)
-        return registry, version, manifest
+        catalog = Catalog(_registry(ctx, mref.registry), None, trust)
+        version, manifest = catalog.resolve(mref)
+        return catalog, version, manifest
     manifest = read_manifest_file(ref)
-    return None, manifest.version_id, manifest
+    if not (need_registry or trust is not None or registry_url):
+        return None, manifest.version_id, manifest
+    catalog = Catalog(_origin(ctx, manifest, registry_url), None, trust)
+    catalog.verify(manifest, manifest.version_id)
+    return catalog, manifest.version_id, manifest
 
 
 @main.command()
@@ -133,11 +170,17 @@ def _resolve(ctx: click.Context, ref: str) -> tuple[Registry | None, str, Manife
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the manifest here (the pointer file to commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key (PEM, elliptic curve) that signs the version and its tags (OpenSSF model signing).")
 @_encryption_option
 @click.pass_context
-def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet):
+def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet,
+            sign_key: Path | None):
     """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX)."""
     from .publish import Publisher, scan
+    from .trust import SigningKey
+
+    signer = SigningKey(sign_key) if sign_key is not None else None  # a bad key fails before any upload
 
     reg = _registry(ctx, parse_registry(registry), creating=True, dry_run=dry_run)
     tag_list = list(dict.fromkeys(["latest", *tags]))
@@ -149,7 +192,7 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
         bar.advance(n, f"new {fmt_bytes(stats.uploaded_bytes)}, reused {stats.reused_chunks} chunks")
 
     pub = Publisher(reg, concurrency=ctx.obj["config"].concurrency, dry_run=dry_run,
-                    compress=not no_compress, on_progress=progress)
+                    compress=not no_compress, on_progress=progress, signer=signer)
     try:
         result = pub.run(tree, name, tag_list)
     finally:
@@ -166,6 +209,8 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     click.echo(f"  {'to upload' if dry_run else 'uploaded '} {fmt_bytes(s.uploaded_bytes)} in {s.uploaded_chunks} chunks")
     click.echo(f"  reused    {s.reused_chunks} chunks ({fmt_bytes(s.reused_bytes)}) already in the store")
     click.echo(f"  took      {s.seconds:.1f} s ({fmt_bytes(rate)}/s)")
+    if signer is not None and not dry_run:
+        click.echo(f"  signed    by key {signer.key_id[:16]} (version and tags)")
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
 
 
@@ -184,24 +229,68 @@ def keygen(path: Path):
     click.echo(f"wrote a new registry key to {path} (key id {key.key_id}); keep it secret, and keep a copy")
 
 
+@main.command()
+@click.argument("ref")
+@click.option("--sign-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key (PEM, elliptic curve) to sign with.")
+@_encryption_option
+@click.pass_context
+def sign(ctx, ref: str, sign_key: Path):
+    """Sign the version REF names (s3://…/NAME@VERSION-OR-TAG), without reading its data.
+
+    The signature (an OpenSSF model signing bundle over its files' SHA-256) is stored
+    beside the manifest; mounts show it as model.sig and pull writes it, so
+    `model_signing verify` works on either. Tags are signed by `modelfs tag --sign-key`."""
+    from .trust import SigningKey, signed_files
+
+    signer = SigningKey(sign_key)
+    mref = parse_model(ref)
+    reg = _registry(ctx, mref.registry)
+    version, m = Catalog(reg).resolve(mref)
+    reg.put_signature(m.name, version, signer.sign_version(m))
+    click.echo(f"signed {m.name}@{version} ({count(len(signed_files(m)), 'file')}) with key {signer.key_id[:16]}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--registry", "registry_url", help="Registry holding the signature, when REF is a manifest file.")
+@_trust_option
+@_encryption_option
+@click.pass_context
+def verify(ctx, ref: str, registry_url: str | None):
+    """Check that a trusted key signed version REF (and tag, if REF names one), reading no data.
+
+    Exit 0 and one line when it verifies; one error line and a non-zero exit otherwise."""
+    if _trust(ctx) is None:
+        raise UsageError("verify needs --trusted-key PEM (repeatable)")
+    cat, version, m = _resolve(ctx, ref, registry_url, need_registry=True)
+    assert cat is not None
+    what = f"{m.name}@{version}"
+    if ref.startswith("s3://") and not parse_model(ref).is_version:
+        what = f"{m.name}@{parse_model(ref).selector} -> {version} (tag signed)"
+    click.echo(f"verified {what}: {count(len(m.files), 'file')} signed by trusted key {cat.signed_by[version][:16]}")
+
+
 @main.command("ls")
 @click.argument("registry")
+@_trust_option
 @_encryption_option
 @click.pass_context
 def ls_cmd(ctx, registry: str):
     """List the models in REGISTRY with their tags and versions."""
     reg = _registry(ctx, parse_registry(registry))
     reg.store.check_bucket()
+    catalog = Catalog(reg, None, _trust(ctx))  # with --trusted-key: only what verifies (the rest logged)
     models = reg.models()
     if not models:
         click.echo(f"no models in {reg.ref}")
     for name in models:
-        tags = reg.tags(name)
+        tags = catalog.tags(name)
         by_version: dict[str, list[str]] = {}
         for t, v in tags.items():
             by_version.setdefault(v, []).append(t)
         click.echo(name)
-        for v in reversed(reg.versions(name)):
+        for v in reversed(catalog.versions(name)):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created))
             labels = ", ".join(by_version.get(v.version, []))
             click.echo(f"  {v.version}  {when}Z" + (f"  [{labels}]" if labels else ""))
@@ -210,16 +299,19 @@ def ls_cmd(ctx, registry: str):
 @main.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest itself.")
+@_trust_option
 @_encryption_option
 @click.pass_context
 def inspect(ctx, ref: str, as_json: bool):
     """Show what model REF holds: files, sizes, tensors (REF: s3://…/NAME@TAG or a manifest file)."""
-    _, version, m = _resolve(ctx, ref)
+    cat, version, m = _resolve(ctx, ref)
     if as_json:
         sys.stdout.write(m.to_bytes().decode())
         return
     t = m.totals()
     click.echo(f"{m.name}@{version}  created {m.created}")
+    if cat is not None and version in cat.signed_by:
+        click.echo(f"  signed by trusted key {cat.signed_by[version][:16]}")
     click.echo(f"  {t['files']} files, {fmt_bytes(t['bytes'])}, {t['chunks']} chunks "
                f"({t['unique_chunks']} unique, {fmt_bytes(t['unique_chunk_bytes'])})")
     for f in m.files:
@@ -246,6 +338,7 @@ def _summary(d: dict) -> str:
 @click.option("--registry", "registry_url", help="Registry holding the chunks of manifest files without an origin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
 @click.option("--limit", default=20, show_default=True, help="Tensors listed per kind and file (all with --json).")
+@_trust_option
 @_encryption_option
 @click.pass_context
 def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, limit: int):
@@ -254,9 +347,8 @@ def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, l
 
     sides = []
     for ref in (old, new):
-        reg, version, m = _resolve(ctx, ref)
-        if reg is None and (registry_url or m.origin):
-            reg = _origin(ctx, m, registry_url)
+        cat, version, m = _resolve(ctx, ref, registry_url)
+        reg = cat.registry if cat is not None else _origin(ctx, m, None) if m.origin else None
         read = reg.get_chunk if reg is not None else _no_chunks
         sides.append((f"{m.name}@{version}", m, read))
     (la, ma, ra), (lb, mb, rb) = sides
@@ -304,15 +396,23 @@ def _no_chunks(h: str, n: int) -> bytes:
 @main.command()
 @click.argument("ref")
 @click.argument("tag")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key (PEM) that signs the tag record.")
 @_encryption_option
 @click.pass_context
-def tag(ctx, ref: str, tag: str):
-    """Point TAG of the model at the version REF names (s3://…/NAME@TAG-OR-VERSION)."""
+def tag(ctx, ref: str, tag: str, sign_key: Path | None):
+    """Point TAG of the model at the version REF names (s3://…/NAME@TAG-OR-VERSION).
+
+    With --sign-key the tag record is signed, and its sequence (which goes up with
+    every move) lets hosts that trust the key refuse an older record put back."""
+    from .trust import SigningKey
+
+    signer = SigningKey(sign_key) if sign_key is not None else None
     mref = parse_model(ref)
     reg = _registry(ctx, mref.registry)
-    version, _ = reg.resolve(mref)  # proves the version exists and is valid
-    reg.set_tag(mref.name, tag, version)
-    click.echo(f"{mref.name}@{tag} -> {version}")
+    version, _ = Catalog(reg).resolve(mref)  # proves the version exists and is valid
+    record = reg.set_tag(mref.name, tag, version, signer)
+    click.echo(f"{mref.name}@{tag} -> {version}" + (f" (signed, sequence {record.sequence})" if signer else ""))
 
 
 @main.command("rm")
@@ -392,20 +492,22 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when REF is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_trust_option
 @_encryption_option
 @click.pass_context
 def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
     """Download model REF into DEST, verified, in parallel."""
     from .pull import pull as do_pull
 
-    reg, version, m = _resolve(ctx, ref)
-    if reg is None:
-        reg = _origin(ctx, m, registry_url)
+    cat, version, m = _resolve(ctx, ref, registry_url, need_registry=True)
+    assert cat is not None
+    reg = cat.registry
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()
     try:
-        stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance)
+        stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance,
+                        signature=cat.signature(m.name, version))
     finally:
         bar.close()
     dt = time.monotonic() - t0
@@ -456,6 +558,7 @@ def _help(name: str) -> str:
 @click.option("--nonempty/--no-nonempty", default=None, help=_help("nonempty"))
 @click.option("--metrics-port", type=int, help=_help("metrics_port"))
 @click.option("--metrics-address", help=_help("metrics_address"))
+@_trust_option(expose=True)
 @_encryption_option(expose=True)
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
@@ -472,7 +575,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     from .mount import MountConfig, run_foreground, start_background
     from .mountpoint import check_mountpoint
 
-    given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v is not None}}
+    given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v not in (None, ())}}
     if source is not None:
         given["source"] = source
     if mountpoint is not None:
@@ -633,6 +736,7 @@ def _is_manifest_file(path: str) -> bool:
               help="Cap of the cache (by ref), as the mounts that use it have.")
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when a target is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_trust_option
 @_encryption_option
 @click.pass_context
 def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
@@ -643,7 +747,6 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
     directories on a running mount, which are read through it.
     """
     from .cache import BlockCache, default_cache_dir
-    from .catalog import Catalog
     from .prefetch import files_under, read_through, warm_cache
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
@@ -657,10 +760,11 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
                     mref = parse_model(ref)
                     reg = _registry(ctx, mref.registry)
                     # records the tag and the manifest: a mount of it can start while the store is down
-                    version, m = Catalog(reg, c).resolve(mref)
+                    version, m = Catalog(reg, c, _trust(ctx)).resolve(mref)
                 else:
                     m = read_manifest_file(ref)
                     version, reg = m.version_id, _origin(ctx, m, registry_url)
+                    Catalog(reg, c, _trust(ctx)).verify(m, version)
                     c.put_manifest(version, m.to_bytes())
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:

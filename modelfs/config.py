@@ -68,6 +68,14 @@ def _path(v: Any) -> Path:
     return Path(_str(str(v) if isinstance(v, Path) else v)).expanduser()
 
 
+def _paths(v: Any) -> tuple[Path, ...]:
+    """One path or a list of them (TOML), or the tuple a repeated flag gives."""
+    items = [v] if isinstance(v, (str, Path)) else v
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("expected a path or a list of paths")
+    return tuple(_path(p) for p in items)
+
+
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -141,6 +149,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
     Key("encryption_key_file", None, _path, "Key file of an encrypted registry (made by `modelfs keygen`; also $MODELFS_ENCRYPTION_KEY_FILE). The file is read, never its contents logged or passed on."),
+    Key("trusted_keys", None, _paths, "Public keys (PEM) whose signatures make a version servable: with any, only versions and tags signed by one of them are shown (docs/security.md). Flag repeatable; in the file a list."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
     Key("connect_timeout", CONNECT_TIMEOUT, _seconds, "Seconds to wait for a connection to the store, per attempt."),
     Key("read_timeout", READ_TIMEOUT, _seconds, "Seconds to wait for the store's next bytes, per attempt."),

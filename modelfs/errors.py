@@ -35,3 +35,7 @@ class StoreUnavailableError(StoreError):
 
 class IntegrityError(ModelfsError):
     """Bytes whose hash does not match what the manifest promises."""
+
+
+class TrustError(ModelfsError):
+    """A signature that is missing, malformed, from an untrusted key, or does not match."""

@@ -244,6 +244,10 @@ class Stream:
         self.t_ahead = 0  # reading-order offset up to which loads were started
         self.t_window = 2 * self.avg_chunk
 
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
     async def read(self, off: int, size: int) -> memoryview | bytes:
         e = self.entry
         end = min(off + size, e.size)

@@ -42,6 +42,16 @@ async def _guard(what: str, fn: Callable[[], Awaitable[T]]) -> T:
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
+class _Blob:
+    """A small file held in memory (a version's model.sig), read like a Stream."""
+
+    def __init__(self, path: str, data: bytes | None):
+        self.path, self.data = path, data or b""
+
+    async def read(self, off: int, size: int) -> bytes:
+        return self.data[off:off + size]
+
+
 class ModelFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -50,7 +60,7 @@ class ModelFS(pyfuse3.Operations):
         super().__init__()
         self.ns = ns
         self.fetcher = fetcher
-        self._streams: dict[int, Stream] = {}
+        self._streams: dict[int, Stream | _Blob] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -124,7 +134,7 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_fh()
-        self._streams[fh] = Stream(self.fetcher, node.entry)
+        self._streams[fh] = _Blob(node.path, node.data) if node.kind == "blob" else Stream(self.fetcher, node.entry)
         # immutable content: keep the page cache across opens; no direct_io (mmap must work)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
@@ -132,7 +142,7 @@ class ModelFS(pyfuse3.Operations):
         stream = self._streams.get(fh)
         if stream is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await _guard(f"read {stream.entry.path}@{off}+{size}", lambda: stream.read(off, size))
+        return await _guard(f"read {stream.path}@{off}+{size}", lambda: stream.read(off, size))
 
     async def release(self, fh):
         self._streams.pop(fh, None)

@@ -40,6 +40,7 @@ from .mountpoint import PID_XATTR, check_mountpoint, set_kernel_readahead
 from .pointers import PointerDir, registry_url_for
 from .refs import is_model_ref, parse_model, parse_registry
 from .encryption import RegistryKey
+from .trust import TrustedKeys
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .tree import Namespace
 
@@ -64,6 +65,7 @@ class MountConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     lanes: LaneConfig = field(default_factory=LaneConfig)
     encryption_key: RegistryKey | None = None  # an encrypted registry's key (never shown)
+    trust: TrustedKeys | None = None  # serve only versions (and tags) these keys signed
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
@@ -74,6 +76,7 @@ class MountConfig:
         key_file = s["encryption_key_file"]
         return cls(
             encryption_key=RegistryKey.load(key_file) if key_file is not None else None,
+            trust=TrustedKeys(s["trusted_keys"]) if s["trusted_keys"] else None,
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
             cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
             allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
@@ -104,11 +107,13 @@ class Source:
 
 
 def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
+    """What the mount shows; with trusted keys, a version is resolved only if it verifies."""
     src = cfg.source
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
-            catalog = Catalog(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True), cache)
+            catalog = Catalog(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True), cache,
+                              cfg.trust)
             version, manifest = catalog.resolve(ref)
             return Source(catalog, ref.name, version, manifest)
         rref = parse_registry(src)
@@ -116,7 +121,7 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
         registry.store.check_bucket()
         if registry.models() or not rref.prefix:
             registry.check_encryption()
-            return Source(Catalog(registry, cache))
+            return Source(Catalog(registry, cache, cfg.trust))
         # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
         try:
             ref = parse_model(src)
@@ -124,7 +129,7 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
             raise NotFoundError(f"no registry and no model at {src}") from None
         parent_registry = Registry(registry.store, ref.registry, cfg.encryption_key)
         parent_registry.check_encryption()  # its own line for a missing or wrong key
-        parent = Catalog(parent_registry, cache)
+        parent = Catalog(parent_registry, cache, cfg.trust)
         try:
             version, manifest = parent.resolve(ref)
         except NotFoundError:
@@ -136,11 +141,23 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
         registry.store.check_bucket()
         # with --registry every pointer is read from it; else only those whose origin it is
         pointers = PointerDir(Path(src), None if cfg.registry_url else str(registry.ref))
-        return Source(Catalog(registry, cache), pointers=pointers)
+        return Source(Catalog(registry, cache, cfg.trust), pointers=pointers)
     manifest = read_manifest_file(src)
     registry = origin_registry(manifest, cfg.registry_url, cfg.store, cfg.encryption_key, offline_ok=True)
-    return Source(Catalog(registry, cache), manifest.name,
-                  manifest.version_id, manifest)
+    catalog = Catalog(registry, cache, cfg.trust)
+    catalog.verify(manifest, manifest.version_id)
+    return Source(catalog, manifest.name, manifest.version_id, manifest)
+
+
+def root_signature(source: Source) -> bytes | None:
+    """The signature of a single-version mount's version, for model.sig (None: unsigned or,
+    without trusted keys, not reachable now)."""
+    assert source.catalog is not None and source.model is not None and source.version is not None
+    try:
+        return source.catalog.signature(source.model, source.version)
+    except ModelfsError as e:
+        log.info("signature of %s@%s: %s", source.model, source.version, e)
+        return None
 
 
 # -- the daemon ----------------------------------------------------------------------
@@ -177,7 +194,7 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     if source.pointers is not None:
         ns.root_pointers(source.pointers)
     elif source.manifest is not None:
-        ns.root_version(source.model, source.version, source.manifest)
+        ns.root_version(source.model, source.version, source.manifest, root_signature(source))
     else:
         ns.root_registry()
     ops = ModelFS(ns, fetcher)

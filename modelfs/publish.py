@@ -30,6 +30,7 @@ from .manifest import DirEntry, FileEntry, Manifest, check_path
 from .progress import Counters
 from .refs import check_name, check_tag
 from .registry import Registry
+from .trust import SIGNATURE_FILE, SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,10 @@ class Publisher:
 
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,
                  concurrency: int = 16, dry_run: bool = False, compress: bool = True,
-                 on_progress: Callable[[int, PublishStats], None] | None = None):
+                 on_progress: Callable[[int, PublishStats], None] | None = None,
+                 signer: SigningKey | None = None):
         self.registry = registry
+        self.signer = signer  # signs the version and the tag records
         self.params = params
         self.concurrency = concurrency
         self.dry_run = dry_run
@@ -136,6 +139,9 @@ class Publisher:
         check_name(name)
         for t in tags:
             check_tag(t)
+        if self.signer is not None and any(f.path == SIGNATURE_FILE for f in tree[0]):
+            raise UsageError(f"{SIGNATURE_FILE} at the model's root is where its signature goes: "
+                             "rename that file, or publish without --sign-key")
         t0 = time.monotonic()
         self.registry.store.check_bucket()
         if self.dry_run:
@@ -161,8 +167,10 @@ class Publisher:
         if self.dry_run:
             return PublishResult(manifest, manifest.version_id, self.stats, [])
         version = self.registry.put_manifest(manifest)
+        if self.signer is not None:  # before the tags: a trusting host never sees it unsigned
+            self.registry.put_signature(name, version, self.signer.sign_version(manifest))
         for t in tags:  # the tag moves last: readers never see a half-published version
-            self.registry.set_tag(name, t, version)
+            self.registry.set_tag(name, t, version, self.signer)
         self.stats.seconds = time.monotonic() - t0
         return PublishResult(manifest, version, self.stats, tags)
 

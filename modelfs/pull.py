@@ -22,6 +22,7 @@ from .errors import IntegrityError, UsageError
 from .manifest import FileEntry, Manifest, all_directories
 from .progress import Counters
 from .registry import Registry
+from .trust import SIGNATURE_FILE
 
 PARTIAL = ".modelfs-partial"
 
@@ -52,7 +53,9 @@ def _inside(dest: Path, rel: str) -> Path:
 
 
 def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int = 16,
-         on_progress: Callable[[int], None] | None = None) -> PullStats:
+         on_progress: Callable[[int], None] | None = None, signature: bytes | None = None) -> PullStats:
+    """Write ``manifest``'s files under ``dest`` (each verified, complete ones skipped) and,
+    for a signed version, its signature as ``model.sig`` (what ``model_signing verify`` reads)."""
     on_progress = on_progress or (lambda n: None)
     stats = PullStats()
     dest.mkdir(parents=True, exist_ok=True)
@@ -72,6 +75,11 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
                 on_progress(entry.size)
                 continue
             _pull_file(registry, entry, target, pool, slots, stats, on_progress)
+    if signature is not None and manifest.file(SIGNATURE_FILE) is None:
+        partial = dest / (SIGNATURE_FILE + PARTIAL)
+        partial.write_bytes(signature)
+        os.chmod(partial, 0o644)
+        os.replace(partial, dest / SIGNATURE_FILE)
     for rel, mode in sorted(all_directories(manifest).items(), reverse=True):
         os.chmod(dest / rel, mode)
     return stats

@@ -2,7 +2,8 @@
 
     <prefix>/chunks/<blake3>                    chunk objects (see codec), shared by all models
     <prefix>/models/<name>/versions/<id>.json   manifests, immutable, id = hash of the bytes
-    <prefix>/models/<name>/tags/<tag>.json      {"version": id, ...}, mutable pointers
+    <prefix>/models/<name>/tags/<tag>.json      {"version": id, "sequence": n, ...}, mutable pointers
+    <prefix>/models/<name>/signatures/<id>.sig  a version's model_signing bundle (see trust)
     <prefix>/leases/<id>.json                   a publish in progress (see lifecycle)
     <prefix>/encryption.json                    only in an encrypted registry: scheme and key id
 
@@ -24,20 +25,29 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .codec import ChunkCodec
 from .encryption import MetadataSealer, RegistryKey, is_sealed
 from .errors import IntegrityError, ManifestError, NotFoundError, StoreError, StoreUnavailableError, UsageError
 from .config import StoreConfig
 from .manifest import Manifest, loads
-from .refs import VERSION_RE, ModelRef, RegistryRef, check_name, check_tag, parse_registry
+from .refs import VERSION_RE, RegistryRef, check_name, check_tag, parse_registry
 from .store import ObjectInfo, Store
+from .trust import SigningKey
 
 TAG_FORMAT = "modelfs-tag"
 MARKER_FORMAT = "modelfs-encryption"
 MARKER = "encryption.json"
 _HEX = frozenset("0123456789abcdef")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    version: str
+    sequence: int  # goes up with every move (0: written before sequences existed)
+    signature: dict | None  # see trust.SigningKey.sign_tag
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,7 @@ class Registry:
     def get_manifest(self, name: str, version: str) -> Manifest:
         return self.parse_manifest(name, version, self.manifest_bytes(name, version))
 
-    def get_tag(self, name: str, tag: str) -> str:
+    def tag_record(self, name: str, tag: str) -> TagRecord:
         key = self.tag_key(name, tag)
         try:
             data = self._open(self.store.get(key), key)
@@ -211,32 +221,58 @@ class Registry:
             raise NotFoundError(f"model {name!r} has no tag {tag!r}") from None
         try:
             doc = json.loads(data)
-            version = doc["version"]
-            if doc.get("format") != TAG_FORMAT or not VERSION_RE.match(version):
+            version, sequence, signature = doc["version"], doc.get("sequence", 0), doc.get("signature")
+            if doc.get("format") != TAG_FORMAT or not VERSION_RE.match(version) \
+                    or type(sequence) is not int or not 0 <= sequence < 1 << 63 \
+                    or not isinstance(signature, (dict, type(None))):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             raise ManifestError(f"tag {name}@{tag} in {self.ref} is malformed") from None
-        return version
+        return TagRecord(version, sequence, signature)
 
-    def set_tag(self, name: str, tag: str, version: str) -> None:
+    def set_tag(self, name: str, tag: str, version: str, signer: SigningKey | None = None) -> TagRecord:
+        """Point ``tag`` at ``version``; with ``signer``, a signed record. The sequence is
+        strictly above the current record's (and at least the time in ms, so a record that
+        cannot be read does not send it backwards)."""
         check_tag(tag)
-        doc = {"format": TAG_FORMAT, "version": version,
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            previous = self.tag_record(name, tag).sequence
+        except (NotFoundError, ManifestError, IntegrityError):
+            previous = 0
+        sequence = max(previous + 1, time.time_ns() // 1_000_000)
+        doc: dict[str, Any] = {"format": TAG_FORMAT, "version": version, "sequence": sequence,
+                               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if signer is not None:
+            doc["signature"] = signer.sign_tag(name, tag, version, sequence)
         key = self.tag_key(name, tag)
         self.store.put(key, self._seal(json.dumps(doc, sort_keys=True).encode(), key),
                        "application/json" if self._sealer is None else "application/octet-stream")
+        return TagRecord(version, sequence, doc.get("signature"))
+
+    # -- signatures (docs/security.md) -------------------------------------------
+    def signature_key(self, name: str, version: str) -> str:
+        return self.ref.key("models", name, "signatures", f"{version}.sig")
+
+    def put_signature(self, name: str, version: str, data: bytes) -> None:
+        key = self.signature_key(name, version)
+        self.store.put(key, self._seal(data, key),
+                       "application/json" if self._sealer is None else "application/octet-stream")
+
+    def get_signature(self, name: str, version: str) -> bytes | None:
+        """The version's model_signing bundle, or None if it is not signed."""
+        key = self.signature_key(name, version)
+        try:
+            return self._open(self.store.get(key), key)
+        except NotFoundError:
+            return None
 
     def delete_tag(self, name: str, tag: str) -> None:
         self.store.delete(self.tag_key(name, tag))
 
     def delete_version(self, name: str, version: str) -> None:
-        """Remove a manifest (its chunks stay until ``gc``)."""
+        """Remove a manifest, then its signature (its chunks stay until ``gc``)."""
         self.store.delete(self.version_key(name, version))
-
-    def resolve(self, ref: ModelRef) -> tuple[str, Manifest]:
-        """``(version id, manifest)`` for a tag or version reference."""
-        version = ref.selector if ref.is_version else self.get_tag(ref.name, ref.selector)
-        return version, self.get_manifest(ref.name, version)
+        self.store.delete(self.signature_key(name, version))
 
     # -- listings ------------------------------------------------------------
     def models(self) -> list[str]:
@@ -249,7 +285,11 @@ class Registry:
         return any(True for _ in self.store.list(base, "/"))
 
     def tags(self, name: str) -> dict[str, str]:
-        """Every tag of ``name``. A malformed tag object is skipped (with a warning);
+        """Every tag of ``name`` → the version it points to (see ``tag_records``)."""
+        return {tag: r.version for tag, r in self.tag_records(name).items()}
+
+    def tag_records(self, name: str) -> dict[str, TagRecord]:
+        """Every tag record of ``name``. A malformed tag object is skipped (with a warning);
         any other failure fails the whole listing, so that a mount keeps serving its
         last good listing instead of one with tags missing."""
         base = self.ref.key("models", name, "tags") + "/"
@@ -258,7 +298,7 @@ class Registry:
             if isinstance(o, ObjectInfo) and o.key.endswith(".json"):
                 tag = o.key[len(base):-5]
                 try:
-                    out[check_tag(tag)] = self.get_tag(name, tag)
+                    out[check_tag(tag)] = self.tag_record(name, tag)
                 except (ManifestError, IntegrityError, UsageError) as e:
                     log.warning("skipping tag object %s: %s", o.key, e)
                 except NotFoundError:  # listed but not readable: not consistent yet

@@ -30,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ModelfsError, NotFoundError
+from .errors import ModelfsError, NotFoundError, TrustError
 from .catalog import Catalog
 from .lanes import Lanes
 from .manifest import FileEntry, Manifest, all_directories
 from .pointers import PointerDir
 from .refs import VERSION_RE
+from .trust import SIGNATURE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Node:
     mode: int  # permission bits
     mtime_ns: int
     ttl: float  # how long the kernel may cache this entry and its attributes
-    kind: str  # registry | model | versions | tree (a version's dir) | file | pointers (a checkout's dir)
+    kind: str  # registry | model | versions | tree (a version's dir) | file | blob | pointers (a checkout's dir)
     size: int = 0
     model: str | None = None
     version: str | None = None
@@ -58,6 +59,7 @@ class Node:
     path: str = ""  # inside the version; "" is the version's root
     entry: FileEntry | None = None
     tag: str | None = None
+    data: bytes | None = None  # a blob's bytes (model.sig)
 
 
 @dataclass
@@ -67,21 +69,26 @@ class _VersionIndex:
     mtime_ns: int
     dirs: dict[str, int]  # path → mode
     children: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    signature: bytes | None = None  # shown as model.sig at the root
 
     @classmethod
-    def build(cls, m: Manifest) -> "_VersionIndex":
+    def build(cls, m: Manifest, signature: bytes | None = None) -> "_VersionIndex":
         try:
             mtime = calendar.timegm(time.strptime(m.created, "%Y-%m-%dT%H:%M:%SZ")) * 10**9
         except ValueError:
             mtime = 0
         dirs = all_directories(m)
-        idx = cls(m, mtime, dirs, {"": []})
+        if m.file(SIGNATURE_FILE) is not None or SIGNATURE_FILE in dirs:
+            signature = None  # the version's own file of that name wins (signing refuses such versions)
+        idx = cls(m, mtime, dirs, {"": []}, signature)
         for d in dirs:
             idx.children.setdefault(d, [])
         for d in sorted(dirs):
             idx.children[posixpath.dirname(d)].append((posixpath.basename(d), True))
         for f in m.files:
             idx.children[posixpath.dirname(f.path)].append((posixpath.basename(f.path), False))
+        if signature is not None:
+            idx.children[""].append((SIGNATURE_FILE, False))
         for v in idx.children.values():
             v.sort()
         return idx
@@ -114,8 +121,8 @@ class Namespace:
         self._by_key[(("pd", ""), "")] = 1
         return root
 
-    def root_version(self, name: str, version: str, manifest: Manifest) -> Node:
-        idx = self._index(version, manifest)
+    def root_version(self, name: str, version: str, manifest: Manifest, signature: bytes | None = None) -> Node:
+        idx = self._index(version, manifest, signature)
         root = Node(1, True, 0o755, idx.mtime_ns, IMMUTABLE_TTL, "tree", model=name,
                     version=version, manifest=manifest)
         self.nodes[1] = root
@@ -144,7 +151,7 @@ class Namespace:
                 if only in (None, VERSIONS_DIR) else []
             if only == VERSIONS_DIR:
                 return out
-            tags = await self._listing(("tags", m), lambda: self.registry.tags(m))
+            tags = await self._listing(("tags", m), lambda: self.catalog.tags(m))
             for tag, version in tags.items():
                 if only in (None, tag) and tag != VERSIONS_DIR:
                     out.append((tag, self._version_root(("t", m, tag, version), m, version, tag)))
@@ -155,11 +162,14 @@ class Namespace:
                 if not VERSION_RE.match(only):
                     return []
                 try:
-                    await self.manifest(m, only)  # a direct lookup: does this version exist?
+                    await self.manifest(m, only)  # a direct lookup: does this version exist (and verify)?
                 except NotFoundError:
                     return []
+                except TrustError as e:
+                    log.warning("not showing %s@%s: %s", m, only, e)
+                    return []
                 return [(only, self._version_root(("v", m, only), m, only))]
-            versions = await self._listing(("versions", m), lambda: self.registry.versions(m))
+            versions = await self._listing(("versions", m), lambda: self.catalog.versions(m))
             return [(v.version, self._version_root(("v", m, v.version), m, v.version))
                     for v in versions]
         if node.kind == "pointers":
@@ -175,13 +185,17 @@ class Namespace:
                     out.append((e.name, self._pointer_dir(p)))
                 else:  # looked up again after the TTL: a checkout may point it elsewhere
                     m = e.manifest
-                    self._index(m.version_id, m)
+                    try:
+                        await self._admit(m)
+                    except TrustError as err:
+                        log.warning("not showing pointer %s: %s", p, err)
+                        continue
                     out.append((e.name, self._version_root(("v", m.name, m.version_id), m.name,
                                                            m.version_id, moving=True, key=("p", p))))
             return out
         if node.kind == "tree":
-            idx = self._indexes.get(node.version) or self._index(
-                node.version, await self.manifest(node.model, node.version))
+            await self.manifest(node.model, node.version)
+            idx = self._indexes[node.version]
             view = self._view_of(node)
             out = []
             for child_name, is_dir in idx.children.get(node.path, ()):
@@ -217,6 +231,10 @@ class Namespace:
                             model=parent.model, version=parent.version, manifest=idx.manifest,
                             path=path, tag=parent.tag)
             e = idx.manifest.file(path)
+            if e is None and path == SIGNATURE_FILE and idx.signature is not None:
+                return Node(i, False, 0o444, idx.mtime_ns, IMMUTABLE_TTL, "blob", size=len(idx.signature),
+                            model=parent.model, version=parent.version, manifest=idx.manifest,
+                            path=path, tag=parent.tag, data=idx.signature)
             mtime = idx.mtime_ns if e.mtime_ns is None else e.mtime_ns  # older manifests: publish time
             return Node(i, False, e.mode, mtime, IMMUTABLE_TTL, "file", size=e.size,
                         model=parent.model, version=parent.version, manifest=idx.manifest,
@@ -238,21 +256,35 @@ class Namespace:
             i, True, 0o755, idx.mtime_ns if idx else self.started_ns, ttl, "tree", model=model,
             version=version, manifest=idx.manifest if idx else None, tag=tag))
 
-    def _index(self, version: str, manifest: Manifest) -> _VersionIndex:
+    def _index(self, version: str, manifest: Manifest, signature: bytes | None = None) -> _VersionIndex:
         idx = self._indexes.get(version)
         if idx is None:
-            idx = self._indexes[version] = _VersionIndex.build(manifest)
+            idx = self._indexes[version] = _VersionIndex.build(manifest, signature)
         return idx
 
     # -- store access --------------------------------------------------------------
     async def manifest(self, model: str, version: str) -> Manifest:
-        """A version's manifest (the catalog: memory, then the LMDB cache, then the store)."""
+        """A version's manifest (the catalog: memory, then the LMDB cache, then the store;
+        verified against a trusted signature when the mount has trusted keys)."""
         idx = self._indexes.get(version)
         if idx is not None:
             return idx.manifest
         m = await self.lanes.store_call(self.catalog.manifest, model, version)
-        self._index(version, m)
+        await self._admit(m, version)
         return m
+
+    async def _admit(self, m: Manifest, version: str | None = None) -> None:
+        """Index a manifest (with its signature, if it has one) once it is trusted."""
+        version = version or m.version_id
+        if version in self._indexes:
+            return
+        await self.lanes.store_call(self.catalog.verify, m, version)
+        try:
+            signature = await self.lanes.store_call(self.catalog.signature, m.name, version)
+        except ModelfsError as e:  # shown when the store answers again (trusted mounts have it already)
+            log.info("signature of %s@%s: %s", m.name, version, e)
+            signature = None
+        self._index(version, m, signature)
 
     async def _listing(self, key: tuple, fn: Callable[[], Any]) -> Any:
         """``fn()`` from the store, kept ``ttl`` seconds; the last good value if the store fails."""

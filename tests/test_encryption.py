@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 
 import pytest
 
@@ -122,14 +123,19 @@ def _plain_chunk_ids(root) -> set[str]:
 def test_encrypted_registry_keeps_no_plaintext_and_round_trips(env, bucket, s3, secret_model, keys, mounts,
                                                                tmp_path):
     reg = f"s3://{bucket}/enc"
+    sign = tmp_path / "release.pem"  # signed too: the signature lists file names, so it is sealed as well
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(sign)],
+                   check=True, capture_output=True)
     out = cli(env, "publish", str(secret_model), reg, "--name", "llama", "--tag", "prod", "-q",
-              "--encryption-key", keys["key"], "--manifest-out", str(tmp_path / "llama.modelfs.json")).stdout
+              "--encryption-key", keys["key"], "--sign-key", str(sign),
+              "--manifest-out", str(tmp_path / "llama.modelfs.json")).stdout
     version = out.split("@")[1].split()[0]
     # what the bucket's operator sees: no marker, no file or tensor name, no plaintext chunk id
     plain_ids = _plain_chunk_ids(secret_model)
     names = [p.name.encode() for p in secret_model.iterdir()] + [b"model.layers.0"]
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="enc/")["Contents"]
     assert any(o["Key"] == "enc/encryption.json" for o in listing)
+    assert any(o["Key"].endswith(f"{version}.sig") for o in listing)
     for o in listing:
         assert not any(h in o["Key"] for h in plain_ids)
         body = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
@@ -142,10 +148,13 @@ def test_encrypted_registry_keeps_no_plaintext_and_round_trips(env, bucket, s3, 
     want = tree_digest(secret_model)
     key = ("--encryption-key", keys["key"])
     cli(env, "pull", f"{reg}/llama@prod", str(tmp_path / "pulled"), "-q", *key)
-    assert tree_digest(tmp_path / "pulled") == want
-    assert tree_digest(mounts.mount(f"{reg}/llama@prod", *key)) == want
+    pulled = tree_digest(tmp_path / "pulled")
+    assert pulled.pop("model.sig") and pulled == want
+    mounted = tree_digest(mounts.mount(f"{reg}/llama@prod", *key))
+    assert mounted.pop("model.sig") and mounted == want
     whole = mounts.mount(reg, *key)
-    assert tree_digest(whole / "llama" / "versions" / version) == want
+    mounted = tree_digest(whole / "llama" / "versions" / version)
+    assert mounted.pop("model.sig") and mounted == want
     assert f"{version}" in cli(env, "ls", reg, *key).stdout
     # dedup works under one key: publishing the same files again uploads no chunk
     again = cli(env, "publish", str(secret_model), reg, "--name", "llama", "-q", *key).stdout
