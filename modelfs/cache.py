@@ -176,20 +176,21 @@ class BlockCache:
         with self._txn(buffers=True) as txn:
             return txn.get(bytes.fromhex(h), db=self.chunks) is not None
 
-    def reverify(self, h: str, size: int) -> bool:
+    def reverify(self, h: str, size: int | None) -> bool:
         """Make the entry for ``h`` servable without a GET if its bytes are good.
 
         For entries that have sums: check every block (this also pulls the
         chunk's pages into the page cache, ahead of the reader). For entries of
         an older cache without sums: a full BLAKE3 check, then add the sums.
-        A damaged entry is dropped. True if the chunk is now servable.
+        A damaged entry is dropped. True if the chunk is now servable. ``size``
+        None: an entry of a sealed cache (its stored form, whose length varies).
         """
         key = bytes.fromhex(h)
         with self._txn(buffers=True) as txn:  # views into the map: no copy of the chunk
             data = txn.get(key, db=self.chunks)
             sums = txn.get(key, db=self.sums)
             present = data is not None
-            if present and sums is not None and len(data) == size:
+            if present and sums is not None and (size is None or len(data) == size):
                 if block_sums(data) == sums:
                     self._note_use(key)
                     return True
@@ -231,10 +232,12 @@ class BlockCache:
             if old is not None:
                 txn.put(key, _META.pack(t, _META.unpack(old)[1]), db=self.meta)
 
-    def get_manifest(self, version: str) -> bytes | None:
+    def get_manifest(self, version: str, *, sealed: bool = False) -> bytes | None:
+        """A manifest's record, checked against its version id (``sealed``: an
+        encrypted record, which its reader authenticates when it opens it)."""
         with self._txn() as txn:
             data = txn.get(version.encode(), db=self.manifests)
-        if data is not None and version_id_of(data) != version:
+        if data is not None and not sealed and version_id_of(data) != version:
             log.warning("cached manifest %s is damaged: dropped", version)
             with self._txn(write=True) as txn:
                 txn.delete(version.encode(), db=self.manifests)

@@ -14,6 +14,10 @@ signed exactly its files, a tag only if its record is signed by a trusted key an
 its sequence is not below the highest this cache has seen for it (a rollback).
 Signatures come the way manifests do: memory → cache → store.
 
+With ``sealed`` (a mount's ``--encrypt-cache``) the cache keeps manifests and
+signatures as the encrypted registry stores them, sealed and bound to their
+object key; only tag resolutions (names the bucket's keys show anyway) stay plain.
+
 Blocking (store and LMDB calls): the mount calls it through
 :class:`~modelfs.lanes.Lanes`' threads; the CLI calls it directly.
 """
@@ -22,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .cache import BlockCache
-from .errors import IntegrityError, ManifestError, NotFoundError, StoreUnavailableError, TrustError
+from .errors import IntegrityError, ManifestError, NotFoundError, StoreUnavailableError, TrustError, UsageError
 from .manifest import Manifest
 from .refs import NAME_RE, VERSION_RE, ModelRef
 from .registry import Registry, TagRecord, VersionInfo
@@ -41,10 +46,14 @@ class Catalog:
     is recorded only together with its manifest, and with its sequence.
     """
 
-    def __init__(self, registry: Registry, cache: BlockCache | None = None, trust: TrustedKeys | None = None):
+    def __init__(self, registry: Registry, cache: BlockCache | None = None, trust: TrustedKeys | None = None,
+                 *, sealed: bool = False):
+        if sealed and registry.key is None:
+            raise UsageError(f"an encrypted cache needs an encrypted registry; {registry.ref} is not one")
         self.registry = registry
         self.cache = cache
         self.trust = trust
+        self.sealed = sealed  # keep metadata in the cache sealed, as the store has it
         self._manifests: dict[str, Manifest] = {}
         self._signatures: dict[str, bytes | None] = {}
         self.signed_by: dict[str, str] = {}  # version → id of the trusted key that signed it
@@ -56,13 +65,14 @@ class Catalog:
             return m
         if not NAME_RE.match(name) or not VERSION_RE.match(version):
             raise NotFoundError(f"{name}@{version}")
-        data = self.cache.get_manifest(version) if self.cache is not None else None
+        data = self._cached(lambda v: self.cache.get_manifest(v, sealed=self.sealed),
+                            self.registry.version_key(name, version), version) if self.cache is not None else None
         fresh = data is None
         if fresh:
             data = self.registry.manifest_bytes(name, version)
         m = self.registry.parse_manifest(name, version, data)
-        if fresh and self.cache is not None:
-            self.cache.put_manifest(version, data)
+        if fresh:
+            self.keep_manifest(m, data)
         self.verify(m, version)
         self._manifests[version] = m
         return m
@@ -78,13 +88,34 @@ class Catalog:
         """The version's signature bundle (None: unsigned): memory → cache → store."""
         if version in self._signatures:
             return self._signatures[version]
-        data = self.cache.get_signature(version) if self.cache is not None else None
+        key = self.registry.signature_key(name, version)
+        data = self._cached(self.cache.get_signature, key, version) if self.cache is not None else None
         if data is None:
             data = self.registry.get_signature(name, version)
             if data is not None and self.cache is not None:
-                self.cache.put_signature(version, data)
+                self.cache.put_signature(version, self.registry.seal_copy(key, data) if self.sealed else data)
         self._signatures[version] = data
         return data
+
+    def keep_manifest(self, m: Manifest, data: bytes | None = None) -> None:
+        """Record a validated manifest (its bytes ``data``) in the cache (sealed, with ``sealed``)."""
+        if self.cache is None:
+            return
+        data = m.to_bytes() if data is None else data
+        if self.sealed:
+            data = self.registry.seal_copy(self.registry.version_key(m.name, m.version_id), data)
+        self.cache.put_manifest(m.version_id, data)
+
+    def _cached(self, get: Callable[[str], bytes | None], key: str, version: str) -> bytes | None:
+        """A cache record's plain bytes; a sealed one that does not open is a miss."""
+        data = get(version)
+        if data is None or not self.sealed:
+            return data
+        try:
+            return self.registry.open_copy(key, data)
+        except IntegrityError as e:
+            log.warning("cached record of %s does not open (%s): fetching it again", key, e)
+            return None
 
     def tags(self, name: str) -> dict[str, str]:
         """Every tag of ``name``; with trusted keys only those that verify (and whose

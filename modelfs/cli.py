@@ -560,6 +560,7 @@ def _help(name: str) -> str:
 @click.option("--metrics-address", help=_help("metrics_address"))
 @_trust_option(expose=True)
 @_encryption_option(expose=True)
+@click.option("--encrypt-cache/--no-encrypt-cache", default=None, help=_help("encrypt_cache"))
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
 @click.pass_context
@@ -736,10 +737,12 @@ def _is_manifest_file(path: str) -> bool:
               help="Cap of the cache (by ref), as the mounts that use it have.")
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when a target is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--encrypt-cache", is_flag=True,
+              help="Warm the encrypted cache that mounts with --encrypt-cache read (<cache_dir>/sealed).")
 @_trust_option
 @_encryption_option
 @click.pass_context
-def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
+def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     """Warm the cache before traffic arrives.
 
     TARGETS are either model refs (s3://…/NAME@TAG, or manifest files), whose
@@ -752,20 +755,24 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]
     t0 = time.monotonic()
+    if encrypt_cache and _key(ctx) is None:
+        raise UsageError("--encrypt-cache needs the registry's key: pass --encryption-key FILE too")
     if refs:
-        c = BlockCache(cache_dir or default_cache_dir(), cap)
+        cache_dir = cache_dir or default_cache_dir()
+        c = BlockCache(cache_dir / "sealed" if encrypt_cache else cache_dir, cap)
         try:
             for ref in refs:
                 if ref.startswith("s3://"):
                     mref = parse_model(ref)
                     reg = _registry(ctx, mref.registry)
                     # records the tag and the manifest: a mount of it can start while the store is down
-                    version, m = Catalog(reg, c, _trust(ctx)).resolve(mref)
+                    version, m = Catalog(reg, c, _trust(ctx), sealed=encrypt_cache).resolve(mref)
                 else:
                     m = read_manifest_file(ref)
                     version, reg = m.version_id, _origin(ctx, m, registry_url)
-                    Catalog(reg, c, _trust(ctx)).verify(m, version)
-                    c.put_manifest(version, m.to_bytes())
+                    catalog = Catalog(reg, c, _trust(ctx), sealed=encrypt_cache)
+                    catalog.verify(m, version)
+                    catalog.keep_manifest(m)
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:
                     click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "
@@ -774,7 +781,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet):
                 bar.start(total)
                 try:
                     st = warm_cache(reg, m, c, concurrency=ctx.obj["config"].concurrency,
-                                    on_progress=bar.advance)
+                                    sealed=encrypt_cache, on_progress=bar.advance)
                 finally:
                     bar.close()
                 click.echo(f"prefetched {m.name}@{version} into {c.path}: {fmt_bytes(st.fetched_bytes)} "

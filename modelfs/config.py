@@ -149,6 +149,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
     Key("encryption_key_file", None, _path, "Key file of an encrypted registry (made by `modelfs keygen`; also $MODELFS_ENCRYPTION_KEY_FILE). The file is read, never its contents logged or passed on."),
+    Key("encrypt_cache", False, _bool, "Keep this mount's chunks encrypted in the block cache too (needs encryption_key_file; its own cache under <cache_dir>/sealed): a warm read then decrypts each chunk it touches (docs/security.md)."),
     Key("trusted_keys", None, _paths, "Public keys (PEM) whose signatures make a version servable: with any, only versions and tags signed by one of them are shown (docs/security.md). Flag repeatable; in the file a list."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
     Key("connect_timeout", CONNECT_TIMEOUT, _seconds, "Seconds to wait for a connection to the store, per attempt."),

@@ -27,6 +27,8 @@ import struct
 from collections.abc import Iterator
 from typing import Protocol
 
+import cachetools
+
 from .cache import CacheView, DamagedEntry
 from .errors import IntegrityError
 from .lanes import FetchStats
@@ -35,6 +37,7 @@ from .manifest import FileEntry
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+PLAIN_BYTES = 64 * MiB  # decrypted chunks a sealed-cache mount keeps in memory
 
 
 class ChunkSource(Protocol):
@@ -57,6 +60,9 @@ class ChunkSource(Protocol):
     def spilled(self, h: str) -> bytes | mmap.mmap | None:
         """Verified bytes of ``h`` that the cache could not store (a full disk), if held."""
 
+    async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
+        """A sealed cache's chunk ``h``, decrypted and verified; None if not cached."""
+
 
 class Fetcher:
     """Chunk bytes for readers: ``span`` of a file, from the cache, loading what is missing.
@@ -69,9 +75,13 @@ class Fetcher:
     """
 
     def __init__(self, view: CacheView, source: ChunkSource, *, readahead_bytes: int = 64 * MiB,
-                 readahead_trigger: int = 4 * MiB, tensor_order: bool = True):
+                 readahead_trigger: int = 4 * MiB, tensor_order: bool = True, sealed: bool = False):
         self.view = view
         self.source = source
+        # --encrypt-cache: the cache holds chunks encrypted; decrypted ones are kept here,
+        # a bounded LRU (a reader's many small reads of a chunk decrypt it once)
+        self.sealed = sealed
+        self._plain: cachetools.LRUCache = cachetools.LRUCache(PLAIN_BYTES, getsizeof=len)
         self.readahead_bytes = readahead_bytes
         self.readahead_trigger = readahead_trigger  # sequential bytes before readahead starts
         self.tensor_order = tensor_order  # read ahead in loaders' tensor order where known
@@ -106,6 +116,8 @@ class Fetcher:
 
     async def span(self, e: FileEntry, off: int, end: int) -> memoryview | bytes:
         """Bytes [off, end) of file ``e`` (0 < end - off; end ≤ size)."""
+        if self.sealed:
+            return await self._sealed_span(e, off, end)
         first, last = e.chunk_index(off), e.chunk_index(end - 1)
         parts: list[tuple[str, int, int, int]] = []
         for i in range(first, last + 1):
@@ -147,6 +159,35 @@ class Fetcher:
                 if (buf := await self.source.load(h, n, refetch=True, pin=attempt > 0)) is not None:
                     pinned[h] = buf
         raise IntegrityError(f"{e.path}@{off}: chunks still missing or damaged after refetching")
+
+    async def _sealed_span(self, e: FileEntry, off: int, end: int) -> memoryview | bytes:
+        """``span`` over a sealed cache: whole chunks decrypted (AES-GCM authenticates them
+        entirely, so no block sums are needed), kept in the plaintext LRU."""
+        views = []
+        for i in range(e.chunk_index(off), e.chunk_index(end - 1) + 1):
+            h, n = e.chunks[i]
+            start = e.offsets[i]
+            raw = self._plain.get(h)
+            if raw is None:
+                raw = self._plain[h] = await self._unsealed(e, h, n)
+            views.append(memoryview(raw)[max(off, start) - start:min(end, start + n) - start])
+        self.stats.memory_hits += len(views)
+        return views[0] if len(views) == 1 else b"".join(views)
+
+    async def _unsealed(self, e: FileEntry, h: str, n: int) -> bytes | memoryview | mmap.mmap:
+        for attempt in range(3):
+            try:
+                raw = await self.source.unseal(h, n)
+            except IntegrityError as err:
+                log.warning("%s (sealed cache entry): refetching", err)
+                buf = await self.source.load(h, n, refetch=True, pin=True)
+            else:
+                if raw is not None:
+                    return raw
+                buf = await self.source.load(h, n, pin=attempt > 0)
+            if buf is not None:  # handed over in memory: verified plaintext
+                return buf
+        raise IntegrityError(f"{e.path}: chunk {h[:16]} still missing from the sealed cache after refetching")
 
 
 class ReadOrder:

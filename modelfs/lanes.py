@@ -68,6 +68,7 @@ class LaneConfig:
     read_timeout: float = READ_TIMEOUT
     max_attempts: int = ATTEMPTS
     spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
+    sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (see unseal)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Lanes:
             threads=max(1, -(-config.concurrency // self.n_workers)),
             connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
             max_attempts=config.max_attempts,
-            encrypted=registry is not None and registry.key is not None)
+            encrypted=registry is not None and registry.key is not None, sealed=config.sealed)
         self.store_limiter = trio.CapacityLimiter(config.concurrency)
         self.cache_limiter = trio.CapacityLimiter(config.cache_threads)
         self.stats = FetchStats()
@@ -368,6 +369,13 @@ class Lanes:
         except trio.TooSlowError:
             raise StoreUnavailableError(f"the object store did not answer within "
                                         f"{self.config.fetch_timeout:g} s") from None
+
+    async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
+        """Chunk ``h`` of a sealed cache (``--encrypt-cache``), decrypted and verified on a
+        cache thread; None if the cache does not hold it. IntegrityError: a damaged entry."""
+        assert self.config.sealed and self.registry is not None
+        codec = self.registry.codec
+        return await self.cache_call(self.cache.with_chunk, h, lambda v: codec.decode(v, h, size))
 
     async def cache_call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (an LMDB call) on a thread."""

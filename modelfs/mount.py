@@ -66,6 +66,7 @@ class MountConfig:
     lanes: LaneConfig = field(default_factory=LaneConfig)
     encryption_key: RegistryKey | None = None  # an encrypted registry's key (never shown)
     trust: TrustedKeys | None = None  # serve only versions (and tags) these keys signed
+    encrypt_cache: bool = False  # keep chunks encrypted in the cache (under <cache_dir>/sealed)
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
@@ -74,7 +75,10 @@ class MountConfig:
                             concurrency=s["concurrency"], connect_timeout=s["connect_timeout"],
                             read_timeout=s["read_timeout"], max_attempts=s["attempts"])
         key_file = s["encryption_key_file"]
+        if s["encrypt_cache"] and key_file is None:
+            raise UsageError("encrypt_cache needs the registry's key: pass --encryption-key FILE too")
         return cls(
+            encrypt_cache=s["encrypt_cache"],
             encryption_key=RegistryKey.load(key_file) if key_file is not None else None,
             trust=TrustedKeys(s["trusted_keys"]) if s["trusted_keys"] else None,
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
@@ -85,7 +89,8 @@ class MountConfig:
             readahead_bytes=s["readahead"], readahead_order=s["readahead_order"],
             lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
                              fetch_timeout=s["fetch_timeout"], connect_timeout=store.connect_timeout,
-                             read_timeout=store.read_timeout, max_attempts=store.max_attempts))
+                             read_timeout=store.read_timeout, max_attempts=store.max_attempts,
+                             sealed=s["encrypt_cache"]))
 
 
     def start_timeout(self) -> float:
@@ -109,11 +114,14 @@ class Source:
 def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
     """What the mount shows; with trusted keys, a version is resolved only if it verifies."""
     src = cfg.source
+
+    def catalog_of(registry: Registry) -> Catalog:
+        return Catalog(registry, cache, cfg.trust, sealed=cfg.encrypt_cache)
+
     if src.startswith("s3://"):
         if is_model_ref(src):
             ref = parse_model(src)
-            catalog = Catalog(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True), cache,
-                              cfg.trust)
+            catalog = catalog_of(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True))
             version, manifest = catalog.resolve(ref)
             return Source(catalog, ref.name, version, manifest)
         rref = parse_registry(src)
@@ -121,7 +129,7 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
         registry.store.check_bucket()
         if registry.models() or not rref.prefix:
             registry.check_encryption()
-            return Source(Catalog(registry, cache, cfg.trust))
+            return Source(catalog_of(registry))
         # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
         try:
             ref = parse_model(src)
@@ -129,7 +137,7 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
             raise NotFoundError(f"no registry and no model at {src}") from None
         parent_registry = Registry(registry.store, ref.registry, cfg.encryption_key)
         parent_registry.check_encryption()  # its own line for a missing or wrong key
-        parent = Catalog(parent_registry, cache, cfg.trust)
+        parent = catalog_of(parent_registry)
         try:
             version, manifest = parent.resolve(ref)
         except NotFoundError:
@@ -141,10 +149,10 @@ def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
         registry.store.check_bucket()
         # with --registry every pointer is read from it; else only those whose origin it is
         pointers = PointerDir(Path(src), None if cfg.registry_url else str(registry.ref))
-        return Source(Catalog(registry, cache, cfg.trust), pointers=pointers)
+        return Source(catalog_of(registry), pointers=pointers)
     manifest = read_manifest_file(src)
     registry = origin_registry(manifest, cfg.registry_url, cfg.store, cfg.encryption_key, offline_ok=True)
-    catalog = Catalog(registry, cache, cfg.trust)
+    catalog = catalog_of(registry)
     catalog.verify(manifest, manifest.version_id)
     return Source(catalog, manifest.name, manifest.version_id, manifest)
 
@@ -175,7 +183,9 @@ def _bound_malloc() -> None:
 def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
     _bound_malloc()
-    cache = BlockCache(cfg.cache_dir, cfg.cache_size)
+    # a sealed cache is an LMDB environment of its own: its entries are the chunks' stored,
+    # encrypted form, never mixed with a plain cache's plaintext entries of the same ids
+    cache = BlockCache(cfg.cache_dir / "sealed" if cfg.encrypt_cache else cfg.cache_dir, cfg.cache_size)
     try:
         _serve(cfg, cache, on_ready)
     finally:
@@ -189,7 +199,7 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes)
     view = CacheView(cache)
     fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes,
-                      tensor_order=cfg.readahead_order == "tensors")
+                      tensor_order=cfg.readahead_order == "tensors", sealed=cfg.encrypt_cache)
     ns = Namespace(lanes, source.catalog, ttl=cfg.metadata_ttl)
     if source.pointers is not None:
         ns.root_pointers(source.pointers)

@@ -54,15 +54,17 @@ def chunks_to_fetch(manifest: Manifest, cache: BlockCache) -> tuple[dict[str, in
 
 
 def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, concurrency: int = 16,
-               workers: int = 0, on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
+               workers: int = 0, sealed: bool = False,
+               on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
     """Load the missing chunks through the same fetch workers a mount uses (GET, verify,
     write to LMDB in other processes; host-wide single flight with running mounts).
-    At most ``2 × concurrency`` loads are pending at a time, whatever the model's size."""
+    At most ``2 × concurrency`` loads are pending at a time, whatever the model's size.
+    ``sealed``: ``cache`` is a sealed cache (``--encrypt-cache``), chunks kept encrypted."""
     stats = PrefetchStats(files=len(manifest.files))
     missing, have = chunks_to_fetch(manifest, cache)
     stats.add(bytes=have, cached_chunks=sum(len(e.chunks) for e in manifest.files) - len(missing))
     on_progress(have)
-    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency))
+    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed))
 
     async def one(h: str, n: int, slots: trio.Semaphore) -> None:
         try:

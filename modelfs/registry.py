@@ -167,6 +167,15 @@ class Registry:
             raise UsageError(f"{key} is encrypted: registry {self.ref} needs --encryption-key")
         return blob
 
+    def seal_copy(self, key: str, data: bytes) -> bytes:
+        """``data`` in the form this registry stores object ``key`` in (sealed if encrypted):
+        how a sealed cache (``--encrypt-cache``) keeps manifests and signatures."""
+        return self._seal(data, key)
+
+    def open_copy(self, key: str, blob: bytes) -> bytes:
+        """The plain bytes of a :meth:`seal_copy` (IntegrityError if tampered or misplaced)."""
+        return self._open(blob, key)
+
     def _where(self, key: str) -> str:
         """An object's key under the prefix: what a sealed object is bound to (so a
         registry copied to another bucket or prefix still opens)."""

@@ -20,8 +20,9 @@ a chunk that was fetched is always cached: an unmount, SIGTERM or a crash of the
 daemon never throws fetched bytes away. SIGINT and SIGTERM are ignored (systemd
 signals the whole cgroup; the daemon ends us through the socket).
 
-Invariants: a chunk is written only after its BLAKE3 check; a reply is sent only
-after the commit; memory is bounded by ``threads`` chunk buffers.
+Invariants: a chunk is written only after its BLAKE3 check (with ``sealed``, its
+stored, encrypted form is what is written, after the check of what it decrypts to);
+a reply is sent only after the commit; memory is bounded by ``threads`` chunk buffers.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class WorkerConfig:
     read_timeout: float = READ_TIMEOUT
     max_attempts: int = ATTEMPTS
     encrypted: bool = False  # the registry key comes as the first message
+    sealed: bool = False  # --encrypt-cache: cache the chunk's stored (encrypted) form, not plaintext
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -212,7 +214,9 @@ class Worker:
         if req.get("pin") and "spill" not in reply:
             # the reader saw this chunk evicted right after an earlier load: hand it the
             # bytes themselves, so it makes progress however small the cache is
-            fd = self.cache.with_chunk(req["h"], _memfd)
+            h, n = req["h"], req["n"]
+            fd = self.cache.with_chunk(h, (lambda v: _memfd(self.codec.decode(v, h, n))) if self.cfg.sealed
+                                       else _memfd)
             if fd is None:  # evicted again already: fetch it and hand it over
                 reply = self._load({**req, "refetch": True, "keep": True}, lock)
             else:
@@ -223,7 +227,7 @@ class Worker:
         h, n = req["h"], req["n"]
         if req.get("refetch"):
             self.cache.delete([h])
-        elif self.cache.reverify(h, n):
+        elif self.cache.reverify(h, None if self.cfg.sealed else n):
             return {"id": req["id"], "ok": True, "fetched": False, "took": 0.0}
         if not req.get("url"):
             raise FetchFailed("other", "no object store configured for this mount")
@@ -235,7 +239,7 @@ class Worker:
             blob = self.http.get(req["url"], self.codec.max_stored_size(n))
             raw = self.codec.decode(blob, h, n)
             took = time.monotonic() - t0
-            if not self.cache.write([(h, raw)]) or req.get("keep"):
+            if not self.cache.write([(h, memoryview(blob) if self.cfg.sealed else raw)]) or req.get("keep"):
                 # a full or failing cache disk must not fail the reader (nor may a cache
                 # too small to keep it): hand the verified bytes over in memory, a memfd
                 return {"id": req["id"], "ok": True, "fetched": True, "took": took, "spill": _memfd(raw)}

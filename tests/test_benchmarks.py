@@ -42,5 +42,5 @@ def test_encryption_benchmark_runs(tmp_path):
                         "--runs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "encryption.json").read_text())
-    assert res["publish_ratio"] > 0 and res["cold_read_ratio"] > 0
+    assert res["publish_ratio"] > 0 and res["cold_read_ratio"] > 0 and res["encrypt_cache_warm_ratio"] > 0
     assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line]

@@ -17,7 +17,7 @@ from modelfs.codec import ChunkCodec
 from modelfs.encryption import MetadataSealer, RegistryKey
 from modelfs.errors import IntegrityError, UsageError
 
-from conftest import cli, one_line_error, tree_digest
+from conftest import cli, gets, one_line_error, tree_digest
 
 MARKER = b"TOP-SECRET-WEIGHTS-MARKER-7f3a9c"
 
@@ -232,3 +232,56 @@ def test_tampered_ciphertext_is_eio_and_forged_metadata_is_refused(env, bucket, 
     sealed = s3.get_object(Bucket=bucket, Key="enc/models/m/tags/prod.json")["Body"].read()
     s3.put_object(Bucket=bucket, Key="enc/models/m/tags/staging.json", Body=sealed)
     one_line_error(cli(env, "inspect", f"{reg}/m@staging", *key, check=False), "does not decrypt")
+
+
+def test_encrypted_cache_keeps_no_plaintext_on_disk(env, bucket, seaweed, secret_model, keys, mounts, tmp_path):
+    reg = f"s3://{bucket}/enc"
+    key = ("--encryption-key", keys["key"])
+    cli(env, "publish", str(secret_model), reg, "--name", "m", "--tag", "prod", "-q", *key)
+    one_line_error(mounts.mount(f"{reg}/m@prod", "--encrypt-cache", check=False),
+                   "needs the registry's key")
+    want = tree_digest(secret_model)
+    mnt = mounts.mount(f"{reg}/m@prod", "--encrypt-cache", *key)
+    assert tree_digest(mnt) == want
+    mounts.unmount(mnt)
+    # the host's disk: the sealed cache holds no marker, no file name, no plaintext chunk id
+    sealed = mounts.cache_dir / "sealed"
+    disk = b"".join(p.read_bytes() for p in sealed.rglob("*") if p.is_file() and p.suffix != ".log")
+    assert len(disk) > sum(p.stat().st_size for p in secret_model.iterdir()) // 2  # it does hold the chunks
+    assert MARKER not in disk and b"notes.json" not in disk and b"model.layers.0" not in disk
+    assert not any(h.encode() in disk for h in _plain_chunk_ids(secret_model))
+    assert not (mounts.cache_dir / "blocks").exists()  # the plain cache was never opened
+    # a remount reads the sealed cache: byte-identical, no GET
+    before = gets(seaweed, bucket)
+    mnt = mounts.mount(f"{reg}/m@prod", "--encrypt-cache", *key)
+    assert tree_digest(mnt) == want
+    assert json.loads(cli(env, "stats", str(mnt), "--json").stdout)["fetches"] == 0
+    assert gets(seaweed, bucket) - before <= 2  # the tag and the marker; no manifest, no chunk
+    mounts.unmount(mnt)
+    # an entry damaged on disk (its sums fixed up, as a malicious writer would) is refetched, not served
+    from modelfs.cache import BlockCache, block_sums
+    c = BlockCache(sealed, 1 << 30)
+    try:
+        with c.env.begin(write=True) as txn:
+            k, blob = next(iter(txn.cursor(db=c.chunks)))
+            bad = bytearray(blob)
+            bad[len(bad) // 2] ^= 1
+            txn.put(k, bytes(bad), db=c.chunks)
+            txn.put(k, block_sums(bytes(bad)), db=c.sums)
+    finally:
+        c.close()
+    before = gets(seaweed, bucket)
+    mnt = mounts.mount(f"{reg}/m@prod", "--encrypt-cache", *key)
+    assert tree_digest(mnt) == want
+    assert gets(seaweed, bucket) - before >= 1
+    logs = "".join(p.read_text() for p in (mounts.cache_dir / "logs").glob("*.log"))
+    assert "does not decrypt" in logs
+    # prefetch warms the same sealed cache
+    out = cli(env, "prefetch", f"{reg}/m@prod", "--encrypt-cache", "--cache-dir", str(tmp_path / "c2"), "-q",
+              *key).stdout
+    assert "prefetched m@" in out
+    disk = (tmp_path / "c2" / "sealed" / "blocks" / "data.mdb").read_bytes()
+    assert MARKER not in disk and b"notes.json" not in disk
+    mnt = mounts.mount(f"{reg}/m@prod", "--encrypt-cache", *key, cache_dir=tmp_path / "c2")
+    assert tree_digest(mnt) == want
+    assert json.loads(cli(env, "stats", str(mnt), "--json").stdout)["fetches"] == 0

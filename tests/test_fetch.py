@@ -13,7 +13,7 @@ import trio.testing
 from modelfs.cache import BlockCache, CacheView
 from modelfs.chunking import chunk_hash
 from modelfs.config import StoreConfig
-from modelfs.errors import StoreError, StoreUnavailableError
+from modelfs.errors import IntegrityError, StoreError, StoreUnavailableError
 from modelfs.fetch import Fetcher, Stream
 from modelfs.fs import ModelFS
 from modelfs.lanes import FetchStats, LaneConfig, Lanes
@@ -169,6 +169,51 @@ def test_damaged_entry_is_refetched_and_lasting_damage_is_eio(cache):
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.read(fi.fh + 100, 0, 1)
         assert e.value.errno == errno.EBADF
+    trio.run(main)
+
+
+class SealedSource(FakeSource):
+    """A sealed cache (``--encrypt-cache``): entries are a stand-in ciphertext (the bytes
+    reversed), which ``unseal`` checks against the chunk id as decryption would."""
+
+    def __init__(self, cache: BlockCache, chunks: dict[str, bytes]):
+        super().__init__(cache, {h: b[::-1] for h, b in chunks.items()})
+        self.unseals: list[str] = []
+
+    async def unseal(self, h: str, size: int) -> bytes | None:
+        self.unseals.append(h)
+        stored = self.cache.with_chunk(h, bytes)
+        if stored is None:
+            return None
+        if chunk_hash(stored[::-1]) != h:
+            raise IntegrityError(f"chunk {h[:16]} does not decrypt")
+        return stored[::-1]
+
+
+def test_sealed_cache_spans_decrypt_each_chunk_once_and_refetch_damage(cache):
+    entry, data, chunks = make_file([300_000, MiB, 5, 700_000])
+    src = SealedSource(cache, chunks)
+    fetcher = Fetcher(CacheView(cache), src, sealed=True)
+    h1 = entry.chunks[1][0]
+
+    async def main():
+        rnd = __import__("random").Random(5)
+        for _ in range(100):
+            off = rnd.randrange(entry.size)
+            end = min(entry.size, off + rnd.choice([1, 4096, 131072, MiB]))
+            assert bytes(await fetcher.span(entry, off, end)) == data[off:end]
+        assert bytes(await fetcher.span(entry, 0, entry.size)) == data
+        assert sorted(src.unseals) == sorted([h for h, _ in entry.chunks] * 2)  # a miss, then the load
+        assert len(src.loads) == len(chunks)
+        # damaged on disk: refetched, and while every copy is damaged, an error, never its bytes
+        fetcher._plain.clear()
+        cache.delete([h1])
+        src.garbage = {h1}
+        with pytest.raises(IntegrityError):
+            await fetcher.span(entry, 300_000, 300_000 + 4096)
+        assert (h1, True) in src.loads
+        src.garbage = set()
+        assert bytes(await fetcher.span(entry, 300_000, 300_000 + 4096)) == data[300_000:304_096]
     trio.run(main)
 
 
