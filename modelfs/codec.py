@@ -64,8 +64,9 @@ def max_stored_size(raw_size: int) -> int:
 
 
 def decode(blob: bytes | bytearray, expected_hash: str, expected_size: int,
-           hash_fn: Callable[[bytes | memoryview], str] = chunk_hash) -> bytes | memoryview:
-    """The verified raw bytes of a plain stored chunk, or :class:`IntegrityError`.
+           hash_fn: Callable[[bytes | memoryview], str] | None = chunk_hash) -> bytes | memoryview:
+    """The verified raw bytes of a plain stored chunk, or :class:`IntegrityError`
+    (``hash_fn`` None: the caller has authenticated ``blob`` otherwise).
 
     A raw chunk comes back as a view into ``blob`` (no copy of 4 MiB)."""
     encoding, n = _header(blob, expected_hash, expected_size)
@@ -81,7 +82,7 @@ def decode(blob: bytes | bytearray, expected_hash: str, expected_size: int,
             raise IntegrityError(f"chunk {expected_hash[:16]}: bad zstd payload: {e}") from None
     else:
         raise IntegrityError(f"chunk {expected_hash[:16]}: unknown encoding {encoding}")
-    if raw is None or len(raw) != n or hash_fn(raw) != expected_hash:
+    if raw is None or len(raw) != n or (hash_fn is not None and hash_fn(raw) != expected_hash):
         raise IntegrityError(f"chunk {expected_hash[:16]}: content does not match its hash")
     return raw
 
@@ -136,8 +137,12 @@ class ChunkCodec:
         head = HEADER.pack(MAGIC, AES_GCM, len(raw))
         return head + self._sealer.seal(inner, head + bytes.fromhex(h))
 
-    def decode(self, blob: bytes | bytearray, h: str, n: int) -> bytes | memoryview:
-        """The verified raw bytes of a stored chunk, or :class:`IntegrityError`."""
+    def decode(self, blob: bytes | bytearray, h: str, n: int, *, check_id: bool = True) -> bytes | memoryview:
+        """The verified raw bytes of a stored chunk, or :class:`IntegrityError`.
+
+        ``check_id`` False (encrypted chunks only): trust AES-GCM's tag alone, which
+        authenticates the whole stored form and, through the associated data, its id.
+        For a sealed cache's entries, which were checked against their id when fetched."""
         if self._sealer is None:
             return decode(blob, h, n)
         encoding, _ = _header(blob, h, n)
@@ -147,4 +152,4 @@ class ChunkCodec:
         inner = self._sealer.open(memoryview(blob)[HEADER.size:], head + bytes.fromhex(h), f"chunk {h[:16]}")
         if len(inner) >= HEADER.size and HEADER.unpack_from(inner)[1] == AES_GCM:
             raise IntegrityError(f"chunk {h[:16]}: encrypted twice")
-        return decode(inner, h, n, self.hash)
+        return decode(inner, h, n, self.hash if check_id else None)

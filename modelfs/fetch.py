@@ -27,8 +27,6 @@ import struct
 from collections.abc import Iterator
 from typing import Protocol
 
-import cachetools
-
 from .cache import CacheView, DamagedEntry
 from .errors import IntegrityError
 from .lanes import FetchStats
@@ -37,7 +35,6 @@ from .manifest import FileEntry
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-PLAIN_BYTES = 64 * MiB  # decrypted chunks a sealed-cache mount keeps in memory
 
 
 class ChunkSource(Protocol):
@@ -54,14 +51,15 @@ class ChunkSource(Protocol):
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` for a reader that will want it soon."""
 
-    def page_in(self, h: str) -> None:
+    def page_in(self, h: str, size: int) -> None:
         """Start reading cached chunk ``h`` from disk into memory for a reader that will want it soon."""
 
     def spilled(self, h: str) -> bytes | mmap.mmap | None:
         """Verified bytes of ``h`` that the cache could not store (a full disk), if held."""
 
     async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
-        """A sealed cache's chunk ``h``, decrypted and verified; None if not cached."""
+        """A sealed cache's chunk ``h``, decrypted and authenticated (kept in memory a
+        while: a reader's many small reads of a chunk decrypt it once); None if not cached."""
 
 
 class Fetcher:
@@ -78,10 +76,7 @@ class Fetcher:
                  readahead_trigger: int = 4 * MiB, tensor_order: bool = True, sealed: bool = False):
         self.view = view
         self.source = source
-        # --encrypt-cache: the cache holds chunks encrypted; decrypted ones are kept here,
-        # a bounded LRU (a reader's many small reads of a chunk decrypt it once)
-        self.sealed = sealed
-        self._plain: cachetools.LRUCache = cachetools.LRUCache(PLAIN_BYTES, getsizeof=len)
+        self.sealed = sealed  # --encrypt-cache: the cache holds chunks encrypted (source.unseal)
         self.readahead_bytes = readahead_bytes
         self.readahead_trigger = readahead_trigger  # sequential bytes before readahead starts
         self.tensor_order = tensor_order  # read ahead in loaders' tensor order where known
@@ -110,7 +105,7 @@ class Fetcher:
         where no view is outstanding."""
         self.view.renew(self.source.generation)
         if self.view.has(h):
-            self.source.page_in(h)
+            self.source.page_in(h, n)
         else:
             self.source.prefetch(h, n)
 
@@ -161,15 +156,13 @@ class Fetcher:
         raise IntegrityError(f"{e.path}@{off}: chunks still missing or damaged after refetching")
 
     async def _sealed_span(self, e: FileEntry, off: int, end: int) -> memoryview | bytes:
-        """``span`` over a sealed cache: whole chunks decrypted (AES-GCM authenticates them
-        entirely, so no block sums are needed), kept in the plaintext LRU."""
+        """``span`` over a sealed cache: whole chunks, decrypted by the source (AES-GCM
+        authenticates each entirely, so no block sums are needed)."""
         views = []
         for i in range(e.chunk_index(off), e.chunk_index(end - 1) + 1):
             h, n = e.chunks[i]
             start = e.offsets[i]
-            raw = self._plain.get(h)
-            if raw is None:
-                raw = self._plain[h] = await self._unsealed(e, h, n)
+            raw = await self._unsealed(e, h, n)
             views.append(memoryview(raw)[max(off, start) - start:min(end, start + n) - start])
         self.stats.memory_hits += len(views)
         return views[0] if len(views) == 1 else b"".join(views)

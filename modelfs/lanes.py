@@ -51,6 +51,7 @@ T = TypeVar("T")
 URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
 WORKER_START_SECONDS = 30.0
 PAGING_MAX = 64  # cached chunks being paged in at once (readahead windows are smaller)
+UNSEAL_AHEAD_MAX = 4  # a sealed cache's chunks being decrypted ahead of readers at once
 
 
 def default_workers() -> int:
@@ -69,6 +70,7 @@ class LaneConfig:
     max_attempts: int = ATTEMPTS
     spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
     sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (see unseal)
+    plain_bytes: int = 128 << 20  # a sealed cache's chunks kept decrypted in memory
 
 
 @dataclass
@@ -136,6 +138,9 @@ class Lanes:
         self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
         self._spilled: cachetools.LRUCache = cachetools.LRUCache(config.spill_bytes, getsizeof=len)
+        # a sealed cache's chunks, decrypted (readers and readahead), and those being decrypted
+        self._plain: cachetools.LRUCache = cachetools.LRUCache(config.plain_bytes, getsizeof=len)
+        self._unsealing: dict[str, trio.Event] = {}
 
     # -- life ---------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -222,18 +227,21 @@ class Lanes:
         if h not in self._flights and h not in self._confirmed:
             self._start(h, size, urgent=False, refetch=False)
 
-    def page_in(self, h: str) -> None:
+    def page_in(self, h: str, size: int) -> None:
         """Read cached chunk ``h`` from disk into the page cache on a cache thread
-        (readahead of a warm chunk); nobody waits for it."""
-        if h in self._paging or len(self._paging) >= PAGING_MAX:
+        (readahead of a warm chunk; in a sealed cache, decrypt it into memory);
+        nobody waits for it."""
+        if h in self._paging or len(self._paging) >= (UNSEAL_AHEAD_MAX if self.config.sealed else PAGING_MAX):
+            return
+        if self.config.sealed and h in self._plain:
             return
         self._paging.add(h)
         assert self._nursery is not None, "Lanes.run() is not running"
-        self._nursery.start_soon(self._page_in, h)
+        self._nursery.start_soon(self._page_in, h, size)
 
-    async def _page_in(self, h: str) -> None:
+    async def _page_in(self, h: str, size: int) -> None:
         try:
-            if await self.cache_call(self.cache.page_in, h):
+            if await (self.unseal(h, size) if self.config.sealed else self.cache_call(self.cache.page_in, h)):
                 self.stats.paged_in += 1
         except Exception as e:  # readahead only: the read itself will say what is wrong
             log.debug("paging in chunk %s: %s", h[:16], e)
@@ -312,6 +320,8 @@ class Lanes:
             self._confirmed[flight.h] = True
             self.generation += 1
             self._finish(flight, None)
+            if self.config.sealed and not flight.urgent:
+                self.page_in(flight.h, flight.size)  # decrypt it ahead of its reader
             return
         self._finish(flight, self._error(flight, r))
 
@@ -371,11 +381,27 @@ class Lanes:
                                         f"{self.config.fetch_timeout:g} s") from None
 
     async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
-        """Chunk ``h`` of a sealed cache (``--encrypt-cache``), decrypted and verified on a
-        cache thread; None if the cache does not hold it. IntegrityError: a damaged entry."""
+        """Chunk ``h`` of a sealed cache (``--encrypt-cache``), decrypted: from memory, or
+        decrypted on a cache thread (once for all who ask at the same time) and kept;
+        None if the cache does not hold it. IntegrityError: a damaged entry.
+
+        AES-GCM authenticates the whole entry and its id (the associated data), and the
+        worker checked the id's keyed BLAKE3 before it wrote the entry: no hash here."""
         assert self.config.sealed and self.registry is not None
-        codec = self.registry.codec
-        return await self.cache_call(self.cache.with_chunk, h, lambda v: codec.decode(v, h, size))
+        while (raw := self._plain.get(h)) is None and (other := self._unsealing.get(h)) is not None:
+            await other.wait()  # then look again: it may have failed, or found nothing
+        if raw is not None:
+            return raw
+        codec, done = self.registry.codec, self._unsealing.setdefault(h, trio.Event())
+        try:
+            raw = await self.cache_call(self.cache.with_chunk, h,
+                                        lambda v: codec.decode(v, h, size, check_id=False))
+            if raw is not None:
+                self._plain[h] = raw
+            return raw
+        finally:
+            del self._unsealing[h]
+            done.set()
 
     async def cache_call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (an LMDB call) on a thread."""
