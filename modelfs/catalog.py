@@ -92,19 +92,21 @@ class Catalog:
         data = self._cached(self.cache.get_signature, key, version) if self.cache is not None else None
         if data is None:
             data = self.registry.get_signature(name, version)
-            if data is not None and self.cache is not None:
-                self.cache.put_signature(version, self.registry.seal_copy(key, data) if self.sealed else data)
+            if data is not None:
+                self._keep(self.cache.put_signature if self.cache is not None else None, key, version, data)
         self._signatures[version] = data
         return data
 
     def keep_manifest(self, m: Manifest, data: bytes | None = None) -> None:
-        """Record a validated manifest (its bytes ``data``) in the cache (sealed, with ``sealed``)."""
-        if self.cache is None:
-            return
-        data = m.to_bytes() if data is None else data
-        if self.sealed:
-            data = self.registry.seal_copy(self.registry.version_key(m.name, m.version_id), data)
-        self.cache.put_manifest(m.version_id, data)
+        """Record a validated manifest (its bytes ``data``) in the cache."""
+        self._keep(self.cache.put_manifest if self.cache is not None else None,
+                   self.registry.version_key(m.name, m.version_id), m.version_id,
+                   m.to_bytes() if data is None else data)
+
+    def _keep(self, put: Callable[[str, bytes], None] | None, key: str, version: str, data: bytes) -> None:
+        """A record into the cache (sealed and bound to its object ``key``, with ``sealed``)."""
+        if put is not None:
+            put(version, self.registry.seal_copy(key, data) if self.sealed else data)
 
     def _cached(self, get: Callable[[str], bytes | None], key: str, version: str) -> bytes | None:
         """A cache record's plain bytes; a sealed one that does not open is a miss."""
