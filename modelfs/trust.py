@@ -43,6 +43,11 @@ TAG_SIGNATURE_FORMAT = "modelfs-tag-signature-v1"
 _CURVES = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}
 
 
+def subject(m: Manifest) -> str:
+    """What a version's signature is made for: ``NAME@VERSION``."""
+    return f"{m.name}@{m.version_id}"
+
+
 def signed_files(m: Manifest) -> dict[str, str]:
     """path → SHA-256 of the files a signature of ``m`` lists (all but the ignored ones)."""
     return {f.path: f.sha256 for f in m.files if f.path.split("/", 1)[0] not in IGNORED_PATHS}
@@ -103,7 +108,9 @@ class SigningKey:
                  for p, h in sorted(signed_files(m).items())]
         serialization_type = ms_manifest._FileSerialization("sha256", allow_symlinks=False,
                                                              ignore_paths=list(IGNORED_PATHS))
-        payload = ms_signing.Payload(ms_manifest.Manifest(m.name, items, serialization_type))
+        # the statement's subject names the version: its id is the manifest's hash, so the
+        # signature covers the chunk lists too, not only the files' digests
+        payload = ms_signing.Payload(ms_manifest.Manifest(subject(m), items, serialization_type))
         return sign_ec_key.Signer(self.path).sign(payload).bundle.to_json().encode()
 
     def sign_tag(self, model: str, tag: str, version: str, sequence: int) -> dict[str, str]:
@@ -152,15 +159,19 @@ class TrustedKeys:
         trusted = self._keys.get(hint)
         if trusted is None:
             raise TrustError(f"{what} is signed by key {hint[:16]}, which is not a trusted key")
-        signed = self._verified_files(signature, trusted, what)
+        name, signed = self._verified_files(signature, trusted, what)
         ours = signed_files(m)
         if signed != ours:
             diff = sorted(set(signed.items()) ^ set(ours.items()))
             raise TrustError(f"the signature of {what} does not match its manifest "
                              f"({len(diff)} differences, first: {diff[0][0]!r})")
+        if name != subject(m):
+            # the same files and digests, another manifest (other chunks): a borrowed signature
+            raise TrustError(f"the signature of {what} was made for {name[:80]!r}, not for this version")
         return hint
 
-    def _verified_files(self, signature: bytes, trusted: _Trusted, what: str) -> dict[str, str]:
+    def _verified_files(self, signature: bytes, trusted: _Trusted, what: str) -> tuple[str, dict[str, str]]:
+        """(the statement's subject, path → SHA-256) of a signature that verifies."""
         from model_signing._signing import sign_ec_key
         from model_signing._signing import sign_sigstore_pb
 
@@ -181,7 +192,7 @@ class TrustedKeys:
             if rd.digest.algorithm != "sha256":
                 raise TrustError(f"the signature of {what} uses {rd.digest.algorithm}, not sha256")
             out[str(rd.identifier)] = rd.digest.digest_hex
-        return out
+        return signed.model_name, out
 
     def verify_tag(self, model: str, tag: str, version: str, sequence: int, signature: Any) -> str:
         """The id of the trusted key that signed this tag record; TrustError otherwise."""

@@ -186,6 +186,23 @@ def test_untrusted_unsigned_swapped_and_tampered_versions_are_refused(env, bucke
     s3.copy_object(Bucket=bucket, Key=f"reg/models/m/signatures/{forged_id}.sig",
                    CopySource={"Bucket": bucket, "Key": sig_key})
     one_line_error(cli(env, "verify", str(forged), *trust, check=False), "does not match its manifest")
+    # every file and digest kept, two chunks of a file swapped (other bytes would be served),
+    # the good signature copied to the new id: the signature names the version it was made for
+    doc = json.loads(cli(env, "inspect", "--json", f"{reg}/m@{signed}").stdout)
+    big = max(doc["files"], key=lambda f: len(f["chunks"]))
+    assert len(big["chunks"]) >= 2
+    big["chunks"][0], big["chunks"][1] = big["chunks"][1], big["chunks"][0]
+    borrowed = tmp_path / "borrowed.modelfs.json"
+    borrowed.write_text(json.dumps(doc))
+    borrowed_id = loads(borrowed.read_bytes()).version_id
+    s3.copy_object(Bucket=bucket, Key=f"reg/models/m/signatures/{borrowed_id}.sig",
+                   CopySource={"Bucket": bucket, "Key": sig_key})
+    one_line_error(cli(env, "verify", str(borrowed), *trust, check=False), "was made for", signed)
+    mnt = tmp_path / "mnt-borrowed"
+    mnt.mkdir()
+    r = mounts.mount(str(borrowed), *trust, mnt=mnt, check=False)
+    assert r.returncode != 0 and "was made for" in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)
     # a registry mount with --trusted-key shows only what verifies
     whole = mounts.mount(reg, *trust)
     assert os.listdir(whole / "m" / "versions") == [signed]
