@@ -258,6 +258,8 @@ def test_encrypted_cache_keeps_no_plaintext_on_disk(env, bucket, seaweed, secret
     assert json.loads(cli(env, "stats", str(mnt), "--json").stdout)["fetches"] == 0
     assert gets(seaweed, bucket) - before <= 2  # the tag and the marker; no manifest, no chunk
     mounts.unmount(mnt)
+    verify = cli(env, "cache", "verify", "--cache-dir", str(sealed), "-q").stdout  # by the entries' sums
+    assert "all intact" in verify, verify
     # an entry damaged on disk (its sums fixed up, as a malicious writer would) is refetched, not served
     from modelfs.cache import BlockCache, block_sums
     c = BlockCache(sealed, 1 << 30)
