@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from pathlib import Path
 
 import fcntl
@@ -261,25 +261,21 @@ class BlockCache:
     # -- writes (one thread at a time) ----------------------------------------------
     def put_ref(self, ref: str, version: str, sequence: int = 0) -> None:
         doc = {"version": version, "at": time.time(), "sequence": sequence}
-        try:
-            with self._txn(write=True) as txn:
-                txn.put(ref.encode(), json.dumps(doc).encode(), db=self.refs)
-        except (lmdb.Error, OSError) as e:
-            log.warning("could not cache %s: %s", ref, e)
+        self._put_record(self.refs, ref, json.dumps(doc).encode(), ref)
 
     def put_signature(self, version: str, data: bytes) -> None:
-        try:
-            with self._txn(write=True) as txn:
-                txn.put(version.encode(), data, db=self.signatures)
-        except (lmdb.Error, OSError) as e:
-            log.warning("could not cache the signature of %s: %s", version, e)
+        self._put_record(self.signatures, version, data, f"the signature of {version}")
 
     def put_manifest(self, version: str, data: bytes) -> None:
+        self._put_record(self.manifests, version, data, f"manifest {version}")
+
+    def _put_record(self, db: Any, key: str, data: bytes, what: str) -> None:
+        """A metadata record; a cache that cannot take it (full disk) is only logged."""
         try:
             with self._txn(write=True) as txn:
-                txn.put(version.encode(), data, db=self.manifests)
+                txn.put(key.encode(), data, db=db)
         except (lmdb.Error, OSError) as e:
-            log.warning("could not cache manifest %s: %s", version, e)
+            log.warning("could not cache %s: %s", what, e)
 
     def write(self, chunks: list[tuple[str, bytes | memoryview]]) -> bool:
         """Store new, already verified chunks and flush last-use times in one transaction,

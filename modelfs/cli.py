@@ -79,20 +79,30 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect
 KEY_ENV = "MODELFS_ENCRYPTION_KEY_FILE"
 
 
-def _encryption_option(f=None, *, expose: bool = False):
-    """``--encryption-key FILE`` (or $MODELFS_ENCRYPTION_KEY_FILE), on every command that
-    opens a registry. ``mount`` takes it as its setting; the others keep it in ctx.obj."""
-    def remember(ctx: click.Context, _param, value):
-        if value is not None:
-            ctx.ensure_object(dict)["encryption_key_file"] = value
-        return value
+def _shared_option(flag: str, key: str, doc: str, **kw):
+    """An option that is a mount setting (``key``) and that other commands take too:
+    ``mount`` gets it as its setting (``expose=True``); the others keep it in ctx.obj."""
+    def factory(f=None, *, expose: bool = False):
+        def remember(ctx: click.Context, _param, value):
+            if value:  # None, or () for a repeatable option not given
+                ctx.ensure_object(dict)[key] = value
+            return value or None
 
-    def decorate(f):
-        return click.option("--encryption-key", "encryption_key_file", envvar=KEY_ENV,
-                            type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
-                            callback=None if expose else remember,
-                            help=KEYS["encryption_key_file"].doc)(f)
-    return decorate(f) if f is not None else decorate
+        def decorate(f):
+            return click.option(flag, key, type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
+                                callback=None if expose else remember, help=KEYS[key].doc, **kw)(f)
+        return decorate(f) if f is not None else decorate
+    factory.__doc__ = doc
+    return factory
+
+
+_encryption_option = _shared_option(
+    "--encryption-key", "encryption_key_file",
+    "``--encryption-key FILE`` (or $MODELFS_ENCRYPTION_KEY_FILE), on every command that opens a registry.",
+    envvar=KEY_ENV)
+_trust_option = _shared_option(
+    "--trusted-key", "trusted_keys", "``--trusted-key PEM`` (repeatable), on every command that reads a version.",
+    multiple=True)
 
 
 def _key(ctx: click.Context):
@@ -111,22 +121,6 @@ def _registry(ctx: click.Context, ref: RegistryRef, *, creating: bool = False, d
 
 def _origin(ctx: click.Context, m: Manifest, registry_url: str | None) -> Registry:
     return origin_registry(m, registry_url, ctx.obj["config"], _key(ctx))
-
-
-def _trust_option(f=None, *, expose: bool = False):
-    """``--trusted-key PEM`` (repeatable), on every command that reads a version.
-    ``mount`` takes it as its ``trusted_keys`` setting; the others keep it in ctx.obj."""
-    def remember(ctx: click.Context, _param, value):
-        if value:
-            ctx.ensure_object(dict)["trusted_keys"] = value
-        return value or None
-
-    def decorate(f):
-        return click.option("--trusted-key", "trusted_keys", multiple=True,
-                            type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
-                            callback=None if expose else remember,
-                            help=KEYS["trusted_keys"].doc)(f)
-    return decorate(f) if f is not None else decorate
 
 
 def _trust(ctx: click.Context):
