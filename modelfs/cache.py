@@ -87,6 +87,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "modelfs"
 
 
+def cache_root(cache_dir: Path, *, sealed: bool = False) -> Path:
+    """The directory a cache lives in: a sealed one (``--encrypt-cache``: chunks kept as
+    stored, encrypted) in an LMDB environment of its own, never mixed with plaintext
+    entries of the same ids."""
+    return cache_dir / "sealed" if sealed else cache_dir
+
+
 @dataclass
 class CacheStats:
     entries: int  # chunks

@@ -22,6 +22,7 @@ from .errors import ModelfsError, UsageError
 from .manifest import Manifest
 from .progress import Progress
 from .refs import RegistryRef, parse_model, parse_registry
+from .cache import BlockCache
 from .catalog import Catalog
 from .registry import Registry, open_registry, origin_registry, read_manifest_file
 from .units import count, fmt_bytes
@@ -105,6 +106,12 @@ _trust_option = _shared_option(
     multiple=True)
 
 
+def _sign_key_option(what: str, *, required: bool = False):
+    """``--sign-key PEM``: the private key of publish, sign and tag."""
+    return click.option("--sign-key", required=required, type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"Private key (PEM, elliptic curve) that signs {what}.")
+
+
 def _key(ctx: click.Context):
     """The registry key the command was given, if any (loaded once)."""
     from .encryption import RegistryKey
@@ -133,24 +140,27 @@ def _trust(ctx: click.Context):
     return ctx.obj["trust"]
 
 
-def _resolve(ctx: click.Context, ref: str, registry_url: str | None = None, *,
-             need_registry: bool = False) -> tuple[Catalog | None, str, Manifest]:
+def _resolve(ctx: click.Context, ref: str, registry_url: str | None = None, *, need_registry: bool = False,
+             cache: BlockCache | None = None, sealed: bool = False) -> tuple[Catalog | None, str, Manifest]:
     """A model ref (s3://…/NAME@SEL) or a local manifest file → (catalog, version, manifest).
 
     With --trusted-key the version (and the tag, if REF names one) must verify first.
     A manifest file gets its registry (its origin, or --registry) only when the command
-    needs one or has trusted keys (the signature lives there)."""
+    needs one or has trusted keys (the signature lives there). With ``cache`` (prefetch),
+    what was resolved is recorded there (``sealed``: encrypted), so a mount of it can
+    start while the store is down."""
     trust = _trust(ctx)
     if ref.startswith("s3://"):
         mref = parse_model(ref)
-        catalog = Catalog(_registry(ctx, mref.registry), None, trust)
+        catalog = Catalog(_registry(ctx, mref.registry), cache, trust, sealed=sealed)
         version, manifest = catalog.resolve(mref)
         return catalog, version, manifest
     manifest = read_manifest_file(ref)
     if not (need_registry or trust is not None or registry_url):
         return None, manifest.version_id, manifest
-    catalog = Catalog(_origin(ctx, manifest, registry_url), None, trust)
+    catalog = Catalog(_origin(ctx, manifest, registry_url), cache, trust, sealed=sealed)
     catalog.verify(manifest, manifest.version_id)
+    catalog.keep_manifest(manifest)
     return catalog, manifest.version_id, manifest
 
 
@@ -164,8 +174,7 @@ def _resolve(ctx: click.Context, ref: str, registry_url: str | None = None, *,
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the manifest here (the pointer file to commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key (PEM, elliptic curve) that signs the version and its tags (OpenSSF model signing).")
+@_sign_key_option("the version and its tags (OpenSSF model signing)")
 @_encryption_option
 @click.pass_context
 def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet,
@@ -225,8 +234,7 @@ def keygen(path: Path):
 
 @main.command()
 @click.argument("ref")
-@click.option("--sign-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key (PEM, elliptic curve) to sign with.")
+@_sign_key_option("the version", required=True)
 @_encryption_option
 @click.pass_context
 def sign(ctx, ref: str, sign_key: Path):
@@ -390,8 +398,7 @@ def _no_chunks(h: str, n: int) -> bytes:
 @main.command()
 @click.argument("ref")
 @click.argument("tag")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key (PEM) that signs the tag record.")
+@_sign_key_option("the tag record")
 @_encryption_option
 @click.pass_context
 def tag(ctx, ref: str, tag: str, sign_key: Path | None):
@@ -637,7 +644,7 @@ _cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False,
 
 
 def _open_cache(cache_dir: Path | None):
-    from .cache import BlockCache, default_cache_dir
+    from .cache import default_cache_dir
 
     return BlockCache.open_existing(cache_dir or default_cache_dir())
 
@@ -743,7 +750,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     chunks go straight into the block cache (no mount needed), or files and
     directories on a running mount, which are read through it.
     """
-    from .cache import BlockCache, default_cache_dir
+    from .cache import cache_root, default_cache_dir
     from .prefetch import files_under, read_through, warm_cache
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
@@ -752,21 +759,12 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     if encrypt_cache and _key(ctx) is None:
         raise UsageError("--encrypt-cache needs the registry's key: pass --encryption-key FILE too")
     if refs:
-        cache_dir = cache_dir or default_cache_dir()
-        c = BlockCache(cache_dir / "sealed" if encrypt_cache else cache_dir, cap)
+        c = BlockCache(cache_root(cache_dir or default_cache_dir(), sealed=encrypt_cache), cap)
         try:
             for ref in refs:
-                if ref.startswith("s3://"):
-                    mref = parse_model(ref)
-                    reg = _registry(ctx, mref.registry)
-                    # records the tag and the manifest: a mount of it can start while the store is down
-                    version, m = Catalog(reg, c, _trust(ctx), sealed=encrypt_cache).resolve(mref)
-                else:
-                    m = read_manifest_file(ref)
-                    version, reg = m.version_id, _origin(ctx, m, registry_url)
-                    catalog = Catalog(reg, c, _trust(ctx), sealed=encrypt_cache)
-                    catalog.verify(m, version)
-                    catalog.keep_manifest(m)
+                cat, version, m = _resolve(ctx, ref, registry_url, need_registry=True, cache=c, sealed=encrypt_cache)
+                assert cat is not None
+                reg = cat.registry
                 total = m.totals()["unique_chunk_bytes"]
                 if total > cap:
                     click.echo(f"modelfs: warning: {m.name}@{version} ({fmt_bytes(total)}) is larger than "

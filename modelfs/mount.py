@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from . import malloc
-from .cache import BlockCache, CacheView, default_cache_dir
+from .cache import BlockCache, CacheView, cache_root, default_cache_dir
 from .catalog import Catalog
 from .config import StoreConfig
 from .errors import ModelfsError, NotFoundError, UsageError
@@ -183,9 +183,7 @@ def _bound_malloc() -> None:
 def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
     _bound_malloc()
-    # a sealed cache is an LMDB environment of its own: its entries are the chunks' stored,
-    # encrypted form, never mixed with a plain cache's plaintext entries of the same ids
-    cache = BlockCache(cfg.cache_dir / "sealed" if cfg.encrypt_cache else cfg.cache_dir, cfg.cache_size)
+    cache = BlockCache(cache_root(cfg.cache_dir, sealed=cfg.encrypt_cache), cfg.cache_size)
     try:
         _serve(cfg, cache, on_ready)
     finally:
