@@ -34,6 +34,27 @@ def cpu(pid: int) -> tuple[float, float]:
     return int(f[11]) / t, int(f[12]) / t
 
 
+def threads(pid: int) -> dict[str, tuple[float, float]]:
+    """CPU of each of a process's threads, by thread name (cache threads summed)."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            u, s = _task_cpu(pid, int(tid))
+        except OSError:
+            continue
+        name = "main (trio, FUSE)" if tid == str(pid) else name
+        a, b = out.get(name, (0.0, 0.0))
+        out[name] = (a + u, b + s)
+    return out
+
+
+def _task_cpu(pid: int, tid: int) -> tuple[float, float]:
+    f = open(f"/proc/{pid}/task/{tid}/stat").read().split(")")[-1].split()
+    t = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / t, int(f[12]) / t
+
+
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "--" else 1365
     extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
@@ -54,7 +75,7 @@ def main() -> None:
         drop_caches()
         local = seq_read(d / "m" / "model.safetensors")
     gb = size / 1e9
-    for phase, t, c0, c1 in rows:
+    for phase, t, c0, c1, th in rows:
         print(f"{phase}: {size / 2**20:.0f} MiB in {t:.2f} s = {size / t / 1e6:.0f} MB/s")
         total = 0.0
         for k in c0:
@@ -62,6 +83,9 @@ def main() -> None:
             total += (u + s) if k != "store" else 0
             print(f"  {k:8s} user {u / gb:5.2f}  sys {s / gb:5.2f}  CPU-s/GB")
         print(f"  modelfs, all processes: {total / gb:.2f} CPU-s/GB")
+        for name, (u, s) in sorted(th.items(), key=lambda kv: -sum(kv[1])):
+            if u + s >= 0.01:
+                print(f"    daemon thread {name:20s} user {u / gb:5.2f}  sys {s / gb:5.2f}  CPU-s/GB")
     print(f"local disk, page cache dropped: {size / local / 1e6:.0f} MB/s; "
           f"warm / local = {local / rows[1][1]:.2f}")
 
@@ -76,6 +100,7 @@ def _read_through_mount(phase: str, env: dict, bucket: str, d: Path, mnt: Path, 
         pids = {"daemon": proc.pid, **{f"worker{i}": c for i, c in enumerate(_children(proc.pid))},
                 "store": srv.proc.pid}
         c0 = {k: cpu(p) for k, p in pids.items()}
+        t0 = threads(proc.pid)
         spies = []
         if os.environ.get("PYSPY"):
             for k in ("daemon", "worker0"):
@@ -88,10 +113,12 @@ def _read_through_mount(phase: str, env: dict, bucket: str, d: Path, mnt: Path, 
         for sp in spies:
             sp.wait()
         c1 = {k: cpu(p) for k, p in pids.items()}
+        t1 = threads(proc.pid)
+        th = {k: (t1[k][0] - t0.get(k, (0, 0))[0], t1[k][1] - t0.get(k, (0, 0))[1]) for k in t1}
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
         proc.wait(60)
-    return t, c0, c1
+    return t, c0, c1, th
 
 
 if __name__ == "__main__":

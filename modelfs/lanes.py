@@ -341,7 +341,9 @@ class Lanes:
     def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
         if error is not None:
             self.stats.errors += 1
-            log.error("chunk %s: %s", flight.h, error)
+            # an awaited load's failure is reported by whoever awaits it (a reader's EIO
+            # is logged with its file and offset; prefetch says it as its error): once
+            log.log(logging.DEBUG if flight.urgent else logging.WARNING, "chunk %s: %s", flight.h, error)
             flight.error = error
         if self._flights.get(flight.h) is flight:
             del self._flights[flight.h]

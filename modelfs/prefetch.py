@@ -85,9 +85,14 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
             outer.cancel_scope.cancel()
 
     try:
-        trio.run(main, strict_exception_groups=False)
-    except BaseExceptionGroup as group:  # several loads failed: report the first
-        raise next(e for e in _leaves(group) if isinstance(e, ModelfsError)) from None
+        trio.run(main)
+    except BaseExceptionGroup as group:  # loads failed (or Ctrl-C): report the first cause
+        leaves = list(_leaves(group))
+        first = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or \
+            next((e for e in leaves if isinstance(e, ModelfsError)), None)
+        if first is None:
+            raise
+        raise first from None
     finally:
         lanes.close()
     stats.add(fetched_bytes=lanes.stats.bytes_fetched, fetched_chunks=lanes.stats.fetches)

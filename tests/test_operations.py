@@ -127,6 +127,16 @@ def test_prefetch_by_ref_then_mount_reads_with_zero_chunk_gets(env, bucket, samp
     assert "0 B fetched in 0 chunks" in again
 
 
+def test_prefetch_says_what_failed_in_one_line(env, bucket, sample_model, s3, tmp_path):
+    doc = publish(env, bucket, sample_model)
+    ok = cli(env, "prefetch", f"s3://{bucket}/reg/m", "--cache-dir", str(tmp_path / "c1"), "-q")
+    assert ok.stderr == ""  # nothing but the result: no warnings
+    gone = sorted(unique_chunks(doc))[0]
+    s3.delete_object(Bucket=bucket, Key=f"reg/chunks/{gone}")
+    r = cli(env, "prefetch", f"s3://{bucket}/reg/m", "--cache-dir", str(tmp_path / "c2"), "-q", check=False)
+    one_line_error(r, gone[:16])
+
+
 def test_prefetch_through_a_mount(env, bucket, sample_model, mounts, seaweed):
     doc = publish(env, bucket, sample_model)
     mnt = mounts.mount(f"s3://{bucket}/reg/m")
