@@ -28,8 +28,9 @@ from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def cpu(pid: int) -> tuple[float, float]:
-    f = open(f"/proc/{pid}/stat").read().split(")")[-1].split()
+def cpu(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, or of one of its threads."""
+    f = open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read().split(")")[-1].split()
     t = os.sysconf("SC_CLK_TCK")
     return int(f[11]) / t, int(f[12]) / t
 
@@ -40,19 +41,13 @@ def threads(pid: int) -> dict[str, tuple[float, float]]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
-            u, s = _task_cpu(pid, int(tid))
+            u, s = cpu(pid, int(tid))
         except OSError:
             continue
         name = "main (trio, FUSE)" if tid == str(pid) else name
         a, b = out.get(name, (0.0, 0.0))
         out[name] = (a + u, b + s)
     return out
-
-
-def _task_cpu(pid: int, tid: int) -> tuple[float, float]:
-    f = open(f"/proc/{pid}/task/{tid}/stat").read().split(")")[-1].split()
-    t = os.sysconf("SC_CLK_TCK")
-    return int(f[11]) / t, int(f[12]) / t
 
 
 def main() -> None:
