@@ -217,7 +217,7 @@ class Lanes:
             await flight.done.wait()
         if not flight.done.is_set():
             self.stats.errors += 1
-            raise StoreUnavailableError(f"chunk {h[:16]} not fetched within {self.config.fetch_timeout:g} s")
+            raise StoreUnavailableError(f"chunk {h} not fetched within {self.config.fetch_timeout:g} s")
         if flight.error is not None:
             raise flight.error
         return flight.buffer
@@ -326,17 +326,19 @@ class Lanes:
         self._finish(flight, self._error(flight, r))
 
     def _error(self, flight: _Flight, r: dict[str, Any]) -> ModelfsError:
-        kind, msg = r.get("kind"), r.get("msg", "")
+        # the full chunk id, once: it is what finds the object in the store (the worker's
+        # own message may start with the short form)
+        kind, msg = r.get("kind"), r.get("msg", "").removeprefix(f"chunk {flight.h[:16]}: ")
         if kind in ("http", "throttled", "unavailable") and r.get("status") is not None \
                 and self.registry is not None:
             err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r["status"],
                                                  r.get("code") or "", msg)
             return err if isinstance(err, ModelfsError) else StoreError(str(err))
         if kind == "unavailable":
-            return StoreUnavailableError(f"chunk {flight.h[:16]}: {msg}")
+            return StoreUnavailableError(f"chunk {flight.h}: {msg}")
         if kind == "integrity":
-            return IntegrityError(f"chunk {flight.h[:16]}: {msg}")
-        return StoreError(f"chunk {flight.h[:16]}: {msg}")
+            return IntegrityError(f"chunk {flight.h}: {msg}")
+        return StoreError(f"chunk {flight.h}: {msg}")
 
     def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
         if error is not None:
@@ -366,7 +368,7 @@ class Lanes:
             self._spawn()
         for flight in p.pending.values():  # what it held: once more, elsewhere
             if flight.retried:
-                self._finish(flight, StoreError(f"chunk {flight.h[:16]}: the fetch worker died twice"))
+                self._finish(flight, StoreError(f"chunk {flight.h}: the fetch worker died twice"))
             else:
                 flight.retried = True
                 await self._send(flight)
