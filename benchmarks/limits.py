@@ -130,7 +130,6 @@ def main() -> None:
                  c.generate_presigned_url("get_object", Params={"Bucket": mb, "Key": o["Key"]}, ExpiresIn=3600))
                 for page in c.get_paginator("list_objects_v2").paginate(Bucket=mb, Prefix="reg/chunks/")
                 for o in page.get("Contents", [])]
-        os.environ.update(srv.env())
         targets = {t.name: t for t in make_targets(tmp, srv, plain, mb, local)}
         modelfs, s3fs, disk = targets["modelfs"], targets.get("s3fs (use_cache)"), targets["local disk"]
         minimal = {m: Target(f"minimal ({m})", [sys.executable, str(HERE / "minimal_fs.py"),
@@ -178,11 +177,12 @@ def main() -> None:
     for key in dict.fromkeys(k.rsplit(" MB/s", 1)[0] for k in res if k.endswith(" MB/s")):
         g = lambda s: f"{med[key + s]:.2f}" if key + s in med else ""  # noqa: E731
         print(f"| {key} | {med[key + ' MB/s']:.0f} | {g(' CPU-s/GB')} | {g(' store CPU-s/GB')} | {g(' reader CPU-s/GB')} |")
-    floor = med["stage write CPU-s/GB"] + med.get("warm minimal (LMDB) CPU-s/GB", 0.0)
+    step, serving = med["stage write CPU-s/GB"], med["warm minimal (LMDB) CPU-s/GB"]
+    floor = step + serving
     store, reader = med["cold modelfs store CPU-s/GB"], med["cold modelfs reader CPU-s/GB"]
     print(f"\nfloor of a verified, cached read through FUSE: {floor:.2f} CPU-s/GB "
-          f"(workers' full step {med['stage write CPU-s/GB']:.2f} + minimal FUSE serving "
-          f"{med.get('warm minimal (LMDB) CPU-s/GB', 0.0):.2f}); modelfs cold: {med['cold modelfs CPU-s/GB']:.2f}")
+          f"(workers' full step {step:.2f} + minimal FUSE serving {serving:.2f}); "
+          f"modelfs cold: {med['cold modelfs CPU-s/GB']:.2f}")
     print(f"most this machine allows cold: {cores} cores / ({floor:.2f} + store {store:.2f} + reader {reader:.2f}) "
           f"= {cores / (floor + store + reader) * 1e3:.0f} MB/s; modelfs cold {med['cold modelfs MB/s']:.0f}")
     if s3fs:
