@@ -27,8 +27,10 @@ import struct
 from collections.abc import Iterator
 from typing import Protocol
 
+import trio
+
 from .cache import CacheView, DamagedEntry
-from .errors import IntegrityError
+from .errors import IntegrityError, ModelfsError
 from .lanes import FetchStats
 from .manifest import FileEntry
 
@@ -80,20 +82,47 @@ class Fetcher:
         self.readahead_bytes = readahead_bytes
         self.readahead_trigger = readahead_trigger  # sequential bytes before readahead starts
         self.tensor_order = tensor_order  # read ahead in loaders' tensor order where known
-        self._orders: dict[tuple[str, int], ReadOrder | None] = {}
+        self._orders: dict[tuple[str, int], ReadOrder | None] = {}  # learned (None: the file has none)
+        self._learning: set[tuple[str, int]] = set()
+        self._nursery: trio.Nursery | None = None
 
-    async def read_order(self, e: FileEntry) -> ReadOrder | None:
-        """The loaders' reading order of ``e`` (safetensors: from its header), once per file."""
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Learn files' reading orders in the background until cancelled (see ``read_order``)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def read_order(self, e: FileEntry) -> ReadOrder | None | bool:
+        """The loaders' reading order of ``e`` (safetensors: from its header), learned once
+        per file in the background: False while it is not known yet (learning has started,
+        if ``run`` is running), None if the file has none.
+
+        No read waits for it: the header's chunks must be loaded and, for thousands of
+        tensors, parsing takes tens of milliseconds, which a lone random read (or every
+        other reader of the mount, the FUSE loop being one thread) must not pay."""
         if not self.tensor_order or e.description.get("format") != "safetensors" or e.size < 16:
             return None
         key = (e.sha256, e.size)
-        if key not in self._orders:
+        if key in self._orders:
+            return self._orders[key]
+        if key not in self._learning and self._nursery is not None:
+            self._learning.add(key)
+            self._nursery.start_soon(self._learn, e, key)
+        return False
+
+    async def _learn(self, e: FileEntry, key: tuple[str, int]) -> None:
+        try:
             n = struct.unpack("<Q", bytes(await self.span(e, 0, 8)))[0]
             order = None
             if 8 + n <= min(e.size, MAX_HEADER):
-                order = ReadOrder.safetensors(bytes(await self.span(e, 0, 8 + n)), e.size)
+                head = bytes(await self.span(e, 0, 8 + n))
+                order = await trio.to_thread.run_sync(ReadOrder.safetensors, head, e.size)
             self._orders[key] = order
-        return self._orders[key]
+        except ModelfsError as err:  # the reads themselves will say it; ask again on a later read
+            log.debug("%s: reading order not learned: %s", e.path, err)
+        finally:
+            self._learning.discard(key)
 
     @property
     def stats(self) -> FetchStats:
@@ -273,7 +302,7 @@ class Stream:
         self.max_window = max(2, math.ceil(fetcher.readahead_bytes / max(avg, 1)))
         self.avg_chunk = max(1, int(avg))
         self.order: ReadOrder | None = None
-        self._order_known = False
+        self._order_known = False  # the fetcher said what the order is (None: there is none)
         self.t_pos = -1  # reading-order index of the range the last read was in
         self.t_ahead = 0  # reading-order offset up to which loads were started
         self.t_window = 2 * self.avg_chunk
@@ -289,9 +318,10 @@ class Stream:
             return b""
         if not self._order_known and (len(e.chunks) < 2 or off >= e.offsets[1]):
             # once the reader leaves the first chunk (a loader: done with the header), not
-            # before: a lone small read at the start must not wait for a header parse
-            self._order_known = True
-            self.order = await self.fetcher.read_order(e)
+            # before: a lone small read at the start needs no header parse
+            order = self.fetcher.read_order(e)
+            if order is not False:
+                self._order_known, self.order = True, order
         # two predictors side by side: copies and dd read in file order, loaders in tensor
         # order; each reads ahead only while its reader looks sequential to it
         self._ahead_in_file(off, end)

@@ -292,11 +292,16 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
     step = 128 << 10
 
     async def main():
-        await stream.read(0, 8 + n)
-        for name in names:  # the loader's order
-            lo, hi = (8 + n + x for x in header[name]["data_offsets"])
-            for off in range(lo, hi, step):
-                assert bytes(await stream.read(off, min(step, hi - off))) == data[off:min(hi, off + step)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)  # learns the order in the background
+            await stream.read(0, 8 + n)
+            for name in names:  # the loader's order
+                lo, hi = (8 + n + x for x in header[name]["data_offsets"])
+                for off in range(lo, hi, step):
+                    assert bytes(await stream.read(off, min(step, hi - off))) == data[off:min(hi, off + step)]
+                    while fetcher.read_order(entry) is False:  # learned in the background, after this
+                        await trio.sleep(0.001)                # first read past the header's chunk
+            nursery.cancel_scope.cancel()
     trio.run(main)
     waits = len(src.loads)
     assert isinstance(stream.order, ReadOrder) == tensor_order
@@ -304,6 +309,35 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
         assert waits <= 3, waits  # the header's chunk and the first tensor's start
     else:
         assert waits >= len(names) // 2, waits
+
+
+class HeaderStuckSource(FakeSource):
+    """The header's chunk (the file's first) never arrives."""
+
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | None:
+        if h == self.stuck:
+            await trio.sleep_forever()
+        return await super().load(h, size, refetch=refetch, pin=pin)
+
+
+def test_a_random_read_does_not_wait_for_the_reading_order(cache):
+    """Learning a safetensors file's tensor order needs its header (the first chunk) and a
+    parse: a read elsewhere in the file is served without waiting for either."""
+    entry, data, chunks, _ = _safetensors_entry()
+    src = HeaderStuckSource(cache, chunks)
+    src.stuck = entry.chunks[0][0]
+    fetcher = Fetcher(CacheView(cache), src)
+    stream = Stream(fetcher, entry)
+    off = entry.offsets[5] + 1000
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+            with trio.fail_after(5):
+                assert bytes(await stream.read(off, 4096)) == data[off:off + 4096]
+            assert stream.order is None and not stream._order_known  # still being learned
+            nursery.cancel_scope.cancel()
+    trio.run(main)
 
 
 def test_read_order_from_a_hostile_header_is_none():
