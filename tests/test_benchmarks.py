@@ -44,3 +44,13 @@ def test_encryption_benchmark_runs(tmp_path):
     res = json.loads((tmp_path / "encryption.json").read_text())
     assert res["publish_ratio"] > 0 and res["cold_read_ratio"] > 0 and res["encrypt_cache_warm_ratio"] > 0
     assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops the page cache and mounts FUSE: needs root")
+def test_random_reads_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "random_reads.py"), "--size-mib", "16",
+                        "--preads", "10", "--runs", "1"], capture_output=True, text=True, timeout=600, cwd="/tmp")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert {"modelfs", "4 KiB ranged GET (no FUSE)"} <= rows, r.stdout
+    assert "slowest reads" in r.stdout
