@@ -90,6 +90,8 @@ def _read_through_mount(phase: str, env: dict, bucket: str, d: Path, mnt: Path, 
                              "--cache-dir", str(d / "cache"), *extra], env=env, stdin=subprocess.DEVNULL)
     try:
         while not (mnt / "model.safetensors").exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"the mount exited ({proc.returncode}) before serving: see its output above")
             time.sleep(0.1)
         drop_caches()
         pids = {"daemon": proc.pid, **{f"worker{i}": c for i, c in enumerate(_children(proc.pid))},

@@ -6,6 +6,7 @@ One object, :class:`Lanes`, owns it, with its limits and timeouts:
   write chunks straight into the shared LMDB cache, so the per-byte work of a
   cold read runs on other cores than the FUSE loop. ``load`` returns once the
   chunk is in the cache; the reader then serves it from the cache's memory map.
+  ``deliver`` has a worker write a verified chunk into a file instead (``pull``).
 * store calls (listings, manifests, tags) and cache calls (manifest records,
   last-use flushes): worker threads under their own ``CapacityLimiter``s.
 
@@ -22,6 +23,7 @@ not store (a full disk), mapped from the workers' memfds, at most ``spill_bytes`
 
 from __future__ import annotations
 
+import array
 import base64
 import json
 import logging
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -89,7 +91,7 @@ class FetchStats:
 
 
 class _Flight:
-    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer")
+    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out")
 
     def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
         self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
@@ -98,6 +100,7 @@ class _Flight:
         self.url: str | None = None
         self.retried = False
         self.buffer: mmap.mmap | None = None  # the chunk's bytes, when a worker handed them over
+        self.out: tuple[int, int] | None = None  # (fd, offset): deliver the chunk there, not to the cache
 
 
 @dataclass(eq=False)
@@ -112,13 +115,14 @@ class _Proc:
 
 
 class Lanes:
-    def __init__(self, registry: Registry | None, cache: BlockCache, config: LaneConfig = LaneConfig()):
+    def __init__(self, registry: Registry | None, cache: BlockCache | None, config: LaneConfig = LaneConfig()):
+        """``cache`` None: workers without a cache, for ``deliver`` only."""
         self.registry = registry
         self.cache = cache
         self.config = config
         self.n_workers = config.workers or default_workers()
         self.worker_config = WorkerConfig(
-            cache_dir=str(cache.path.parent), cache_cap=cache.cap,
+            cache_dir=str(cache.path.parent) if cache is not None else "", cache_cap=cache.cap if cache else 0,
             threads=max(1, -(-config.concurrency // self.n_workers)),
             connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
             max_attempts=config.max_attempts,
@@ -222,6 +226,27 @@ class Lanes:
             raise flight.error
         return flight.buffer
 
+    async def deliver(self, h: str, size: int, fd: int, offset: int) -> None:
+        """Have a worker GET and verify chunk ``h`` and write it into ``fd`` at ``offset``
+        (not into the cache); return once it is written. ModelfsError if it cannot be.
+        No single flight: each delivery is its own GET."""
+        flight = _Flight(h, size, urgent=True, refetch=False)  # awaited: its failure is the caller's to say
+        flight.out = (fd, offset)
+        try:
+            if self.registry is not None:
+                flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
+        except ModelfsError as e:
+            self._finish(flight, e)
+        else:
+            await self._send(flight)
+        with trio.move_on_after(self.config.fetch_timeout):
+            await flight.done.wait()
+        if not flight.done.is_set():
+            self.stats.errors += 1
+            raise StoreUnavailableError(f"chunk {h} not fetched within {self.config.fetch_timeout:g} s")
+        if flight.error is not None:
+            raise flight.error
+
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` (readahead); nobody waits for it."""
         if h not in self._flights and h not in self._confirmed:
@@ -272,7 +297,12 @@ class Lanes:
         msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
                "refetch": flight.refetch, "pin": flight.pin}
         try:
-            await p.sock.send(json.dumps(msg).encode())
+            if flight.out is None:
+                await p.sock.send(json.dumps(msg).encode())
+            else:
+                fd, msg["at"] = flight.out
+                await p.sock.sendmsg([json.dumps(msg).encode()],
+                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         except OSError:
             pass  # the worker is gone: _receive sees it and re-sends what it held
 
@@ -317,8 +347,9 @@ class Lanes:
                 st.recent_latencies.append(r["took"])
             else:
                 st.cache_hits += 1
-            self._confirmed[flight.h] = True
-            self.generation += 1
+            if flight.out is None:
+                self._confirmed[flight.h] = True
+                self.generation += 1
             self._finish(flight, None)
             if self.config.sealed and not flight.urgent:
                 self.page_in(flight.h, flight.size)  # decrypt it ahead of its reader
@@ -338,6 +369,8 @@ class Lanes:
             return StoreUnavailableError(f"chunk {flight.h}: {msg}")
         if kind == "integrity":
             return IntegrityError(f"chunk {flight.h}: {msg}")
+        if kind == "write":
+            return ModelfsError(f"chunk {flight.h}: {msg}")
         return StoreError(f"chunk {flight.h}: {msg}")
 
     def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
@@ -410,3 +443,32 @@ class Lanes:
     async def cache_call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (an LMDB call) on a thread."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cache_limiter)
+
+
+def run_with(lanes: Lanes, body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` in a trio loop beside ``lanes`` (their workers started first and, at
+    the end, left to finish and commit what they hold), for commands that are not a
+    mount (``prefetch``, ``pull``). A failure comes out as its first cause, Ctrl-C or
+    the first ModelfsError, not as an exception group."""
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            await outer.start(lanes.run)
+            await body()
+            outer.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        first = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or \
+            next((e for e in leaves if isinstance(e, ModelfsError)), None)
+        if first is None:
+            raise
+        raise first from None
+    finally:
+        lanes.close()
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        yield from _leaves(e) if isinstance(e, BaseExceptionGroup) else (e,)

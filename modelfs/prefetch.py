@@ -14,7 +14,7 @@ Two ways, for two situations:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ import trio
 
 from .cache import BlockCache
 from .errors import ModelfsError
-from .lanes import LaneConfig, Lanes
+from .lanes import LaneConfig, Lanes, run_with
 from .manifest import Manifest
 from .progress import Counters
 from .registry import Registry
@@ -75,33 +75,15 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
         on_progress(n)
 
     async def main() -> None:
-        async with trio.open_nursery() as outer:
-            await outer.start(lanes.run)
-            slots = trio.Semaphore(2 * concurrency)
-            async with trio.open_nursery() as jobs:
-                for h, n in missing.items():
-                    await slots.acquire()
-                    jobs.start_soon(one, h, n, slots)
-            outer.cancel_scope.cancel()
+        slots = trio.Semaphore(2 * concurrency)
+        async with trio.open_nursery() as jobs:
+            for h, n in missing.items():
+                await slots.acquire()
+                jobs.start_soon(one, h, n, slots)
 
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:  # loads failed (or Ctrl-C): report the first cause
-        leaves = list(_leaves(group))
-        first = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or \
-            next((e for e in leaves if isinstance(e, ModelfsError)), None)
-        if first is None:
-            raise
-        raise first from None
-    finally:
-        lanes.close()
+    run_with(lanes, main)
     stats.add(fetched_bytes=lanes.stats.bytes_fetched, fetched_chunks=lanes.stats.fetches)
     return stats
-
-
-def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
-    for e in group.exceptions:
-        yield from _leaves(e) if isinstance(e, BaseExceptionGroup) else (e,)
 
 
 def files_under(paths: Iterable[Path]) -> list[tuple[Path, int]]:

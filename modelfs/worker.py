@@ -12,7 +12,10 @@ packet. For an encrypted registry the daemon's first message is ``{"key": base64
 (the registry key goes through the socket, never argv or the environment). The worker first says ``{"ready": pid}`` once it can serve. The daemon sends ``{"id", "h", "n", "url", "urgent", "refetch", "pin"}``; the
 worker answers ``{"id", "ok", "fetched", "took"}`` or ``{"id", "ok": false,
 "kind", "status", "code", "msg"}`` once the chunk is committed to the cache (or
-cannot be). When the cache cannot store a chunk (a full disk), ``spill`` is
+cannot be). A request with ``at`` carries a file descriptor (SCM_RIGHTS): the worker
+writes the verified chunk there at that offset instead of into the cache, and replies
+once it is written (``modelfs pull``; a worker started with no cache serves only
+these). When the cache cannot store a chunk (a full disk), ``spill`` is
 true and the verified bytes come with the reply as a memfd (SCM_RIGHTS), so the
 reader is served all the same; ``pin`` asks for that memfd in any case (a reader
 whose chunk was evicted between its load and its read). End of file on the socket means "finish what you hold and exit", so
@@ -60,7 +63,7 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    cache_dir: str
+    cache_dir: str  # "": no cache (a worker that only delivers chunks into files)
     cache_cap: int
     threads: int = 8
     connect_timeout: float = CONNECT_TIMEOUT
@@ -152,7 +155,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig, sock: socket.socket):
         self.cfg = cfg
         self.sock = sock
-        self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap)
+        self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap) if cfg.cache_dir else None
         self.codec = ChunkCodec(_receive_key(sock) if cfg.encrypted else None)
         self.http = HttpGetter(cfg)
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
@@ -166,12 +169,13 @@ class Worker:
         self._send({"ready": os.getpid()})  # the daemon waits for this before it reports READY
         while True:
             try:
-                msg = self.sock.recv(MAX_MESSAGE)
+                msg, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
             except OSError:
-                msg = b""
+                msg, fds = b"", []
             if not msg:
                 break
             req = json.loads(msg)
+            req["fd"] = fds[0] if fds else None
             self.seq += 1
             self.jobs.put((0 if req.get("urgent") else 1, self.seq, req))
         for _ in threads:  # the daemon is gone or done: finish what we hold, then exit
@@ -180,13 +184,18 @@ class Worker:
             t.join()
 
     def _work(self) -> None:
-        lock = FetchLock(self.cache)
+        lock = FetchLock(self.cache) if self.cache is not None else None
         while True:
             _, _, req = self.jobs.get()
             if req is None:
                 return
             try:
-                reply = self._ensure(req, lock)
+                if "at" in req:
+                    reply = self._deliver(req)
+                elif lock is None:
+                    raise FetchFailed("other", "this fetch worker has no cache")
+                else:
+                    reply = self._ensure(req, lock)
             except FetchFailed as e:
                 reply = {"id": req["id"], "ok": False, "kind": e.kind, "status": e.status, "code": e.code,
                          "msg": str(e)}
@@ -195,6 +204,9 @@ class Worker:
             except Exception as e:  # a bug must not kill the worker: the reader gets EIO
                 log.exception("chunk %s", req.get("h"))
                 reply = {"id": req["id"], "ok": False, "kind": "other", "msg": f"{type(e).__name__}: {e}"}
+            finally:
+                if req["fd"] is not None:
+                    os.close(req["fd"])
             self._send(reply)
 
     def _send(self, reply: dict) -> None:
@@ -208,6 +220,22 @@ class Worker:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _deliver(self, req: dict) -> dict:
+        """GET, decode and verify chunk ``h``, then write it into ``fd`` at offset ``at``."""
+        h, n, fd = req["h"], req["n"], req["fd"]
+        if fd is None or not req.get("url"):
+            raise FetchFailed("other", "a delivery needs a file descriptor and a chunk URL")
+        t0 = time.monotonic()
+        raw = memoryview(self.codec.decode(self.http.get(req["url"], self.codec.max_stored_size(n)), h, n))
+        took = time.monotonic() - t0
+        done = 0
+        try:
+            while done < n:
+                done += os.pwrite(fd, raw[done:], req["at"] + done)
+        except OSError as e:
+            raise FetchFailed("write", f"cannot write it: {e.strerror}") from None
+        return {"id": req["id"], "ok": True, "fetched": True, "took": took}
 
     def _ensure(self, req: dict, lock: FetchLock) -> dict:
         reply = self._load(req, lock)
@@ -224,6 +252,7 @@ class Worker:
         return reply
 
     def _load(self, req: dict, lock: FetchLock) -> dict:
+        assert self.cache is not None
         h, n = req["h"], req["n"]
         if req.get("refetch"):
             self.cache.delete([h])

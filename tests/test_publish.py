@@ -1,6 +1,7 @@
 """Publish / pull / ls / inspect / tag against a real SeaweedFS, asserted from the store's side."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,22 @@ def test_pull_resumes_and_repairs(env, bucket, sample_model, tmp_path, seaweed):
     shard_chunks = sum(1 for _ in json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
                        ["files"][3]["chunks"])
     assert gets <= shard_chunks + 1 + 4  # the broken shard, config.json, tag + manifest lookups
+
+
+def test_pull_of_a_lost_chunk_fails_in_one_line_and_leaves_nothing_half_written(env, bucket, sample_model,
+                                                                               tmp_path, s3):
+    """The workers write chunks straight into the partial file: a chunk the store lost
+    ends the pull with one line naming it, and no partial or broken file is left."""
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    files = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)["files"]
+    big = max(files, key=lambda f: f["size"])
+    lost = big["chunks"][len(big["chunks"]) // 2][0]  # [hash, size]
+    key = next(k for k in objects(s3, bucket, "reg/chunks/") if k.endswith(lost))
+    s3.delete_object(Bucket=bucket, Key=key)
+    out = tmp_path / "out"
+    one_line_error(cli(env, "pull", f"s3://{bucket}/reg/m", str(out), "-q", check=False), lost)
+    assert not list(out.rglob("*.modelfs-partial"))
+    assert not (out / big["path"]).exists()
 
 
 def test_republish_unchanged_uploads_no_chunk(env, bucket, sample_model, s3, seaweed):
@@ -209,25 +226,34 @@ def test_clear_errors(env, bucket, sample_model, tmp_path):
     one_line_error(r, "cannot reach")
 
 
-def test_pull_hashes_chunks_in_file_order_whatever_order_they_arrive():
-    """pull checks a file's SHA-256 from the bytes it wrote, without reading the file again:
-    chunks arriving in any order give the file's hash, and every slot comes back."""
+def test_pull_hashes_chunks_in_file_order_whatever_order_they_land(tmp_path):
+    """pull checks a file's SHA-256 from the chunks it wrote, each read back once every
+    chunk before it landed: chunks landing in any order give the file's hash."""
     import hashlib
     import random
-    import threading
 
+    import trio
+
+    from modelfs.chunking import chunk_hash
+    from modelfs.manifest import FileEntry
     from modelfs.pull import _InOrderHash
 
     chunks = [random.Random(i).randbytes(1000 + i) for i in range(50)]
+    entry = FileEntry(path="f", size=sum(map(len, chunks)), mode=0o644, sha256="0" * 64,
+                      chunks=tuple((chunk_hash(c), len(c)) for c in chunks))
     order = list(range(50))
     random.Random(7).shuffle(order)
-    slots = threading.BoundedSemaphore(50)
-    for _ in range(50):
-        slots.acquire()
-    h = _InOrderHash(slots)
-    for i in order:
-        h.add(i, chunks[i])
-    assert h.sha.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
-    assert h.next == 50 and not h.waiting
-    for _ in range(50):  # all 50 slots were given back
-        assert slots.acquire(blocking=False)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+
+    async def main():
+        h = _InOrderHash(fd, entry)
+        async with trio.open_nursery() as nursery:
+            for i in order:  # each lands, then its landing is said, some side by side
+                os.pwrite(fd, chunks[i], entry.offsets[i])
+                nursery.start_soon(h.landed, i)
+                if i % 3:
+                    await trio.sleep(0)
+        return h
+    h = trio.run(main)
+    os.close(fd)
+    assert h.next == 50 and h.sha.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()

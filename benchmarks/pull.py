@@ -1,0 +1,100 @@
+"""modelfs pull beside s5cmd cp from the same store, in one run (and another tree, for an A/B).
+
+    .venv/bin/python benchmarks/pull.py [--size-mib 1024] [--runs 3] [--base TREE]   # as root, from /tmp
+
+Publishes a 1 GiB F16 safetensors file to its own SeaweedFS (and the same file as one
+plain object for s5cmd), then, interleaved, page cache dropped before each: ``modelfs
+pull`` into an empty directory (this tree; with ``--base``, also another source tree of
+modelfs, e.g. an earlier commit's ``git archive``) and ``s5cmd cp`` of the plain object.
+Prints MB/s (the whole command: start-up, manifest, fetch, verify, SHA-256, fsync) and
+the CPU seconds of the pull and its worker processes, medians.
+
+``pull`` fsyncs each file before renaming it into place; ``s5cmd cp`` does not, so part
+of the gap is durability, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import client, drop_caches, machine, new_bucket  # noqa: E402
+
+from modelfs.devserver import SeaweedServer  # noqa: E402
+from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(seconds, CPU seconds of the command and its children) of one run."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    secs = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return secs, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--base", type=Path, help="another modelfs source tree to pull with, beside this one")
+    args = ap.parse_args()
+    res: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="modelfs-pull-", dir="/var/tmp") as d_s, \
+            SeaweedServer(Path(d_s) / "s3") as srv:
+        d = Path(d_s)
+        env = dict(os.environ, **srv.env())
+        (d / "m").mkdir()
+        write_safetensors(d / "m" / "model.safetensors",
+                          layer_tensors(max(1, round(1365 * args.size_mib / 1024)), 256, dtype="F16"), seed=1)
+        size = (d / "m" / "model.safetensors").stat().st_size
+        c = client(srv)
+        b = new_bucket(c, "pull")
+        c.upload_file(str(d / "m" / "model.safetensors"), b, "plain/model.safetensors")
+        subprocess.run([str(BIN / "modelfs"), "publish", str(d / "m"), f"s3://{b}/reg", "--name", "m", "-q"],
+                       env=env, check=True, capture_output=True)
+        pulls = {"modelfs pull": ([str(BIN / "modelfs")], env)}
+        if args.base:
+            pulls[f"modelfs pull @ {args.base}"] = ([sys.executable, "-m", "modelfs"],
+                                                    dict(env, PYTHONPATH=str(args.base.resolve())))
+        s5 = BIN / "s5cmd" if (BIN / "s5cmd").exists() else shutil.which("s5cmd")
+        out = d / "out"
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}", flush=True)
+            for name, (cmd, e) in pulls.items():
+                shutil.rmtree(out, ignore_errors=True)
+                drop_caches()
+                res.setdefault(name, []).append(timed([*cmd, "pull", f"s3://{b}/reg/m", str(out), "-q"], e))
+                print(f"  {name:40s} {size / res[name][-1][0] / 1e6:6.0f} MB/s", flush=True)
+            if s5:
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                drop_caches()
+                res.setdefault("s5cmd cp", []).append(
+                    timed([str(s5), "--endpoint-url", srv.endpoint, "cp", f"s3://{b}/plain/model.safetensors",
+                           f"{out}/"], env))
+                print(f"  {'s5cmd cp':40s} {size / res['s5cmd cp'][-1][0] / 1e6:6.0f} MB/s", flush=True)
+    print(f"\n{size >> 20} MiB safetensors, medians of {args.runs}; {machine()}\n")
+    print("| command | MB/s (runs) | CPU-s/GB, with its workers |\n|---|---|---|")
+    for name, rs in res.items():
+        mbps = [size / s / 1e6 for s, _ in rs]
+        print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
+              f"{statistics.median(c / (size / 1e9) for _, c in rs):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
