@@ -217,33 +217,23 @@ class Lanes:
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
             flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin)
-        with trio.move_on_after(self.config.fetch_timeout):
-            await flight.done.wait()
-        if not flight.done.is_set():
-            self.stats.errors += 1
-            raise StoreUnavailableError(f"chunk {h} not fetched within {self.config.fetch_timeout:g} s")
-        if flight.error is not None:
-            raise flight.error
+        await self._wait(flight)
         return flight.buffer
 
     async def deliver(self, h: str, size: int, fd: int, offset: int) -> None:
         """Have a worker GET and verify chunk ``h`` and write it into ``fd`` at ``offset``
         (not into the cache); return once it is written. ModelfsError if it cannot be.
         No single flight: each delivery is its own GET."""
-        flight = _Flight(h, size, urgent=True, refetch=False)  # awaited: its failure is the caller's to say
-        flight.out = (fd, offset)
-        try:
-            if self.registry is not None:
-                flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
-        except ModelfsError as e:
-            self._finish(flight, e)
-        else:
-            await self._send(flight)
+        await self._wait(self._start(h, size, urgent=True, refetch=False, out=(fd, offset)))
+
+    async def _wait(self, flight: _Flight) -> None:
+        """Until ``flight`` is done (its error raised) or ``fetch_timeout`` passed (the
+        flight goes on for whoever else waits for it)."""
         with trio.move_on_after(self.config.fetch_timeout):
             await flight.done.wait()
         if not flight.done.is_set():
             self.stats.errors += 1
-            raise StoreUnavailableError(f"chunk {h} not fetched within {self.config.fetch_timeout:g} s")
+            raise StoreUnavailableError(f"chunk {flight.h} not fetched within {self.config.fetch_timeout:g} s")
         if flight.error is not None:
             raise flight.error
 
@@ -273,8 +263,12 @@ class Lanes:
         finally:
             self._paging.discard(h)
 
-    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False) -> _Flight:
-        flight = self._flights[h] = _Flight(h, size, urgent, refetch, pin)
+    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False,
+               out: tuple[int, int] | None = None) -> _Flight:
+        flight = _Flight(h, size, urgent, refetch, pin)
+        if out is None:  # a load: one per chunk (a delivery is its own)
+            self._flights[h] = flight
+        flight.out = out
         try:
             if self.registry is not None:
                 flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
