@@ -234,7 +234,7 @@ class Worker:
             while done < n:
                 done += os.pwrite(fd, raw[done:], req["at"] + done)
         except OSError as e:
-            raise FetchFailed("write", f"cannot write it: {e.strerror}") from None
+            raise FetchFailed("write", f"cannot write it into the destination file: {e.strerror}") from None
         return {"id": req["id"], "ok": True, "fetched": True, "took": took}
 
     def _ensure(self, req: dict, lock: FetchLock) -> dict:

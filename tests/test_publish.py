@@ -78,6 +78,25 @@ def test_pull_of_a_lost_chunk_fails_in_one_line_and_leaves_nothing_half_written(
     assert not (out / big["path"]).exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
+def test_pull_onto_a_full_disk_says_so_and_leaves_nothing_half_written(env, bucket, sample_model, tmp_path):
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        out = small / "out"
+        one_line_error(cli(env, "pull", f"s3://{bucket}/reg/m", str(out), "-q", check=False),
+                       "No space left on device")
+        assert not list(out.rglob("*.modelfs-partial"))
+        written = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+        want = {p.relative_to(sample_model).as_posix(): p for p in sample_model.rglob("*") if p.is_file()}
+        for rel, p in written.items():  # what is there under a real name is whole
+            assert p.read_bytes() == want[rel].read_bytes(), rel
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_republish_unchanged_uploads_no_chunk(env, bucket, sample_model, s3, seaweed):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
     before, puts = chunk_objects(s3, bucket), seaweed.request_counts(bucket)[("PUT", "200")]
