@@ -121,6 +121,9 @@ class Fetcher:
             self._orders[key] = order
         except ModelfsError as err:  # the reads themselves will say it; ask again on a later read
             log.debug("%s: reading order not learned: %s", e.path, err)
+        except Exception:  # a bug here must cost readahead, not the mount (this is not a read)
+            log.exception("%s: reading order not learned", e.path)
+            self._orders[key] = None
         finally:
             self._learning.discard(key)
 

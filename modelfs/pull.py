@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -29,6 +30,7 @@ from .registry import Registry
 from .trust import SIGNATURE_FILE
 
 PARTIAL = ".modelfs-partial"
+T = TypeVar("T")
 
 
 @dataclass
@@ -136,11 +138,20 @@ class _InOrderHash:
 
     def _hash(self, lo: int, hi: int) -> None:
         while lo < hi:
-            block = os.pread(self.fd, min(HASH_BLOCK, hi - lo), lo)
+            block = _local(f"cannot read back {self.entry.path}", os.pread, self.fd, min(HASH_BLOCK, hi - lo), lo)
             if not block:
                 raise IntegrityError(f"{self.entry.path}: the partial file ended at {lo} of {hi} bytes")
             self.sha.update(block)
             lo += len(block)
+
+
+def _local(what: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a call on the destination's files: its OSError (a full disk, EIO)
+    becomes the one-line error it is, wherever in the pull's tasks it happens."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise ModelfsError(f"{what}: {e.strerror}") from None
 
 
 async def _write_behind(fd: int, filled: trio.Event) -> None:
@@ -148,7 +159,7 @@ async def _write_behind(fd: int, filled: trio.Event) -> None:
     its rename finds little left (measured: the fsync of a 1 GiB file took 1.7–1.9 s
     of a 6.6 s pull when all of it waited for the end)."""
     while not filled.is_set():
-        await trio.to_thread.run_sync(os.fdatasync, fd)
+        await trio.to_thread.run_sync(_local, "cannot write the file back", os.fdatasync, fd)
         with trio.move_on_after(WRITE_BEHIND_PERIOD):
             await filled.wait()
 
