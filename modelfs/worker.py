@@ -83,7 +83,9 @@ class FetchFailed(Exception):
 
 
 class HttpGetter:
-    """GETs of presigned URLs over one kept-alive connection per thread and host."""
+    """GETs of presigned URLs over one kept-alive connection per thread and host, each
+    body into its thread's buffer (reused: a fresh zeroed 4 MiB per chunk cost 0.66 vs
+    0.57 CPU-s/GB of GETs, medians of five interleaved rounds)."""
 
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
@@ -102,8 +104,9 @@ class HttpGetter:
             conns[key] = c
         return c
 
-    def get(self, url: str, limit: int) -> bytearray:
-        """The body (at most ``limit`` bytes), retried on connection errors, 5xx and throttling."""
+    def get(self, url: str, limit: int) -> memoryview:
+        """The body (at most ``limit`` bytes), retried on connection errors, 5xx and throttling:
+        a view of this thread's buffer, valid until the thread's next ``get``."""
         delay = 0.1
         for attempt in range(1, self.cfg.max_attempts + 1):
             try:
@@ -115,7 +118,13 @@ class HttpGetter:
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
-    def _get_once(self, url: str, limit: int) -> bytearray:
+    def _buffer(self, n: int) -> memoryview:
+        buf = self.local.__dict__.get("buf")
+        if buf is None or len(buf) < n:
+            buf = self.local.buf = bytearray(n)
+        return memoryview(buf)[:n]
+
+    def _get_once(self, url: str, limit: int) -> memoryview:
         u = urlsplit(url)
         c = self._conn(u.scheme, u.hostname or "", u.port)
         where = f"{u.scheme}://{u.netloc}"
@@ -136,14 +145,13 @@ class HttpGetter:
             if not 0 <= n <= limit:
                 c.close()
                 raise FetchFailed("integrity", f"object of {n} bytes where at most {limit} were expected")
-            buf = bytearray(n)
-            view, got = memoryview(buf), 0
+            view, got = self._buffer(n), 0
             while got < n:
                 k = r.readinto(view[got:])
                 if not k:
                     raise http.client.IncompleteRead(bytes(0), n - got)
                 got += k
-            return buf
+            return view
         except (OSError, http.client.HTTPException) as e:
             c.close()
             if isinstance(e, (TimeoutError, socket.timeout)):
