@@ -43,11 +43,22 @@ def _free(port: int) -> bool:
             return False
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` ports P in 20000-29999 with P and P+10000 (SeaweedFS's gRPC port) free."""
+    """``n`` ports P with P and P+10000 (SeaweedFS's gRPC port) free, both below the
+    kernel's ephemeral range: an outgoing connection can take a port from that range
+    between our check and weed's bind, or while a stopped server is down before it
+    starts again on the same ports (seen: "bind: address already in use")."""
+    top = max(10001, _ephemeral_low() - 10001)
     out: list[int] = []
     while len(out) < n:
-        p = random.randint(20000, 29999)
+        p = random.randint(10000, top)
         if p not in out and _free(p) and _free(p + 10000):
             out.append(p)
     return out
