@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -157,3 +160,15 @@ def load_safetensors_s(path: Path) -> float:
         for k in f.keys():
             f.get_tensor(k)
     return time.perf_counter() - t
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(seconds, CPU seconds of the command and its children) of one run."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    secs = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return secs, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime

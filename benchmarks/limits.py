@@ -56,9 +56,9 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
     once every process is ready (``start``); puts its CPU seconds for the work in ``out``."""
     from modelfs.cache import BlockCache
     from modelfs.codec import HEADER, ChunkCodec
-    from modelfs.worker import HttpGetter, WorkerConfig, _bound_malloc
+    from modelfs.worker import HttpClient, WorkerConfig, _bound_malloc
     _bound_malloc()
-    getter, codec = HttpGetter(WorkerConfig(cache_dir=cache_dir, cache_cap=0)), ChunkCodec(None)
+    getter, codec = HttpClient(WorkerConfig(cache_dir=cache_dir, cache_cap=0)), ChunkCodec(None)
     cache = BlockCache(Path(cache_dir), 64 << 30) if kind == "write" else None
 
     def one(obj: tuple[str, str]) -> None:

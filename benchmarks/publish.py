@@ -1,19 +1,25 @@
-"""Publish throughput against raw boto3 parallel uploads of the same bytes, as ratios.
+"""modelfs publish beside raw parallel uploads of the same bytes, in one run (and another
+tree, for an A/B).
 
-    .venv/bin/python benchmarks/publish.py [--size-mib 512] [--runs 3]
+    .venv/bin/python benchmarks/publish.py [--size-mib 1024] [--runs 3] [--base TREE]   # from /tmp
 
-Each run uploads the same safetensors file twice, interleaved: once as raw
-4 MiB objects with 16 boto3 threads (the limit for this server and machine),
-once with ``modelfs publish`` (a subprocess, as users run it), each into a
-fresh bucket. Then a 1%-changed copy is re-published and the bytes the server
-received are reported. Medians of the runs.
+Writes a F16 safetensors file, then, interleaved, each into a fresh bucket of its own
+SeaweedFS: ``modelfs publish`` (a subprocess, as users run it: start-up, cutting,
+hashing, HEADs, uploads, manifest; this tree, and with ``--base`` another source tree
+of modelfs, e.g. an earlier commit's ``git archive``), ``s5cmd cp`` of the file as one
+object (multipart), and raw boto3 ``put_object`` of 4 MiB pieces from 16 threads of
+this process. Prints MB/s and the CPU seconds per GB of each (publish: with its worker
+processes), medians. Then a copy with 1% of its bytes changed is re-published and
+the bytes the server received are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import resource
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -21,70 +27,84 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, machine, median, new_bucket, save  # noqa: E402
+from common import client, machine, new_bucket, timed  # noqa: E402
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
 
+BIN = Path(sys.executable).parent
 PIECE = 4 << 20
 
 
-def raw_upload(c, data: bytes, jobs: int) -> float:
+def raw_upload(c, path: Path, jobs: int = 16) -> tuple[float, float]:
+    data = path.read_bytes()
     b = new_bucket(c, "raw")
-    t = time.perf_counter()
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with ThreadPoolExecutor(jobs) as ex:
         list(ex.map(lambda o: c.put_object(Bucket=b, Key=f"p{o}", Body=data[o:o + PIECE]),
                     range(0, len(data), PIECE)))
-    return time.perf_counter() - t
+    secs, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    return secs, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
 
 
-def publish(env, c, model: Path, bucket: str | None = None) -> tuple[float, str]:
-    b = bucket or new_bucket(c, "pub")
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "modelfs", "publish", str(model), f"s3://{b}/r",
-                        "--name", "m", "-q"], env=env, capture_output=True, text=True, check=True)
-    return time.perf_counter() - t, r.stdout
+def stored_bytes(c, bucket: str) -> int:
+    return sum(o["Size"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="r/chunks/")
+               for o in page.get("Contents", []))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=512)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--base", type=Path, help="another modelfs source tree to publish with, beside this one")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="modelfs-bench-") as tmp, \
-            SeaweedServer(Path(tmp) / "s3") as srv:
+    res: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="modelfs-publish-", dir="/var/tmp") as d_s, \
+            SeaweedServer(Path(d_s) / "s3") as srv:
+        d = Path(d_s)
         env = dict(os.environ, **srv.env())
-        c = client(srv)
-        model = Path(tmp) / "model"
+        model = d / "m"
         model.mkdir()
-        layers = args.size_mib * (1 << 20) // (6 * 256 * 256 * 2 + 1024)
-        write_safetensors(model / "model.safetensors", layer_tensors(layers, 256), seed=1)
-        data = (model / "model.safetensors").read_bytes()
-        n = len(data)
-        raw_s, pub_s = [], []
-        for _ in range(args.runs):
-            raw_s.append(raw_upload(c, data, 16))
-            pub_s.append(publish(env, c, model)[0])
+        f = model / "model.safetensors"
+        write_safetensors(f, layer_tensors(max(1, round(1365 * args.size_mib / 1024)), 256, dtype="F16"), seed=1)
+        size = f.stat().st_size
+        c = client(srv)
+        publishers = {"modelfs publish": ([str(BIN / "modelfs")], env)}
+        if args.base:
+            publishers[f"modelfs publish @ {args.base}"] = ([sys.executable, "-m", "modelfs"],
+                                                            dict(env, PYTHONPATH=str(args.base.resolve())))
+        s5 = BIN / "s5cmd" if (BIN / "s5cmd").exists() else shutil.which("s5cmd")
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}", flush=True)
+            for name, (cmd, e) in publishers.items():
+                b = new_bucket(c, "pub")
+                res.setdefault(name, []).append(timed([*cmd, "publish", str(model), f"s3://{b}/r", "--name", "m",
+                                                       "-q"], e))
+            if s5:
+                b = new_bucket(c, "s5")
+                res.setdefault("s5cmd cp (one object, multipart)", []).append(
+                    timed([str(s5), "--endpoint-url", srv.endpoint, "cp", str(f), f"s3://{b}/model.safetensors"],
+                          env))
+            res.setdefault("boto3 put_object, 16 threads × 4 MiB", []).append(raw_upload(c, f))
+            for name, rs in res.items():
+                print(f"  {name:45s} {size / rs[-1][0] / 1e6:6.0f} MB/s", flush=True)
         # re-publish after changing 1% of the bytes (one contiguous region, like a retrained layer)
         b = new_bucket(c, "re")
-        publish(env, c, model, b)
-        with open(model / "model.safetensors", "r+b") as f:
-            f.seek(n // 3)
-            f.write(os.urandom(n // 100))
-        before = sum(o["Size"] for o in c.list_objects_v2(Bucket=b, Prefix="r/chunks/").get("Contents", []))
-        pub_stdout = publish(env, c, model, b)[1]
-        after = sum(o["Size"] for o in c.list_objects_v2(Bucket=b, Prefix="r/chunks/").get("Contents", []))
-    raw_mb, pub_mb = n / median(raw_s) / 1e6, n / median(pub_s) / 1e6
-    res = {"machine": machine(), "bytes": n, "runs": args.runs,
-           "raw_boto3_MBps_median": round(raw_mb, 1), "publish_MBps_median": round(pub_mb, 1),
-           "ratio_publish_over_raw": round(pub_mb / raw_mb, 3),
-           "raw_seconds": [round(x, 2) for x in raw_s], "publish_seconds": [round(x, 2) for x in pub_s],
-           "republish_1pct_changed_bytes_uploaded": after - before,
-           "republish_1pct_changed_fraction": round((after - before) / n, 4),
-           "republish_report": pub_stdout.strip().splitlines()[2].strip()}
-    print(save("publish", res))
-    for k, v in res.items():
-        print(f"{k:40} {v}")
+        timed([str(BIN / "modelfs"), "publish", str(model), f"s3://{b}/r", "--name", "m", "-q"], env)
+        before = stored_bytes(c, b)
+        with open(f, "r+b") as fh:
+            fh.seek(size // 3)
+            fh.write(os.urandom(size // 100))
+        timed([str(BIN / "modelfs"), "publish", str(model), f"s3://{b}/r", "--name", "m", "-q"], env)
+        changed = stored_bytes(c, b) - before
+    print(f"\n{size >> 20} MiB F16 safetensors, medians of {args.runs}; {machine()}\n")
+    print("| upload | MB/s (runs) | CPU-s/GB, with its workers |\n|---|---|---|")
+    for name, rs in res.items():
+        mbps = [size / s / 1e6 for s, _ in rs]
+        print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
+              f"{statistics.median(cpu / (size / 1e9) for _, cpu in rs):.2f} |")
+    print(f"\nre-publish after changing 1% of the bytes: the server received {changed / 2**20:.1f} MiB "
+          f"({changed / size:.1%} of the file)")
 
 
 if __name__ == "__main__":

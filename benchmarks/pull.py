@@ -17,34 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, drop_caches, machine, new_bucket  # noqa: E402
+from common import client, drop_caches, machine, new_bucket, timed  # noqa: E402
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(seconds, CPU seconds of the command and its children) of one run."""
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    secs = time.perf_counter() - t
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return secs, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
 
 
 def main() -> None:

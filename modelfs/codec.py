@@ -46,6 +46,12 @@ MIN_SAVING = 0.50
 def encode(raw: bytes | memoryview, compress: bool = True) -> bytes:
     """The stored object for ``raw``: zstd where it at least halves it (JSON, tokenizers,
     sparse tensors), raw otherwise (bf16/fp16/fp32 weights)."""
+    return b"".join(encode_parts(raw, compress))
+
+
+def encode_parts(raw: bytes | memoryview, compress: bool = True) -> tuple[bytes, bytes | memoryview]:
+    """:func:`encode`'s result as (header, payload), the payload ``raw`` itself when it is
+    stored raw: an upload sends the two without copying the chunk."""
     n = len(raw)
     if compress and n >= 4096:
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
@@ -53,8 +59,8 @@ def encode(raw: bytes | memoryview, compress: bool = True) -> bytes:
         if len(cctx.compress(probe)) < MIN_SAVING * len(probe):
             packed = cctx.compress(raw)
             if len(packed) < MIN_SAVING * n:
-                return HEADER.pack(MAGIC, ZSTD, n) + packed
-    return HEADER.pack(MAGIC, RAW, n) + bytes(raw)
+                return HEADER.pack(MAGIC, ZSTD, n), packed
+    return HEADER.pack(MAGIC, RAW, n), raw
 
 
 def max_stored_size(raw_size: int) -> int:
@@ -131,11 +137,17 @@ class ChunkCodec:
         return n + HEADER.size + OVERHEAD if self.encrypted else n
 
     def encode(self, raw: bytes | memoryview, h: str, compress: bool = True) -> bytes:
-        inner = encode(raw, compress)
+        return b"".join(self.encode_parts(raw, h, compress))
+
+    def encode_parts(self, raw: bytes | memoryview, h: str,
+                     compress: bool = True) -> tuple[bytes | memoryview, ...]:
+        """The stored form of chunk ``h`` as pieces to send one after another (a raw chunk's
+        bytes are not copied)."""
+        parts = encode_parts(raw, compress)
         if self._sealer is None:
-            return inner
+            return parts
         head = HEADER.pack(MAGIC, AES_GCM, len(raw))
-        return head + self._sealer.seal(inner, head + bytes.fromhex(h))
+        return (head + self._sealer.seal(b"".join(parts), head + bytes.fromhex(h)),)
 
     def decode(self, blob: bytes | bytearray, h: str, n: int, *, check_id: bool = True) -> bytes | memoryview:
         """The verified raw bytes of a stored chunk, or :class:`IntegrityError`.

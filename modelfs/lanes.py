@@ -91,7 +91,8 @@ class FetchStats:
 
 
 class _Flight:
-    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out")
+    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out",
+                 "decide", "go", "result", "what")
 
     def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
         self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
@@ -101,6 +102,11 @@ class _Flight:
         self.retried = False
         self.buffer: mmap.mmap | None = None  # the chunk's bytes, when a worker handed them over
         self.out: tuple[int, int] | None = None  # (fd, offset): deliver the chunk there, not to the cache
+        # an upload (``out`` is then its source): what to do with the chunk once its id is known
+        self.decide: Callable[[str], dict[str, Any]] | None = None
+        self.go: dict[str, Any] | None = None  # decide's answer (asked again after a worker died: the same)
+        self.result: dict[str, Any] | None = None  # the worker's final reply
+        self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at 0")
 
 
 @dataclass(eq=False)
@@ -226,6 +232,36 @@ class Lanes:
         No single flight: each delivery is its own GET."""
         await self._wait(self._start(h, size, urgent=True, refetch=False, out=(fd, offset)))
 
+    async def upload(self, fd: int, offset: int, size: int, what: str,
+                     decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:
+        """Have a worker read ``size`` bytes at ``offset`` of ``fd``, hash them, and then do what
+        ``decide(chunk id)`` says: ``{"skip": True}``, or HEAD ``"head"`` (the store has it:
+        done), encode (zstd where it pays, unless ``"compress"`` is false) and PUT to
+        ``"put"`` (none: a dry run). ``decide`` runs in this loop, once per upload.
+        ``(id, uploaded, stored bytes)``; ModelfsError if it cannot be done. ``what`` names
+        the piece in errors ("model.safetensors at byte 0")."""
+        flight = _Flight("", size, urgent=True, refetch=False)  # the id comes with the worker's question
+        flight.out, flight.decide, flight.what = (fd, offset), decide, what
+        assert self._nursery is not None, "Lanes.run() is not running"
+        self._nursery.start_soon(self._send, flight)
+        await self._wait(flight)
+        assert flight.result is not None
+        return flight.result["h"], flight.result["uploaded"], flight.result["stored"]
+
+    async def _answer(self, p: _Proc, rid: int, flight: _Flight, h: str) -> None:
+        """An upload's worker knows the chunk's id: say what to do with it."""
+        if flight.go is None:
+            assert flight.decide is not None
+            flight.h = h
+            try:
+                flight.go = flight.decide(h)
+            except ModelfsError as e:  # e.g. a URL that cannot be signed: fail this upload
+                flight.error, flight.go = e, {"skip": True}
+        try:
+            await p.sock.send(json.dumps({"id": rid, "go": True, **flight.go}).encode())
+        except OSError:
+            pass  # the worker is gone: _receive sees it and re-sends the upload
+
     async def _wait(self, flight: _Flight) -> None:
         """Until ``flight`` is done (its error raised) or ``fetch_timeout`` passed (the
         flight goes on for whoever else waits for it)."""
@@ -233,7 +269,8 @@ class Lanes:
             await flight.done.wait()
         if not flight.done.is_set():
             self.stats.errors += 1
-            raise StoreUnavailableError(f"chunk {flight.h} not fetched within {self.config.fetch_timeout:g} s")
+            what = f"{flight.what}: not uploaded" if flight.what else f"chunk {flight.h} not fetched"
+            raise StoreUnavailableError(f"{what} within {self.config.fetch_timeout:g} s")
         if flight.error is not None:
             raise flight.error
 
@@ -288,8 +325,11 @@ class Lanes:
         self._next_id += 1
         rid = self._next_id
         p.pending[rid] = flight
-        msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
-               "refetch": flight.refetch, "pin": flight.pin}
+        if flight.decide is not None:
+            msg = {"id": rid, "up": True, "n": flight.size, "urgent": True}
+        else:
+            msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
+                   "refetch": flight.refetch, "pin": flight.pin}
         try:
             if flight.out is None:
                 await p.sock.send(json.dumps(msg).encode())
@@ -313,6 +353,10 @@ class Lanes:
             if "ready" in reply:
                 p.ready.set()
                 continue
+            if "ok" not in reply:  # an upload's question: its chunk's id
+                if (asking := p.pending.get(reply["id"])) is not None:
+                    await self._answer(p, reply["id"], asking, reply["h"])
+                continue
             flight = p.pending.pop(reply["id"], None)
             for level, kind, fds in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -333,6 +377,10 @@ class Lanes:
 
     def _on_reply(self, flight: _Flight, r: dict[str, Any]) -> None:
         st = self.stats
+        if flight.decide is not None:  # an upload
+            flight.result = r
+            self._finish(flight, flight.error or (None if r["ok"] else self._error(flight, r)))
+            return
         if r["ok"]:
             if r["fetched"]:
                 st.fetches += 1
@@ -354,18 +402,20 @@ class Lanes:
         # the full chunk id, once: it is what finds the object in the store (the worker's
         # own message may start with the short form)
         kind, msg = r.get("kind"), r.get("msg", "").removeprefix(f"chunk {flight.h[:16]}: ")
+        label = f"chunk {flight.h}" if not flight.what else \
+            f"{flight.what} (chunk {flight.h})" if flight.h else flight.what
         if kind in ("http", "throttled", "unavailable") and r.get("status") is not None \
-                and self.registry is not None:
+                and self.registry is not None and flight.h:
             err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r["status"],
                                                  r.get("code") or "", msg)
             return err if isinstance(err, ModelfsError) else StoreError(str(err))
         if kind == "unavailable":
-            return StoreUnavailableError(f"chunk {flight.h}: {msg}")
+            return StoreUnavailableError(f"{label}: {msg}")
         if kind == "integrity":
-            return IntegrityError(f"chunk {flight.h}: {msg}")
-        if kind == "write":
-            return ModelfsError(f"chunk {flight.h}: {msg}")
-        return StoreError(f"chunk {flight.h}: {msg}")
+            return IntegrityError(f"{label}: {msg}")
+        if kind in ("write", "source"):
+            return ModelfsError(f"{label}: {msg}")
+        return StoreError(f"{label}: {msg}")
 
     def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
         if error is not None:

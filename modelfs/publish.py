@@ -1,30 +1,40 @@
 """Publishing a model directory: chunk, hash, upload what is missing, then manifest, then tags.
 
-Memory stays bounded whatever the file size: files are memory-mapped, cut by
-FastCDC and hashed in place, and at most ``2 × concurrency`` chunks are in
-flight. Chunks the store already holds (known from the model's previous
-version, or found by a HEAD) are not uploaded again, so a re-run after an
-interrupt, or a fine-tune that changed a few tensors, ships only new bytes.
-The manifest is written only after every chunk exists, and tags move last.
+The per-byte work runs on the fetch workers' cores, not under this process's GIL
+(:meth:`modelfs.lanes.Lanes.upload`): this process cuts each file (FastCDC over a
+memory map, which holds the GIL) and hashes it whole (SHA-256, on a thread); a
+worker reads each chunk from the file (its descriptor travels with the request),
+names it (BLAKE3 of the bytes it read), asks this process whether to send it,
+then HEADs, encodes and PUTs it with presigned URLs. Memory stays bounded
+whatever the file size: at most ``2 × concurrency`` chunks are in flight, and
+this process holds none of their bytes.
+
+Chunks the store already holds (known from the model's previous version, or found
+by a HEAD) are not uploaded again, so a re-run after an interrupt, or a fine-tune
+that changed a few tensors, ships only new bytes. The manifest is written only
+after every chunk exists, and tags move last.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import mmap
 import os
 import stat
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from .chunking import DEFAULT_PARAMS, ChunkParams, cut
 from .describe import describe
 from .errors import ManifestError, UsageError
+from .lanes import URL_SECONDS, LaneConfig, Lanes, run_with
 from .lifecycle import Lease
 from .manifest import DirEntry, FileEntry, Manifest, check_path
 from .progress import Counters
@@ -33,6 +43,10 @@ from .registry import Registry
 from .trust import SIGNATURE_FILE, SigningKey
 
 log = logging.getLogger(__name__)
+
+FILES_AT_ONCE = 4  # files cut side by side (cutting holds this process's GIL; the rest does not)
+CUT_BATCH = 16  # chunk boundaries found per thread call (~64 MiB of file)
+HASH_BLOCK = 64 << 20  # the file's SHA-256 is fed this much per thread call
 
 
 @dataclass
@@ -109,30 +123,27 @@ def _rel(rel: str) -> str:
 
 
 class Publisher:
-    """One publish run: shared state of the worker threads lives here, nowhere else."""
+    """One publish run: the state its chunk uploads share lives here, nowhere else.
+
+    Invariants: a chunk is named by the bytes a worker read and sent (an object in
+    the store always matches its id); each chunk id is sent at most once per run;
+    the manifest is written only after every chunk is in the store, the tags after it."""
 
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,
-                 concurrency: int = 16, dry_run: bool = False, compress: bool = True,
+                 concurrency: int = 16, workers: int = 0, dry_run: bool = False, compress: bool = True,
                  on_progress: Callable[[int, PublishStats], None] | None = None,
                  signer: SigningKey | None = None):
         self.registry = registry
         self.signer = signer  # signs the version and the tag records
         self.params = params
         self.concurrency = concurrency
+        self.workers = workers
         self.dry_run = dry_run
         self.compress = compress
         self.on_progress = on_progress or (lambda n, s: None)
         self.stats = PublishStats()
         self._known: set[str] = set()  # chunks known to be in the store
         self._seen: set[str] = set()  # chunks claimed by this run
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(2 * concurrency)
-        self._failed = threading.Event()
-
-    def _done(self, fut: Future) -> None:
-        self._slots.release()
-        if not fut.cancelled() and fut.exception() is not None:
-            self._failed.set()
 
     def run(self, tree: tuple[list[SourceFile], list[DirEntry]], name: str, tags: list[str]) -> PublishResult:
         """Publish ``tree`` (from :func:`scan`, which the caller also sizes its progress by)."""
@@ -155,10 +166,7 @@ class Publisher:
         previous = self.registry.latest_manifest(name)
         if previous is not None:
             self._known = {h for f in previous.files for h, _ in f.chunks}
-        entries = []
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish") as pool:
-            for s in files:
-                entries.append(self._file(pool, s))
+        entries = self._files(files)
         manifest = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             files=tuple(entries), directories=tuple(dirs),
                             chunking=self.params.as_json(), chunk_hash=self.registry.codec.hash_algorithm,
@@ -174,54 +182,102 @@ class Publisher:
         self.stats.seconds = time.monotonic() - t0
         return PublishResult(manifest, version, self.stats, tags)
 
-    def _file(self, pool: ThreadPoolExecutor, s: SourceFile) -> FileEntry:
-        sha = hashlib.sha256()
-        futures: list[Future] = []
-        with open(s.full, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+    def _files(self, files: list[SourceFile]) -> list[FileEntry]:
+        """Every file's entry, its chunks in the store; several files side by side."""
+        entries: list[FileEntry | None] = [None] * len(files)
+        if not files:
+            return []
+        lanes = Lanes(self.registry, None, LaneConfig(workers=self.workers, concurrency=self.concurrency))
+
+        async def main() -> None:
+            chunk_slots, file_slots = trio.Semaphore(2 * self.concurrency), trio.Semaphore(FILES_AT_ONCE)
+
+            async def one(i: int) -> None:
+                try:
+                    entries[i] = await self._file(lanes, files[i], chunk_slots)
+                finally:
+                    file_slots.release()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(files)):
+                    await file_slots.acquire()
+                    nursery.start_soon(one, i)
+
+        run_with(lanes, main)
+        assert all(e is not None for e in entries)
+        return entries  # type: ignore[return-value]
+
+    async def _file(self, lanes: Lanes, s: SourceFile, chunk_slots: trio.Semaphore) -> FileEntry:
+        try:
+            fd = os.open(s.full, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UsageError(f"cannot read {s.path}: {e.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            sha = hashlib.sha256()
+            chunks: list[tuple[str, int]] = []
             if size:
-                mm = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
                 try:
                     with memoryview(mm) as view:
-                        for off, n in cut(view, self.params):
-                            self._slots.acquire()
-                            fut = pool.submit(self._chunk, view, off, n)
-                            fut.add_done_callback(self._done)
-                            futures.append(fut)
-                            with view[off:off + n] as piece:
-                                sha.update(piece)
-                            if self._failed.is_set():
-                                break  # the result() below raises the worker's error
-                        chunks = tuple(f.result() for f in futures)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_sha256, sha, view)
+                            it = cut(view, self.params)
+                            try:
+                                while batch := await trio.to_thread.run_sync(_take, it, CUT_BATCH):
+                                    for off, n in batch:
+                                        await chunk_slots.acquire()
+                                        chunks.append(("", n))
+                                        nursery.start_soon(self._chunk, lanes, fd, s, chunks, len(chunks) - 1,
+                                                           off, chunk_slots)
+                            finally:
+                                it.close()  # drops FastCDC's hold on the view before it is released
                 finally:
-                    for f in futures:
-                        f.cancel()
-                    for f in futures:
-                        if not f.cancelled():
-                            f.exception()  # wait: no worker may still hold the mapping
                     mm.close()
-            else:
-                chunks = ()
-        if size != s.size:
-            raise UsageError(f"{s.path} changed size while being published")
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (st.st_size, st.st_mtime_ns) != (s.size, s.mtime_ns):
+            raise UsageError(f"{s.path} changed while being published: publish it again")
         self.stats.add(files=1, bytes=size, chunks=len(chunks))
-        return FileEntry(s.path, size, s.mode, sha.hexdigest(), chunks,
-                         describe(str(s.full), size), s.mtime_ns)
+        info = await trio.to_thread.run_sync(describe, str(s.full), size)
+        return FileEntry(s.path, size, s.mode, sha.hexdigest(), tuple(chunks), info, s.mtime_ns)
 
-    def _chunk(self, view: memoryview, off: int, n: int) -> tuple[str, int]:
-        # ``with``: the slice is released even when an error's traceback keeps this
-        # frame alive; otherwise the mapping could not be closed.
-        with view[off:off + n] as data:
-            h = self.registry.codec.hash(data)
-            with self._lock:
-                first = h not in self._seen
-                self._seen.add(h)
-            if not first or h in self._known or self.registry.has_chunk(h):
-                self.stats.add(reused_chunks=1, reused_bytes=n)
-            else:
-                blob = self.registry.codec.encode(data, h, self.compress)
-                if not self.dry_run:
-                    self.registry.put_chunk(h, blob)
-                self.stats.add(uploaded_chunks=1, uploaded_bytes=len(blob))
+    async def _chunk(self, lanes: Lanes, fd: int, s: SourceFile, chunks: list[tuple[str, int]], i: int,
+                     off: int, slots: trio.Semaphore) -> None:
+        n = chunks[i][1]
+        try:
+            h, uploaded, stored = await lanes.upload(fd, off, n, f"{s.path} at byte {off}", self._decide)
+        finally:
+            slots.release()
+        chunks[i] = (h, n)
+        if uploaded:
+            self.stats.add(uploaded_chunks=1, uploaded_bytes=stored)
+        else:
+            self.stats.add(reused_chunks=1, reused_bytes=n)
         self.on_progress(n, self.stats)
-        return h, n
+
+    def _decide(self, h: str) -> dict[str, Any]:
+        """What a worker does with chunk ``h`` it read: nothing (this run sent it, or the
+        previous version has it), or HEAD it and PUT it if the store lacks it."""
+        if h in self._seen or h in self._known:
+            return {"skip": True}
+        self._seen.add(h)
+        store, key = self.registry.store, self.registry.chunk_key(h)
+        return {"head": store.presign(key, URL_SECONDS, "HEAD"), "compress": self.compress,
+                "put": None if self.dry_run else store.presign(key, URL_SECONDS, "PUT")}
+
+
+def _take(it: Iterator[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    return list(itertools.islice(it, n))
+
+
+async def _sha256(sha: Any, view: memoryview) -> None:
+    """Feed all of ``view`` to ``sha`` in order, on threads (hashlib releases the GIL)."""
+    for lo in range(0, len(view), HASH_BLOCK):
+        await trio.to_thread.run_sync(_update, sha, view, lo, lo + HASH_BLOCK)
+
+
+def _update(sha: Any, view: memoryview, lo: int, hi: int) -> None:
+    with view[lo:hi] as piece:  # released at once: the map is closed right after
+        sha.update(piece)

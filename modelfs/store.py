@@ -124,12 +124,14 @@ class Store:
 
     # -- operations ----------------------------------------------------------
 
-    def presign(self, key: str, expires: int = 900) -> str:
-        """A GET URL for ``key`` that works without credentials for ``expires`` seconds
-        (for the fetch workers, which hold no credentials). Signing is local: no request."""
+    def presign(self, key: str, expires: int = 900, method: str = "GET") -> str:
+        """A ``GET``, ``HEAD`` or ``PUT`` URL for ``key`` that works without credentials for
+        ``expires`` seconds (for the fetch workers, which hold none). Signing is local:
+        no request. A PUT URL signs no payload hash: chunks carry their own id."""
+        op = {"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[method]
         try:
-            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                      ExpiresIn=expires)
+            return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": key},
+                                                      ExpiresIn=expires, HttpMethod=method)
         except _ERRORS as e:
             raise self._fail(e, key) from None
 

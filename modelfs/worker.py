@@ -1,4 +1,5 @@
-"""A fetch worker process: GET a chunk, decode, verify, write it into the LMDB cache.
+"""A fetch worker process: GET a chunk, decode, verify, write it into the LMDB cache
+(or into a file; or read one from a file and upload it).
 
 The mount daemon starts a few of these (``python -m modelfs.worker``) so the
 per-byte work of a cold read — receiving the body, zstd, BLAKE3, the LMDB
@@ -15,7 +16,10 @@ worker answers ``{"id", "ok", "fetched", "took"}`` or ``{"id", "ok": false,
 cannot be). A request with ``at`` carries a file descriptor (SCM_RIGHTS): the worker
 writes the verified chunk there at that offset instead of into the cache, and replies
 once it is written (``modelfs pull``; a worker started with no cache serves only
-these). When the cache cannot store a chunk (a full disk), ``spill`` is
+these). A request with ``up`` carries the descriptor of a file being published: the
+worker reads ``n`` bytes at ``at``, asks ``{"id", "h"}`` (the chunk's id, from those
+bytes), and the daemon answers ``{"id", "go", "skip" | "head", "put", "compress"}``;
+the final reply is ``{"id", "ok", "h", "uploaded", "stored"}`` (``modelfs publish``). When the cache cannot store a chunk (a full disk), ``spill`` is
 true and the verified bytes come with the reply as a memfd (SCM_RIGHTS), so the
 reader is served all the same; ``pin`` asks for that memfd in any case (a reader
 whose chunk was evicted between its load and its read). End of file on the socket means "finish what you hold and exit", so
@@ -31,6 +35,7 @@ a reply is sent only after the commit; memory is bounded by ``threads`` chunk bu
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -44,8 +49,10 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from . import malloc
@@ -57,6 +64,7 @@ from .errors import IntegrityError, UsageError
 
 log = logging.getLogger("modelfs.worker")
 
+T = TypeVar("T")
 MAX_MESSAGE = 64 << 10
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -82,10 +90,11 @@ class FetchFailed(Exception):
         self.kind, self.status, self.code = kind, status, code
 
 
-class HttpGetter:
-    """GETs of presigned URLs over one kept-alive connection per thread and host, each
-    body into its thread's buffer (reused: a fresh zeroed 4 MiB per chunk cost 0.66 vs
-    0.57 CPU-s/GB of GETs, medians of five interleaved rounds)."""
+class HttpClient:
+    """Requests to presigned URLs (GET, HEAD, PUT) over one kept-alive connection per
+    thread and host. Each GET body lands in its thread's buffer, which an upload also
+    reads its chunk into (reused: a fresh zeroed 4 MiB per chunk cost 0.66 vs 0.57
+    CPU-s/GB of GETs, medians of five interleaved rounds)."""
 
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
@@ -106,11 +115,30 @@ class HttpGetter:
 
     def get(self, url: str, limit: int) -> memoryview:
         """The body (at most ``limit`` bytes), retried on connection errors, 5xx and throttling:
-        a view of this thread's buffer, valid until the thread's next ``get``."""
+        a view of this thread's buffer, valid until the thread's next ``get`` or ``buffer``."""
+        return self._retried(self._get_once, url, limit)
+
+    def exists(self, url: str) -> bool:
+        """Whether a HEAD of ``url`` finds the object (200) or not (404); retried as ``get``."""
+        return self._retried(self._head_once, url)
+
+    def put(self, url: str, parts: tuple[bytes | memoryview, ...]) -> None:
+        """PUT the concatenation of ``parts`` (sent one after another, not joined); retried
+        as ``get`` (a PUT of a chunk is idempotent: same id, same bytes)."""
+        self._retried(self._put_once, url, parts)
+
+    def buffer(self, n: int) -> memoryview:
+        """``n`` bytes of this thread's buffer (what ``get`` returns its body in)."""
+        buf = self.local.__dict__.get("buf")
+        if buf is None or len(buf) < n:
+            buf = self.local.buf = bytearray(n)
+        return memoryview(buf)[:n]
+
+    def _retried(self, once: Callable[..., T], *args: Any) -> T:
         delay = 0.1
         for attempt in range(1, self.cfg.max_attempts + 1):
             try:
-                return self._get_once(url, limit)
+                return once(*args)
             except FetchFailed as e:
                 if e.kind not in ("unavailable", "throttled") or attempt == self.cfg.max_attempts:
                     raise
@@ -118,13 +146,10 @@ class HttpGetter:
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
-    def _buffer(self, n: int) -> memoryview:
-        buf = self.local.__dict__.get("buf")
-        if buf is None or len(buf) < n:
-            buf = self.local.buf = bytearray(n)
-        return memoryview(buf)[:n]
-
-    def _get_once(self, url: str, limit: int) -> memoryview:
+    @contextlib.contextmanager
+    def _exchange(self, url: str) -> Iterator[tuple[http.client.HTTPConnection, str]]:
+        """The connection for ``url`` and the request target; a connection error, or one
+        the body of the block raises, closes it and becomes a FetchFailed."""
         u = urlsplit(url)
         c = self._conn(u.scheme, u.hostname or "", u.port)
         where = f"{u.scheme}://{u.netloc}"
@@ -132,31 +157,65 @@ class HttpGetter:
             if c.sock is None:
                 c.connect()
                 c.sock.settimeout(self.cfg.read_timeout)
-            c.request("GET", f"{u.path}?{u.query}" if u.query else u.path)
+            yield c, f"{u.path}?{u.query}" if u.query else u.path
+        except FetchFailed:
+            c.close()
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            c.close()
+            if isinstance(e, (TimeoutError, socket.timeout)):
+                raise FetchFailed("unavailable", f"{where} did not answer in time") from None
+            raise FetchFailed("unavailable", f"connection to {where} failed: {e}") from None
+
+    @staticmethod
+    def _refused(r: http.client.HTTPResponse) -> FetchFailed:
+        """The FetchFailed for an error answer (its S3 error code read from the body)."""
+        body = r.read(MAX_MESSAGE)
+        code = m.group(1).decode(errors="replace") if (m := re.search(rb"<Code>([^<]{1,64})</Code>", body)) else ""
+        kind = "throttled" if r.status in (429, 503) else "unavailable" if r.status >= 500 else "http"
+        return FetchFailed(kind, f"HTTP {r.status} {code}".strip(), r.status, code)
+
+    def _get_once(self, url: str, limit: int) -> memoryview:
+        with self._exchange(url) as (c, target):
+            c.request("GET", target)
             r = c.getresponse()
             if r.status not in (200, 206):
-                body = r.read(MAX_MESSAGE)
-                code = m.group(1).decode(errors="replace") if (m := re.search(rb"<Code>([^<]{1,64})</Code>", body)) else ""
-                kind = "throttled" if r.status in (429, 503) else \
-                    "unavailable" if r.status >= 500 else "http"
-                c.close()
-                raise FetchFailed(kind, f"HTTP {r.status} {code}".strip(), r.status, code)
+                raise self._refused(r)
             n = int(r.getheader("Content-Length") or -1)
             if not 0 <= n <= limit:
-                c.close()
                 raise FetchFailed("integrity", f"object of {n} bytes where at most {limit} were expected")
-            view, got = self._buffer(n), 0
+            view, got = self.buffer(n), 0
             while got < n:
                 k = r.readinto(view[got:])
                 if not k:
                     raise http.client.IncompleteRead(bytes(0), n - got)
                 got += k
             return view
-        except (OSError, http.client.HTTPException) as e:
-            c.close()
-            if isinstance(e, (TimeoutError, socket.timeout)):
-                raise FetchFailed("unavailable", f"{where} did not answer in time") from None
-            raise FetchFailed("unavailable", f"connection to {where} failed: {e}") from None
+
+    def _head_once(self, url: str) -> bool:
+        with self._exchange(url) as (c, target):
+            c.request("HEAD", target)
+            r = c.getresponse()
+            r.read()
+            if r.status == 404:
+                return False
+            if r.status != 200:
+                raise FetchFailed("throttled" if r.status in (429, 503) else
+                                  "unavailable" if r.status >= 500 else "http", f"HTTP {r.status}", r.status)
+            return True
+
+    def _put_once(self, url: str, parts: tuple[bytes | memoryview, ...]) -> None:
+        with self._exchange(url) as (c, target):
+            c.putrequest("PUT", target, skip_accept_encoding=True)
+            # no Content-Type: a SigV2 URL (what botocore presigns for a custom endpoint) signs it empty
+            c.putheader("Content-Length", str(sum(len(p) for p in parts)))
+            c.endheaders()
+            for p in parts:
+                c.send(p)
+            r = c.getresponse()
+            if r.status != 200:
+                raise self._refused(r)
+            r.read()
 
 
 class Worker:
@@ -165,10 +224,13 @@ class Worker:
         self.sock = sock
         self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap) if cfg.cache_dir else None
         self.codec = ChunkCodec(_receive_key(sock) if cfg.encrypted else None)
-        self.http = HttpGetter(cfg)
+        self.http = HttpClient(cfg)
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
         self.send_lock = threading.Lock()
         self.seq = 0
+        self.answers: dict[int, queue.SimpleQueue] = {}  # uploads waiting for the daemon's "go"
+        self.answers_lock = threading.Lock()
+        self.closed = False
 
     def run(self) -> None:
         threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.cfg.threads)]
@@ -183,9 +245,20 @@ class Worker:
             if not msg:
                 break
             req = json.loads(msg)
+            if "go" in req:  # the answer an upload waits for
+                with self.answers_lock:
+                    waiting = self.answers.pop(req["id"], None)
+                if waiting is not None:
+                    waiting.put(req)
+                continue
             req["fd"] = fds[0] if fds else None
             self.seq += 1
             self.jobs.put((0 if req.get("urgent") else 1, self.seq, req))
+        with self.answers_lock:  # no answer comes any more: uploads waiting for one give up
+            self.closed = True
+            for waiting in self.answers.values():
+                waiting.put(None)
+            self.answers.clear()
         for _ in threads:  # the daemon is gone or done: finish what we hold, then exit
             self.jobs.put((2, 1 << 62, None))
         for t in threads:
@@ -198,7 +271,9 @@ class Worker:
             if req is None:
                 return
             try:
-                if "at" in req:
+                if req.get("up"):
+                    reply = self._upload(req)
+                elif "at" in req:
                     reply = self._deliver(req)
                 elif lock is None:
                     raise FetchFailed("other", "this fetch worker has no cache")
@@ -244,6 +319,47 @@ class Worker:
         except OSError as e:
             raise FetchFailed("write", f"cannot write it into the destination file: {e.strerror}") from None
         return {"id": req["id"], "ok": True, "fetched": True, "took": took}
+
+    def _upload(self, req: dict) -> dict:
+        """Read the chunk at ``at`` of ``fd`` (a file being published), tell the daemon its id,
+        and on its answer HEAD it (present: nothing to send), encode and PUT it. The id is
+        computed from the very bytes that are sent: an object in the store always matches
+        its name, even if the file changes meanwhile (its SHA-256 check then fails)."""
+        fd, at, n = req["fd"], req["at"], req["n"]
+        if fd is None:
+            raise FetchFailed("other", "an upload needs a file descriptor")
+        raw, got = self.http.buffer(n), 0
+        while got < n:
+            try:
+                k = os.preadv(fd, [raw[got:]], at + got)
+            except OSError as e:
+                raise FetchFailed("source", f"cannot read it: {e.strerror}") from None
+            if not k:
+                raise FetchFailed("source", f"the file ended at {at + got}: it changed while being published")
+            got += k
+        h = self.codec.hash(raw)
+        go = self._ask({"id": req["id"], "h": h})
+        t0 = time.monotonic()
+        if go.get("skip") or (go.get("head") and self.http.exists(go["head"])):
+            return {"id": req["id"], "ok": True, "h": h, "uploaded": False, "stored": 0, "took": 0.0}
+        parts = self.codec.encode_parts(raw, h, go.get("compress", True))
+        if go.get("put"):
+            self.http.put(go["put"], parts)
+        return {"id": req["id"], "ok": True, "h": h, "uploaded": True, "stored": sum(len(p) for p in parts),
+                "took": time.monotonic() - t0}
+
+    def _ask(self, question: dict) -> dict:
+        """Send ``question`` and wait for the daemon's answer to it (``go``)."""
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        with self.answers_lock:
+            if self.closed:
+                raise FetchFailed("other", "the daemon is gone")
+            self.answers[question["id"]] = answer
+        self._send(question)
+        go = answer.get()
+        if go is None:
+            raise FetchFailed("other", "the daemon is gone")
+        return go
 
     def _ensure(self, req: dict, lock: FetchLock) -> dict:
         reply = self._load(req, lock)

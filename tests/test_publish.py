@@ -188,6 +188,56 @@ def test_killed_publish_leaves_no_dangling_manifest_and_resumes(env, bucket, tmp
     assert tree_digest(out) == tree_digest(d)
 
 
+def _worker_pids() -> list[int]:
+    """This process's fetch worker children (a publish's, here)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return [p for p in pids if b"modelfs.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+
+
+def test_publish_goes_on_when_a_worker_dies_under_it(registry, bucket, tmp_path, env):
+    """A worker killed while it holds uploads is replaced, what it held is sent again, and
+    the version reads back whole."""
+    from modelfs.publish import Publisher, scan
+
+    d = tmp_path / "m"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(60, 256), seed=5)  # ~45 MiB, ~11 chunks
+    killed: list[int] = []
+
+    def kill_one(n, stats):
+        if not killed:
+            killed.append(_worker_pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    result = Publisher(registry, concurrency=4, on_progress=kill_one).run(scan(d), "m", ["latest"])
+    assert killed and result.stats.chunks >= 8
+    out = tmp_path / "out"
+    cli(env, "pull", f"s3://{bucket}/reg/m", str(out), "-q")
+    assert tree_digest(out) == tree_digest(d)
+
+
+def test_a_file_changed_after_the_scan_is_refused_before_any_manifest(registry, bucket, tmp_path, s3):
+    from modelfs.errors import UsageError
+    from modelfs.publish import Publisher, scan
+
+    d = tmp_path / "m"
+    d.mkdir()
+    f = d / "model.safetensors"
+    write_safetensors(f, layer_tensors(12, 256), seed=6)
+    tree = scan(d)
+    with open(f, "r+b") as fh:  # same size, other bytes, later time: a checkpoint being rewritten
+        fh.seek(1 << 20)
+        fh.write(b"x" * 4096)
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(UsageError, match="model.safetensors changed while being published"):
+        Publisher(registry, concurrency=4).run(tree, "m", ["latest"])
+    assert not objects(s3, bucket, "reg/models/")
+
+
 def test_dry_run_writes_nothing(env, bucket, sample_model, s3, seaweed):
     puts = seaweed.request_counts(bucket)[("PUT", "200")]
     r = cli(env, "publish", "--dry-run", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
