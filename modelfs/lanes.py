@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import array
 import base64
+import functools
+import gc
 import json
 import logging
 import mmap
@@ -153,15 +155,19 @@ class Lanes:
         self._unsealing: dict[str, trio.Event] = {}
 
     # -- life ---------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, ready_first: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the workers and serve loads until cancelled (then ``close()``).
 
         Reports started once every worker said it is ready (imports done, cache open),
-        so the first read of a new mount does not wait for a process to start."""
+        so the first read of a new mount does not wait for a process to start; with
+        ``ready_first`` false, at once (requests wait in the workers' sockets)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(self.n_workers):
                 self._spawn()
+            if not ready_first:
+                task_status.started()
+                await trio.sleep_forever()
             with trio.move_on_after(WORKER_START_SECONDS):
                 for p in list(self._procs):
                     await p.ready.wait()
@@ -490,16 +496,17 @@ class Lanes:
 
 
 def run_with(lanes: Lanes, body: Callable[[], Awaitable[None]]) -> None:
-    """Run ``body`` in a trio loop beside ``lanes`` (their workers started first and, at
-    the end, left to finish and commit what they hold), for commands that are not a
-    mount (``prefetch``, ``pull``). A failure comes out as its first cause, Ctrl-C or
-    the first ModelfsError, not as an exception group."""
+    """Run ``body`` in a trio loop beside ``lanes`` (their workers starting while it begins
+    and, at the end, left to finish and commit what they hold), for commands that are
+    not a mount (``prefetch``, ``pull``, ``publish``). A failure comes out as its first
+    cause, Ctrl-C or the first ModelfsError, not as an exception group."""
     async def main() -> None:
         async with trio.open_nursery() as outer:
-            await outer.start(lanes.run)
+            await outer.start(functools.partial(lanes.run, ready_first=False))
             await body()
             outer.cancel_scope.cancel()
 
+    gc.freeze()  # imports and botocore's models stay: full collections need not walk them (as a mount)
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
