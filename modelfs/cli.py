@@ -493,28 +493,53 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--registry", "registry_url", help="Registry holding the chunks, when REF is a manifest file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The host's block cache to copy chunks from (default: the mounts' default, if it exists).")
+@click.option("--no-cache", is_flag=True, help="Fetch every chunk from the store, even ones the host's cache holds.")
 @_trust_option
 @_encryption_option
 @click.pass_context
-def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool):
-    """Download model REF into DEST, verified, in parallel."""
+def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache_dir: Path | None,
+         no_cache: bool):
+    """Download model REF into DEST, verified, in parallel (chunks the host's cache holds are copied from it)."""
     from .pull import pull as do_pull
 
     cat, version, m = _resolve(ctx, ref, registry_url, need_registry=True)
     assert cat is not None
     reg = cat.registry
+    cache = None if no_cache else _host_cache(cache_dir)
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()
     try:
         stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance,
-                        signature=cat.signature(m.name, version))
+                        signature=cat.signature(m.name, version), cache=cache)
     finally:
         bar.close()
+        if cache is not None:
+            cache.close()
     dt = time.monotonic() - t0
     click.echo(f"pulled {m.name}@{version} into {dest}: {stats.files} files written, "
-               f"{stats.skipped_files} already complete, {fmt_bytes(stats.fetched_bytes)} fetched "
-               f"in {dt:.1f} s")
+               f"{stats.skipped_files} already complete, {fmt_bytes(stats.fetched_bytes)} fetched, "
+               f"{fmt_bytes(stats.cached_bytes)} from the host's cache, in {dt:.1f} s")
+
+
+def _host_cache(cache_dir: Path | None) -> BlockCache | None:
+    """The cache named by ``--cache-dir`` (an error if there is none), else the default one
+    if it exists. A cache that cannot be opened is not worth failing a pull for."""
+    from .cache import default_cache_dir
+
+    if cache_dir is None:
+        cache_dir = default_cache_dir()
+        if not (cache_dir / "blocks" / "data.mdb").is_file():
+            return None
+    try:
+        return BlockCache.open_existing(cache_dir)
+    except UsageError:
+        raise
+    except Exception as e:  # lmdb's errors, permissions: say so, and fetch instead
+        click.echo(f"modelfs: warning: not using the cache in {cache_dir}: {e}", err=True)
+        return None
 
 
 class _Size(click.ParamType):

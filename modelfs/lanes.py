@@ -107,7 +107,7 @@ class _Flight:
         # an upload (``out`` is then its source): what to do with the chunk once its id is known
         self.decide: Callable[[str], dict[str, Any]] | None = None
         self.go: dict[str, Any] | None = None  # decide's answer (asked again after a worker died: the same)
-        self.result: dict[str, Any] | None = None  # the worker's final reply
+        self.result: dict[str, Any] | None = None  # the worker's final reply (uploads, deliveries)
         self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at 0")
 
 
@@ -232,11 +232,14 @@ class Lanes:
         await self._wait(flight)
         return flight.buffer
 
-    async def deliver(self, h: str, size: int, fd: int, offset: int) -> None:
-        """Have a worker GET and verify chunk ``h`` and write it into ``fd`` at ``offset``
-        (not into the cache); return once it is written. ModelfsError if it cannot be.
-        No single flight: each delivery is its own GET."""
-        await self._wait(self._start(h, size, urgent=True, refetch=False, out=(fd, offset)))
+    async def deliver(self, h: str, size: int, fd: int, offset: int) -> bool:
+        """Have a worker write verified chunk ``h`` into ``fd`` at ``offset`` — from the cache
+        if it holds the chunk (nothing is added to it), else GET — and return once it is
+        written: True if it was fetched. ModelfsError if it cannot be. No single flight:
+        each delivery is its own."""
+        flight = self._start(h, size, urgent=True, refetch=False, out=(fd, offset))
+        await self._wait(flight)
+        return bool(flight.result and flight.result["fetched"])
 
     async def upload(self, fd: int, offset: int, size: int, what: str,
                      decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:
@@ -388,6 +391,7 @@ class Lanes:
             self._finish(flight, flight.error or (None if r["ok"] else self._error(flight, r)))
             return
         if r["ok"]:
+            flight.result = r
             if r["fetched"]:
                 st.fetches += 1
                 st.bytes_fetched += flight.size

@@ -8,7 +8,9 @@ process's GIL. This process reads each chunk back from the page cache as soon as
 every chunk before it landed, to hash the file in order, and checks the file's
 SHA-256 before renaming it into place — so a destination never holds a
 half-written file under its real name, and a re-run skips files that are
-already complete. The cache is not touched: a pull needs none.
+already complete. Given the host's block cache (what mounts and ``prefetch`` fill),
+a worker copies each chunk it holds from there (its block sums checked) instead of
+fetching it; nothing is added to the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from .cache import BlockCache
 from .errors import IntegrityError, ModelfsError, UsageError
 from .lanes import LaneConfig, Lanes, run_with
 from .manifest import FileEntry, Manifest, all_directories
@@ -38,7 +41,8 @@ class PullStats(Counters):
     files: int = 0
     skipped_files: int = 0
     bytes: int = 0
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0  # from the store
+    cached_bytes: int = 0  # copied from the host's cache
 
 
 def file_sha256(path: Path) -> str:
@@ -65,9 +69,11 @@ WRITE_BEHIND_PERIOD = 0.25  # seconds between the write-behind's fdatasync calls
 
 
 def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int = 16, workers: int = 0,
-         on_progress: Callable[[int], None] | None = None, signature: bytes | None = None) -> PullStats:
+         on_progress: Callable[[int], None] | None = None, signature: bytes | None = None,
+         cache: BlockCache | None = None) -> PullStats:
     """Write ``manifest``'s files under ``dest`` (each verified, complete ones skipped) and,
     for a signed version, its signature as ``model.sig`` (what ``model_signing verify`` reads).
+    Chunks ``cache`` holds are copied from it, not fetched.
     At most ``2 × concurrency`` chunks are being delivered at a time; this process holds
     none of their bytes."""
     on_progress = on_progress or (lambda n: None)
@@ -88,7 +94,7 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
         else:
             todo.append((entry, target))
     if todo:
-        lanes = Lanes(registry, None, LaneConfig(workers=workers, concurrency=concurrency))
+        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency))
 
         async def main() -> None:
             chunk_slots, file_slots = trio.Semaphore(2 * concurrency), trio.Semaphore(FILES_AT_ONCE)
@@ -174,10 +180,10 @@ async def _pull_file(lanes: Lanes, entry: FileEntry, target: Path, chunk_slots: 
         async def one(i: int) -> None:
             h, n = entry.chunks[i]
             try:
-                await lanes.deliver(h, n, fd, entry.offsets[i])
+                fetched = await lanes.deliver(h, n, fd, entry.offsets[i])
             finally:
                 chunk_slots.release()
-            stats.add(fetched_bytes=n)
+            stats.add(**{"fetched_bytes" if fetched else "cached_bytes": n})
             on_progress(n)
             await digest.landed(i)
 

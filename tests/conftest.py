@@ -49,9 +49,11 @@ def bucket(s3):
 
 
 @pytest.fixture
-def env(seaweed):
+def env(seaweed, tmp_path):
     e = dict(os.environ)
     e.update(seaweed.env())
+    # the default cache (pull copies from it) is the test's own, never the machine's
+    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
     return e
 
 
