@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/pull.py [--size-mib 1024] [--runs 3] [--base TREE]   # as root, from /tmp
 
 Publishes a 1 GiB F16 safetensors file to its own SeaweedFS (and the same file as one
-plain object for s5cmd), then, interleaved, page cache dropped before each: ``modelfs
-pull`` into an empty directory (this tree; with ``--base``, also another source tree of
-modelfs, e.g. an earlier commit's ``git archive``) and ``s5cmd cp`` of the plain object.
+plain object for s5cmd), warms a block cache with it (``prefetch``), then, interleaved,
+page cache dropped before each: ``modelfs pull`` into an empty directory (this tree,
+fetching everything and copying from that cache; with ``--base``, also another source
+tree of modelfs, e.g. an earlier commit's ``git archive``, as it pulls by default) and
+``s5cmd cp`` of the plain object.
 Prints MB/s (the whole command: start-up, manifest, fetch, verify, SHA-256, fsync) and
 the CPU seconds of the pull and its worker processes, medians.
 
@@ -53,18 +55,23 @@ def main() -> None:
         c.upload_file(str(d / "m" / "model.safetensors"), b, "plain/model.safetensors")
         subprocess.run([str(BIN / "modelfs"), "publish", str(d / "m"), f"s3://{b}/reg", "--name", "m", "-q"],
                        env=env, check=True, capture_output=True)
-        pulls = {"modelfs pull": ([str(BIN / "modelfs")], env)}
+        cache = d / "cache"  # the host's cache, warmed once: what a pull after a mount or prefetch finds
+        subprocess.run([str(BIN / "modelfs"), "prefetch", f"s3://{b}/reg/m", "--cache-dir", str(cache), "-q"],
+                       env=env, check=True, capture_output=True)
+        pulls = {"modelfs pull": ([str(BIN / "modelfs")], env, ["--no-cache"]),
+                 "modelfs pull, chunks in the host's cache": ([str(BIN / "modelfs")], env,
+                                                               ["--cache-dir", str(cache)])}
         if args.base:
             pulls[f"modelfs pull @ {args.base}"] = ([sys.executable, "-m", "modelfs"],
-                                                    dict(env, PYTHONPATH=str(args.base.resolve())))
+                                                    dict(env, PYTHONPATH=str(args.base.resolve())), [])
         s5 = BIN / "s5cmd" if (BIN / "s5cmd").exists() else shutil.which("s5cmd")
         out = d / "out"
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", flush=True)
-            for name, (cmd, e) in pulls.items():
+            for name, (cmd, e, opts) in pulls.items():
                 shutil.rmtree(out, ignore_errors=True)
                 drop_caches()
-                res.setdefault(name, []).append(timed([*cmd, "pull", f"s3://{b}/reg/m", str(out), "-q"], e))
+                res.setdefault(name, []).append(timed([*cmd, "pull", f"s3://{b}/reg/m", str(out), "-q", *opts], e))
                 print(f"  {name:40s} {size / res[name][-1][0] / 1e6:6.0f} MB/s", flush=True)
             if s5:
                 shutil.rmtree(out, ignore_errors=True)
