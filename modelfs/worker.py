@@ -24,7 +24,8 @@ true and the verified bytes come with the reply as a memfd (SCM_RIGHTS), so the
 reader is served all the same; ``pin`` asks for that memfd in any case (a reader
 whose chunk was evicted between its load and its read). End of file on the socket means "finish what you hold and exit", so
 a chunk that was fetched is always cached: an unmount, SIGTERM or a crash of the
-daemon never throws fetched bytes away. SIGINT and SIGTERM are ignored (systemd
+daemon never throws fetched bytes away (queued deliveries and uploads, which nobody
+waits for any more, are dropped). SIGINT and SIGTERM are ignored (systemd
 signals the whole cgroup; the daemon ends us through the socket).
 
 Invariants: a chunk is written only after its BLAKE3 check (with ``sealed``, its
@@ -270,6 +271,10 @@ class Worker:
             _, _, req = self.jobs.get()
             if req is None:
                 return
+            if self.closed and "at" in req:  # a delivery or upload nobody waits for any more: drop it
+                if req["fd"] is not None:
+                    os.close(req["fd"])
+                continue
             try:
                 if req.get("up"):
                     reply = self._upload(req)
