@@ -172,3 +172,13 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
         raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return secs, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+
+
+def rate_table(first_column: str, size: int, res: dict[str, list[tuple[float, float]]]) -> None:
+    """Print a markdown table of MB/s (median, then each run) and CPU-s/GB (median) for
+    ``res``: name → [(seconds, CPU seconds)] of runs moving ``size`` bytes."""
+    print(f"| {first_column} | MB/s (runs) | CPU-s/GB, with its workers |\n|---|---|---|")
+    for name, rs in res.items():
+        mbps = [size / s / 1e6 for s, _ in rs]
+        print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
+              f"{statistics.median(cpu / (size / 1e9) for _, cpu in rs):.2f} |")

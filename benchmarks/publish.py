@@ -19,7 +19,6 @@ import argparse
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, machine, new_bucket, timed  # noqa: E402
+from common import client, machine, new_bucket, rate_table, timed  # noqa: E402
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
@@ -98,11 +97,7 @@ def main() -> None:
         timed([str(BIN / "modelfs"), "publish", str(model), f"s3://{b}/r", "--name", "m", "-q"], env)
         changed = stored_bytes(c, b) - before
     print(f"\n{size >> 20} MiB F16 safetensors, medians of {args.runs}; {machine()}\n")
-    print("| upload | MB/s (runs) | CPU-s/GB, with its workers |\n|---|---|---|")
-    for name, rs in res.items():
-        mbps = [size / s / 1e6 for s, _ in rs]
-        print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
-              f"{statistics.median(cpu / (size / 1e9) for _, cpu in rs):.2f} |")
+    rate_table("upload", size, res)
     print(f"\nre-publish after changing 1% of the bytes: the server received {changed / 2**20:.1f} MiB "
           f"({changed / size:.1%} of the file)")
 

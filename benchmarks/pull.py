@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, drop_caches, machine, new_bucket, timed  # noqa: E402
+from common import client, drop_caches, machine, new_bucket, rate_table, timed  # noqa: E402
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
@@ -82,11 +81,7 @@ def main() -> None:
                            f"{out}/"], env))
                 print(f"  {'s5cmd cp':40s} {size / res['s5cmd cp'][-1][0] / 1e6:6.0f} MB/s", flush=True)
     print(f"\n{size >> 20} MiB safetensors, medians of {args.runs}; {machine()}\n")
-    print("| command | MB/s (runs) | CPU-s/GB, with its workers |\n|---|---|---|")
-    for name, rs in res.items():
-        mbps = [size / s / 1e6 for s, _ in rs]
-        print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
-              f"{statistics.median(c / (size / 1e9) for _, c in rs):.2f} |")
+    rate_table("command", size, res)
 
 
 if __name__ == "__main__":

@@ -212,3 +212,17 @@ def mounts(env, tmp_path):
         yield m
     finally:
         m.cleanup()
+
+
+def damage_cache_entry(cache_dir: Path, h: str) -> None:
+    """Flip one byte of chunk ``h``'s entry in the block cache under ``cache_dir`` (its sums kept)."""
+    from modelfs.cache import BlockCache
+
+    cache = BlockCache(cache_dir, 1 << 30)
+    try:
+        with cache.env.begin(write=True) as txn:
+            value = bytearray(txn.get(bytes.fromhex(h), db=cache.chunks))
+            value[min(12345, len(value) - 1)] ^= 0x55
+            txn.put(bytes.fromhex(h), bytes(value), db=cache.chunks)
+    finally:
+        cache.close()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from modelfs.cache import BlockCache
 from modelfs.sample import layer_tensors, write_safetensors
 
-from conftest import cli, gets, tree_digest
+from conftest import cli, damage_cache_entry, gets, tree_digest
 
 
 def publish(env, bucket, src, name="m", *tags):
@@ -307,14 +307,7 @@ def test_damaged_cache_entry_is_dropped_and_refetched(env, bucket, big, mounts, 
     mounts.unmount(mnt)
     doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
     h = next(f for f in doc["files"] if f["path"] == "model.safetensors")["chunks"][2][0]
-    cache = BlockCache(mounts.cache_dir, 1 << 30)
-    try:
-        with cache.env.begin(write=True) as txn:
-            value = bytearray(txn.get(bytes.fromhex(h), db=cache.chunks))
-            value[12345] ^= 0x55
-            txn.put(bytes.fromhex(h), bytes(value), db=cache.chunks)
-    finally:
-        cache.close()
+    damage_cache_entry(mounts.cache_dir, h)
     mnt2 = mounts.mount(f"s3://{bucket}/reg/m")
     before = gets(seaweed, bucket)
     assert tree_digest(mnt2) == tree_digest(big)  # right bytes, not the damaged ones

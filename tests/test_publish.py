@@ -15,7 +15,7 @@ from modelfs.devserver import free_ports
 from modelfs.sample import write_safetensors, layer_tensors
 from modelfs.units import fmt_bytes
 
-from conftest import cli, gets, objects, one_line_error, tree_digest
+from conftest import cli, damage_cache_entry, gets, objects, one_line_error, tree_digest
 
 AVG = DEFAULT_PARAMS.avg_size
 
@@ -82,22 +82,13 @@ def test_pull_of_a_lost_chunk_fails_in_one_line_and_leaves_nothing_half_written(
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
 def test_pull_copies_what_the_hosts_cache_holds_and_fetches_a_damaged_entry(env, bucket, sample_model,
                                                                             tmp_path, seaweed):
-    from modelfs.cache import BlockCache
-
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "-q")
     doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
     pieces = [(h, n) for f in doc["files"] for h, n in f["chunks"]]
     cache = tmp_path / "cache"
     cli(env, "prefetch", f"s3://{bucket}/reg/m", "--cache-dir", str(cache), "-q")
     damaged, size = max((p for p in pieces if pieces.count(p) == 1), key=lambda p: p[1])
-    c = BlockCache(cache, 1 << 30)
-    try:
-        with c.env.begin(write=True) as txn:
-            value = bytearray(txn.get(bytes.fromhex(damaged), db=c.chunks))
-            value[1000] ^= 0x55
-            txn.put(bytes.fromhex(damaged), bytes(value), db=c.chunks)
-    finally:
-        c.close()
+    damage_cache_entry(cache, damaged)
     before = gets(seaweed, bucket)
     r = cli(env, "pull", f"s3://{bucket}/reg/m", str(tmp_path / "out"), "--cache-dir", str(cache), "-q")
     assert tree_digest(tmp_path / "out") == tree_digest(sample_model)  # the damaged entry was not used
