@@ -108,7 +108,7 @@ class _Flight:
         self.decide: Callable[[str], dict[str, Any]] | None = None
         self.go: dict[str, Any] | None = None  # decide's answer (asked again after a worker died: the same)
         self.result: dict[str, Any] | None = None  # the worker's final reply (uploads, deliveries)
-        self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at 0")
+        self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at byte 0")
 
 
 @dataclass(eq=False)
@@ -239,7 +239,7 @@ class Lanes:
         each delivery is its own."""
         flight = self._start(h, size, urgent=True, refetch=False, out=(fd, offset))
         await self._wait(flight)
-        return bool(flight.result and flight.result["fetched"])
+        return bool(flight.result and flight.result.get("fetched"))
 
     async def upload(self, fd: int, offset: int, size: int, what: str,
                      decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:
@@ -385,13 +385,11 @@ class Lanes:
         return self._spilled.get(h)
 
     def _on_reply(self, flight: _Flight, r: dict[str, Any]) -> None:
-        st = self.stats
+        st, flight.result = self.stats, r
         if flight.decide is not None:  # an upload
-            flight.result = r
             self._finish(flight, flight.error or (None if r["ok"] else self._error(flight, r)))
             return
         if r["ok"]:
-            flight.result = r
             if r["fetched"]:
                 st.fetches += 1
                 st.bytes_fetched += flight.size

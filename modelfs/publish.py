@@ -126,7 +126,7 @@ class Publisher:
     """One publish run: the state its chunk uploads share lives here, nowhere else.
 
     Invariants: a chunk is named by the bytes a worker read and sent (an object in
-    the store always matches its id); each chunk id is sent at most once per run;
+    the store always matches its id); each chunk id is claimed once per run;
     the manifest is written only after every chunk is in the store, the tags after it."""
 
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,

@@ -19,7 +19,8 @@ once it is written (``modelfs pull``; a worker started with no cache serves only
 these). A request with ``up`` carries the descriptor of a file being published: the
 worker reads ``n`` bytes at ``at``, asks ``{"id", "h"}`` (the chunk's id, from those
 bytes), and the daemon answers ``{"id", "go", "skip" | "head", "put", "compress"}``;
-the final reply is ``{"id", "ok", "h", "uploaded", "stored"}`` (``modelfs publish``). When the cache cannot store a chunk (a full disk), ``spill`` is
+the final reply is ``{"id", "ok", "h", "uploaded", "stored"}`` (``modelfs publish``).
+When the cache cannot store a chunk (a full disk), ``spill`` is
 true and the verified bytes come with the reply as a memfd (SCM_RIGHTS), so the
 reader is served all the same; ``pin`` asks for that memfd in any case (a reader
 whose chunk was evicted between its load and its read). End of file on the socket means "finish what you hold and exit", so
@@ -197,13 +198,10 @@ class HttpClient:
         with self._exchange(url) as (c, target):
             c.request("HEAD", target)
             r = c.getresponse()
+            if r.status not in (200, 404):
+                raise self._refused(r)
             r.read()
-            if r.status == 404:
-                return False
-            if r.status != 200:
-                raise FetchFailed("throttled" if r.status in (429, 503) else
-                                  "unavailable" if r.status >= 500 else "http", f"HTTP {r.status}", r.status)
-            return True
+            return r.status == 200
 
     def _put_once(self, url: str, parts: tuple[bytes | memoryview, ...]) -> None:
         with self._exchange(url) as (c, target):
