@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
@@ -13,11 +15,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 
 from modelfs.devserver import SeaweedServer
+from modelfs.sample import layer_tensors, write_safetensors
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 1 << 20
@@ -182,3 +186,26 @@ def rate_table(first_column: str, size: int, res: dict[str, list[tuple[float, fl
         mbps = [size / s / 1e6 for s, _ in rs]
         print(f"| {name} | **{statistics.median(mbps):.0f}** ({' / '.join(f'{x:.0f}' for x in mbps)}) | "
               f"{statistics.median(cpu / (size / 1e9) for _, cpu in rs):.2f} |")
+
+
+def ab_arguments(doc: str, verb: str) -> argparse.Namespace:
+    """The options of an A/B benchmark of one command (``pull.py``, ``publish.py``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--base", type=Path, help=f"another modelfs source tree to {verb} with, beside this one")
+    return ap.parse_args()
+
+
+@contextlib.contextmanager
+def ab_setup(name: str, size_mib: int) -> Iterator[tuple[Path, SeaweedServer, dict, Path]]:
+    """A scratch directory under /var/tmp with its own SeaweedFS: (the directory, the server,
+    the environment for modelfs commands, ``<dir>/m/model.safetensors`` of ~``size_mib`` MiB
+    of F16 tensors)."""
+    with tempfile.TemporaryDirectory(prefix=f"modelfs-{name}-", dir="/var/tmp") as d_s, \
+            SeaweedServer(Path(d_s) / "s3") as srv:
+        d = Path(d_s)
+        (d / "m").mkdir()
+        f = d / "m" / "model.safetensors"
+        write_safetensors(f, layer_tensors(max(1, round(1365 * size_mib / 1024)), 256, dtype="F16"), seed=1)
+        yield d, srv, dict(os.environ, **srv.env()), f

@@ -15,21 +15,17 @@ the bytes the server received are reported.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, machine, new_bucket, rate_table, timed  # noqa: E402
+from common import ab_arguments, ab_setup, client, machine, new_bucket, rate_table, timed  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PIECE = 4 << 20
@@ -52,21 +48,10 @@ def stored_bytes(c, bucket: str) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--base", type=Path, help="another modelfs source tree to publish with, beside this one")
-    args = ap.parse_args()
+    args = ab_arguments(__doc__, "publish")
     res: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="modelfs-publish-", dir="/var/tmp") as d_s, \
-            SeaweedServer(Path(d_s) / "s3") as srv:
-        d = Path(d_s)
-        env = dict(os.environ, **srv.env())
-        model = d / "m"
-        model.mkdir()
-        f = model / "model.safetensors"
-        write_safetensors(f, layer_tensors(max(1, round(1365 * args.size_mib / 1024)), 256, dtype="F16"), seed=1)
-        size = f.stat().st_size
+    with ab_setup("publish", args.size_mib) as (d, srv, env, f):
+        model, size = f.parent, f.stat().st_size
         c = client(srv)
         publishers = {"modelfs publish": ([str(BIN / "modelfs")], env)}
         if args.base:

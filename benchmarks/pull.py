@@ -17,38 +17,23 @@ of the gap is durability, not speed.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import client, drop_caches, machine, new_bucket, rate_table, timed  # noqa: E402
+from common import ab_arguments, ab_setup, client, drop_caches, machine, new_bucket, rate_table, timed  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--base", type=Path, help="another modelfs source tree to pull with, beside this one")
-    args = ap.parse_args()
+    args = ab_arguments(__doc__, "pull")
     res: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="modelfs-pull-", dir="/var/tmp") as d_s, \
-            SeaweedServer(Path(d_s) / "s3") as srv:
-        d = Path(d_s)
-        env = dict(os.environ, **srv.env())
-        (d / "m").mkdir()
-        write_safetensors(d / "m" / "model.safetensors",
-                          layer_tensors(max(1, round(1365 * args.size_mib / 1024)), 256, dtype="F16"), seed=1)
-        size = (d / "m" / "model.safetensors").stat().st_size
+    with ab_setup("pull", args.size_mib) as (d, srv, env, f):
+        size = f.stat().st_size
         c = client(srv)
         b = new_bucket(c, "pull")
         c.upload_file(str(d / "m" / "model.safetensors"), b, "plain/model.safetensors")
