@@ -96,12 +96,6 @@ class Registry:
     def chunk_of(self, key: str) -> str:
         return key.rsplit("/", 1)[-1]
 
-    def has_chunk(self, h: str) -> bool:
-        return self.store.exists(self.chunk_key(h))
-
-    def put_chunk(self, h: str, blob: bytes) -> None:
-        self.store.put(self.chunk_key(h), blob)
-
     def get_chunk(self, h: str, size: int) -> bytes:
         """The chunk's verified raw bytes (IntegrityError when the store's copy is bad)."""
         try:

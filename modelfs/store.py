@@ -152,9 +152,6 @@ class Store:
         except _ERRORS as e:
             raise self._fail(e, key) from None
 
-    def exists(self, key: str) -> bool:
-        return self.stat(key) is not None
-
     def stat(self, key: str) -> ObjectInfo | None:
         """The object's size and store-side modification time, or None if it is absent."""
         try:
