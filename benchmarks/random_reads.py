@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).parent))
 from common import client, drop_caches, machine, new_bucket, percentile  # noqa: E402
 from suite import BIG, Target, first_4k_ms, make_targets, preads_ms  # noqa: E402
+from wan import FarStore  # noqa: E402
 
 from modelfs.devserver import SeaweedServer  # noqa: E402
 from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
@@ -63,6 +64,9 @@ def main() -> None:
     ap.add_argument("--preads", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--base", type=Path, help="another modelfs source tree to mount beside this one")
+    ap.add_argument("--store-latency-ms", type=float, default=0.0,
+                    help="reach the store through a proxy adding this first-byte delay per request (wan.py)")
+    ap.add_argument("--store-mbps", type=float, default=0.0, help="… and capping each connection at this rate")
     args = ap.parse_args()
     res: dict[str, dict[str, list[float]]] = {}
     slowest: list[list[tuple[float, int]]] = []
@@ -79,12 +83,22 @@ def main() -> None:
         c.upload_file(str(local / BIG), plain, f"plain/{BIG}")
         subprocess.run([str(Path(sys.executable).parent / "modelfs"), "publish", str(local), f"s3://{mb}/reg",
                         "--name", "m", "-q"], env=dict(os.environ, **srv.env()), check=True, capture_output=True)
-        url = c.generate_presigned_url("get_object", Params={"Bucket": plain, "Key": f"plain/{BIG}"}, ExpiresIn=7200)
-        targets = [t for t in make_targets(tmp, srv, plain, mb, local)
+        if args.base:  # published by the base tree too: it may not read this tree's format
+            based = new_bucket(c, "modelfs-base")
+            subprocess.run([sys.executable, "-m", "modelfs", "publish", str(local), f"s3://{based}/reg",
+                            "--name", "m", "-q"], env=dict(os.environ, **srv.env(),
+                                                           PYTHONPATH=str(args.base.resolve())),
+                           check=True, capture_output=True, cwd=tmp)
+        far = FarStore(srv, args.store_latency_ms, args.store_mbps) if args.store_latency_ms or args.store_mbps \
+            else srv
+        url = client(far).generate_presigned_url("get_object", Params={"Bucket": plain, "Key": f"plain/{BIG}"},
+                                                 ExpiresIn=7200)
+        targets = [t for t in make_targets(tmp, far, plain, mb, local)
                    if t.name in ("modelfs", "rclone (cache off)", "s3fs")]
         if args.base:
             mine = targets[0]
-            targets.insert(1, Target(f"modelfs @ {args.base}", [sys.executable, "-m", "modelfs", *mine.cmd[1:]],
+            cmd = [a.replace(f"s3://{mb}/", f"s3://{based}/") for a in mine.cmd[1:]]
+            targets.insert(1, Target(f"modelfs @ {args.base}", [sys.executable, "-m", "modelfs", *cmd],
                                      env={**mine.env, "PYTHONPATH": str(args.base.resolve())},
                                      persistent_cache=mine.persistent_cache))
         mnt = tmp / "mnt"
@@ -107,6 +121,9 @@ def main() -> None:
             drop_caches()
             record(res, "4 KiB ranged GET (no FUSE)", ranged_gets_ms(url, offsets, 4096))
 
+    if args.store_latency_ms or args.store_mbps:
+        print(f"\nstore through wan.py: +{args.store_latency_ms:g} ms per request, {args.store_mbps:g} MB/s per "
+              "connection")
     print(f"\n{size >> 20} MiB safetensors, {args.preads} random 4 KiB preads per run, medians of "
           f"{args.runs}, ms; {machine()}\n")
     print("| target | " + " | ".join(q for q, _ in QS) + " | max |\n|---|---|---|---|---|")

@@ -54,7 +54,7 @@ import fcntl
 import lmdb
 import xxhash
 
-from .chunking import chunk_hash
+from .chunking import id_matches
 from .errors import UsageError
 from .manifest import version_id_of
 
@@ -201,7 +201,7 @@ class BlockCache:
                 if block_sums(data) == sums:
                     self._note_use(key)
                     return True
-            good = present and sums is None and len(data) == size and chunk_hash(data) == h
+            good = present and sums is None and len(data) == size and id_matches(data, h)
             new_sums = block_sums(data) if good else None
             del data, sums
         if not present:
@@ -393,7 +393,7 @@ class BlockCache:
                     if not found:
                         break
                     key, value = cur.key(), cur.value()
-                    if chunk_hash(value) != key.hex() and not self._keyed_entry_ok(txn, key, value):
+                    if not id_matches(value, key.hex()) and not self._keyed_entry_ok(txn, key, value):
                         bad.append(key.hex())
                     result.checked += 1
                     result.bytes += len(value)

@@ -637,6 +637,7 @@ def stats(mountpoint: Path, as_json: bool):
     click.echo(f"  served      {fmt_bytes(s.bytes_served)}")
     click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
                f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")
+    click.echo(f"  block reads {s.peeks} (small cold reads served from a few verified blocks first)")
     click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} served from the cache's map, "
                f"{s.cache_hits} re-checked by a worker; {s.paged_in} paged in ahead of readers)")
     click.echo(f"  workers     {len(s.worker_pids)} ({s.worker_restarts} replaced)")

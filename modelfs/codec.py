@@ -1,10 +1,22 @@
-"""The stored form of a chunk: a 16-byte header, then the payload.
+"""The stored form of a chunk: a 16-byte header, the block digests, then the payload.
 
-    offset size  field
-    0      4     magic  b"MFC1"
-    4      1     encoding: 0 raw, 1 zstd, 2 AES-256-GCM (3.. reserved: other codecs)
-    5      3     reserved, zero
-    8      8     raw length, little-endian u64
+    offset size    field
+    0      4       magic  b"MFC1"
+    4      1       encoding: 0 raw, 1 zstd, 2 AES-256-GCM (3.. reserved: other codecs)
+    5      1       flags: bit 0 BLOCKS (the block digests follow the header); others zero
+    6      2       reserved, zero
+    8      8       raw length, little-endian u64
+    16     32 × b  with BLOCKS: the BLAKE3 digest of each 64 KiB block of the raw chunk
+                   (b = ⌈length / 64 KiB⌉); the chunk's id is the BLAKE3 of these
+
+A chunk named with block digests ("blake3-blocks", see :mod:`modelfs.chunking`)
+carries them, raw or zstd, so a reader of a few KiB of a raw chunk can GET the
+header with the digests and only the blocks it needs (:func:`check_blocks`): the
+digests are checked against the id, each block against its digest. A chunk
+without BLOCKS (written before; the inner form of an encrypted chunk) is checked
+whole against BLAKE3 of its bytes (keyed, in an encrypted registry). Which of
+the two a stored chunk is, the chunk says: either way its bytes must match its
+id, and no content matches an id under the other naming (a preimage).
 
 An encrypted chunk (encoding 2) is ``header ‖ nonce ‖ AES-256-GCM(inner) ‖ tag``,
 where ``inner`` is the chunk's plain stored form (raw or zstd, header included:
@@ -13,8 +25,8 @@ not visible outside). The associated data is the outer header and the chunk id,
 so a ciphertext neither opens under another id nor with another length.
 
 The header lets the format grow without a break: a reader that meets an encoding
-it does not know refuses the chunk clearly. Every decoded chunk is checked
-against its id (BLAKE3, keyed in an encrypted registry) before anyone sees it.
+or flag it does not know refuses the chunk clearly. Every decoded chunk is checked
+against its id before anyone sees it.
 """
 
 from __future__ import annotations
@@ -25,14 +37,16 @@ from collections.abc import Callable
 import blake3
 import zstandard
 
-from .chunking import HASH_ALGORITHM, chunk_hash
+from .chunking import (BLOCK, DIGEST, HASH_ALGORITHM, PLAIN_HASH_ALGORITHM, block_digests, blocks_of, plain_hash,
+                       root_of)
 from .encryption import OVERHEAD, RegistryKey, Sealer
 from .errors import IntegrityError
 
 MAGIC = b"MFC1"
 RAW, ZSTD, AES_GCM = 0, 1, 2
+BLOCKS = 1  # flag: block digests follow the header
 KEYED_HASH_ALGORITHM = "blake3-keyed"
-HEADER = struct.Struct("<4sB3xQ")
+HEADER = struct.Struct("<4sBB2xQ")
 ZSTD_LEVEL = 3
 PROBE = 64 * 1024  # compress a sample first; skip the rest when it does not pay
 # Keep zstd only when it at least halves the chunk. Reads pay for compression: zstd
@@ -44,39 +58,55 @@ MIN_SAVING = 0.50
 
 
 def encode(raw: bytes | memoryview, compress: bool = True) -> bytes:
-    """The stored object for ``raw``: zstd where it at least halves it (JSON, tokenizers,
-    sparse tensors), raw otherwise (bf16/fp16/fp32 weights)."""
-    return b"".join(encode_parts(raw, compress))
+    """The stored object for ``raw`` (named with block digests): zstd where it at least
+    halves it (JSON, tokenizers, sparse tensors), raw otherwise (bf16/fp16/fp32 weights)."""
+    return b"".join(encode_parts(raw, compress, block_digests(raw)))
 
 
-def encode_parts(raw: bytes | memoryview, compress: bool = True) -> tuple[bytes, bytes | memoryview]:
-    """:func:`encode`'s result as (header, payload), the payload ``raw`` itself when it is
-    stored raw: an upload sends the two without copying the chunk."""
+def encode_parts(raw: bytes | memoryview, compress: bool = True,
+                 digests: bytes | None = None) -> tuple[bytes, bytes | memoryview]:
+    """:func:`encode`'s result as (header with ``digests``, payload), the payload ``raw``
+    itself when it is stored raw: an upload sends the two without copying the chunk.
+    ``digests`` None: no BLOCKS (a chunk named by plain or keyed BLAKE3)."""
     n = len(raw)
+    flags, tail = (0, b"") if digests is None else (BLOCKS, digests)
     if compress and n >= 4096:
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         probe = raw[:PROBE]
         if len(cctx.compress(probe)) < MIN_SAVING * len(probe):
             packed = cctx.compress(raw)
             if len(packed) < MIN_SAVING * n:
-                return HEADER.pack(MAGIC, ZSTD, n), packed
-    return HEADER.pack(MAGIC, RAW, n), raw
+                return HEADER.pack(MAGIC, ZSTD, flags, n) + tail, packed
+    return HEADER.pack(MAGIC, RAW, flags, n) + tail, raw
 
 
 def max_stored_size(raw_size: int) -> int:
     """The largest stored object a chunk of ``raw_size`` bytes can be (zstd is kept only
     when it is smaller than raw): anything longer is refused before it is read."""
-    return HEADER.size + raw_size
+    return head_size(raw_size) + raw_size
 
 
-def decode(blob: bytes | bytearray, expected_hash: str, expected_size: int,
-           hash_fn: Callable[[bytes | memoryview], str] | None = chunk_hash) -> bytes | memoryview:
+def head_size(raw_size: int) -> int:
+    """Header and block digests of a chunk of ``raw_size`` bytes: where its payload starts."""
+    return HEADER.size + DIGEST * blocks_of(raw_size)
+
+
+def decode(blob: bytes | bytearray | memoryview, expected_hash: str, expected_size: int,
+           hash_fn: Callable[[bytes | memoryview], str] | None = plain_hash) -> bytes | memoryview:
     """The verified raw bytes of a plain stored chunk, or :class:`IntegrityError`
-    (``hash_fn`` None: the caller has authenticated ``blob`` otherwise).
+    (``hash_fn``: the id of a chunk without block digests; None: the caller has
+    authenticated ``blob`` otherwise).
 
     A raw chunk comes back as a view into ``blob`` (no copy of 4 MiB)."""
-    encoding, n = _header(blob, expected_hash, expected_size)
-    payload = memoryview(blob)[HEADER.size:]
+    encoding, flags, n = _header(blob, expected_hash, expected_size)
+    digests = b""
+    start = HEADER.size
+    if flags & BLOCKS:
+        start = head_size(n)
+        digests = bytes(memoryview(blob)[HEADER.size:start])
+        if len(digests) != start - HEADER.size:
+            raise IntegrityError(f"chunk {expected_hash[:16]}: truncated ({len(blob)} bytes)")
+    payload = memoryview(blob)[start:]
     if encoding == AES_GCM:
         raise IntegrityError(f"chunk {expected_hash[:16]} is encrypted: this registry needs its encryption key")
     if encoding == RAW:
@@ -88,26 +118,62 @@ def decode(blob: bytes | bytearray, expected_hash: str, expected_size: int,
             raise IntegrityError(f"chunk {expected_hash[:16]}: bad zstd payload: {e}") from None
     else:
         raise IntegrityError(f"chunk {expected_hash[:16]}: unknown encoding {encoding}")
-    if raw is None or len(raw) != n or (hash_fn is not None and hash_fn(raw) != expected_hash):
+    if raw is None or len(raw) != n:
+        raise IntegrityError(f"chunk {expected_hash[:16]}: content does not match its hash")
+    if flags & BLOCKS:
+        if hash_fn is not None and (root_of(digests) != expected_hash or block_digests(raw) != digests):
+            raise IntegrityError(f"chunk {expected_hash[:16]}: content does not match its hash")
+    elif hash_fn is not None and hash_fn(raw) != expected_hash:
         raise IntegrityError(f"chunk {expected_hash[:16]}: content does not match its hash")
     return raw
 
 
-def _header(blob: bytes | bytearray | memoryview, h: str, expected_size: int) -> tuple[int, int]:
+def check_head(head: bytes | memoryview, h: str, size: int) -> bytes | None:
+    """From the first :func:`head_size` bytes of stored chunk ``h``: its block digests,
+    checked against ``h``, if its payload is raw and its blocks can be read one by one;
+    None if it cannot (zstd, or a chunk without digests). IntegrityError if it lies."""
+    encoding, flags, _ = _header(head, h, size)
+    if not flags & BLOCKS or encoding != RAW:
+        return None
+    digests = bytes(memoryview(head)[HEADER.size:head_size(size)])
+    if len(digests) != head_size(size) - HEADER.size or root_of(digests) != h:
+        raise IntegrityError(f"chunk {h[:16]}: block digests do not match its id")
+    return digests
+
+
+def check_blocks(body: bytes | memoryview, first: int, digests: bytes, h: str) -> None:
+    """Check ``body``, the raw chunk's blocks from block ``first`` on (the last one may
+    be the chunk's short tail), against ``digests`` (from :func:`check_head`)."""
+    got = block_digests(body)
+    if got != digests[first * DIGEST:first * DIGEST + len(got)] or not got:
+        raise IntegrityError(f"chunk {h[:16]}: block {first}+ does not match its digest")
+
+
+def block_span(lo: int, hi: int, size: int) -> tuple[int, int, int]:
+    """For bytes [lo, hi) of a raw chunk of ``size`` bytes: (first block, start and end
+    of the whole blocks that hold them, as offsets in the stored object)."""
+    first = lo // BLOCK
+    base = head_size(size)
+    return first, base + first * BLOCK, base + min(-(-hi // BLOCK) * BLOCK, size)
+
+
+def _header(blob: bytes | bytearray | memoryview, h: str, expected_size: int) -> tuple[int, int, int]:
     if len(blob) < HEADER.size:
         raise IntegrityError(f"chunk {h[:16]}: truncated ({len(blob)} bytes)")
-    magic, encoding, n = HEADER.unpack_from(blob)
+    magic, encoding, flags, n = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise IntegrityError(f"chunk {h[:16]}: not a modelfs chunk (bad magic)")
+    if flags & ~BLOCKS:
+        raise IntegrityError(f"chunk {h[:16]}: unknown flags {flags:#x}")
     if n != expected_size:
         raise IntegrityError(f"chunk {h[:16]}: length {n}, expected {expected_size}")
-    return encoding, n
+    return encoding, flags, n
 
 
 class ChunkCodec:
-    """How one registry names and stores its chunks: plain (BLAKE3 ids, raw or zstd),
-    or encrypted under a registry key (keyed BLAKE3 ids, AES-256-GCM around the plain
-    form). Publish, pull, prefetch and the fetch workers all go through one of these.
+    """How one registry names and stores its chunks: plain (ids from the BLAKE3 digests
+    of their blocks, which the stored chunk carries; raw or zstd), or encrypted under a
+    registry key (keyed BLAKE3 ids, AES-256-GCM around the plain form). Publish, pull, prefetch and the fetch workers all go through one of these.
 
     Invariant: with a key, only encrypted chunks are accepted (a plain object under a
     keyed id was written by someone without the key)."""
@@ -123,14 +189,26 @@ class ChunkCodec:
 
     @property
     def hash_algorithm(self) -> str:
-        """What a manifest records as its chunk hash ("blake3" or "blake3-keyed")."""
+        """What a manifest it writes records as its chunk hash ("blake3-blocks" or
+        "blake3-keyed")."""
         return KEYED_HASH_ALGORITHM if self.encrypted else HASH_ALGORITHM
 
-    def hash(self, raw: bytes | memoryview) -> str:
-        """The chunk's id: hex BLAKE3 of its bytes, keyed in an encrypted registry."""
+    def reads(self, algorithm: str) -> bool:
+        """Whether this codec can verify chunks a manifest names with ``algorithm``
+        (a plain registry also holds versions published before block digests)."""
+        return algorithm in ((KEYED_HASH_ALGORITHM,) if self.encrypted else (HASH_ALGORITHM, PLAIN_HASH_ALGORITHM))
+
+    def name(self, raw: bytes | memoryview) -> tuple[str, bytes | None]:
+        """The chunk's id, and the block digests it is computed from (None in an
+        encrypted registry, whose ids are keyed BLAKE3 of the whole chunk)."""
         if self._id_key is None:
-            return chunk_hash(raw)
-        return blake3.blake3(raw, key=self._id_key).hexdigest()
+            digests = block_digests(raw)
+            return root_of(digests), digests
+        return blake3.blake3(raw, key=self._id_key).hexdigest(), None
+
+    def hash(self, raw: bytes | memoryview) -> str:
+        """The chunk's id (see :meth:`name`)."""
+        return self.name(raw)[0]
 
     def max_stored_size(self, raw_size: int) -> int:
         n = max_stored_size(raw_size)
@@ -139,15 +217,15 @@ class ChunkCodec:
     def encode(self, raw: bytes | memoryview, h: str, compress: bool = True) -> bytes:
         return b"".join(self.encode_parts(raw, h, compress))
 
-    def encode_parts(self, raw: bytes | memoryview, h: str,
-                     compress: bool = True) -> tuple[bytes | memoryview, ...]:
+    def encode_parts(self, raw: bytes | memoryview, h: str, compress: bool = True,
+                     digests: bytes | None = None) -> tuple[bytes | memoryview, ...]:
         """The stored form of chunk ``h`` as pieces to send one after another (a raw chunk's
-        bytes are not copied)."""
-        parts = encode_parts(raw, compress)
+        bytes are not copied). ``digests``: its block digests, if :meth:`name` gave them."""
         if self._sealer is None:
-            return parts
-        head = HEADER.pack(MAGIC, AES_GCM, len(raw))
-        return (head + self._sealer.seal(b"".join(parts), head + bytes.fromhex(h)),)
+            return encode_parts(raw, compress, digests if digests is not None else block_digests(raw))
+        inner = b"".join(encode_parts(raw, compress))
+        head = HEADER.pack(MAGIC, AES_GCM, 0, len(raw))
+        return (head + self._sealer.seal(inner, head + bytes.fromhex(h)),)
 
     def decode(self, blob: bytes | bytearray, h: str, n: int, *, check_id: bool = True) -> bytes | memoryview:
         """The verified raw bytes of a stored chunk, or :class:`IntegrityError`.
@@ -157,11 +235,13 @@ class ChunkCodec:
         For a sealed cache's entries, which were checked against their id when fetched."""
         if self._sealer is None:
             return decode(blob, h, n)
-        encoding, _ = _header(blob, h, n)
+        encoding, _, _ = _header(blob, h, n)
         if encoding != AES_GCM:
             raise IntegrityError(f"chunk {h[:16]} is not encrypted, in an encrypted registry: refused")
         head = bytes(memoryview(blob)[:HEADER.size])
         inner = self._sealer.open(memoryview(blob)[HEADER.size:], head + bytes.fromhex(h), f"chunk {h[:16]}")
         if len(inner) >= HEADER.size and HEADER.unpack_from(inner)[1] == AES_GCM:
             raise IntegrityError(f"chunk {h[:16]}: encrypted twice")
+        if len(inner) >= HEADER.size and HEADER.unpack_from(inner)[2] & BLOCKS:
+            raise IntegrityError(f"chunk {h[:16]}: block digests inside an encrypted chunk")
         return decode(inner, h, n, self.hash if check_id else None)

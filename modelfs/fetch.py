@@ -37,6 +37,7 @@ from .manifest import FileEntry
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+PEEK_MAX = 256 << 10  # reads up to this size of a chunk not yet loading fetch just their blocks first
 
 
 class ChunkSource(Protocol):
@@ -49,6 +50,11 @@ class ChunkSource(Protocol):
     async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | mmap.mmap | None:
         """Return once chunk ``h`` is in the cache; raise ModelfsError if it cannot be.
         With ``pin``, return the chunk's verified bytes too (they may be evicted at once)."""
+
+    async def peek(self, h: str, size: int, lo: int, hi: int) -> bytes | mmap.mmap | None:
+        """Bytes [lo, hi) of chunk ``h``, verified on their own, for a small read (the whole
+        chunk is then loaded behind it); None if they cannot be had so (the reader loads
+        the chunk)."""
 
     def prefetch(self, h: str, size: int) -> None:
         """Start loading ``h`` for a reader that will want it soon."""
@@ -67,8 +73,9 @@ class ChunkSource(Protocol):
 class Fetcher:
     """Chunk bytes for readers: ``span`` of a file, from the cache, loading what is missing.
 
-    Invariants: every byte returned was BLAKE3-verified (by a worker) and, when read
-    from the cache, checked against the block sums taken then; a damaged entry is
+    Invariants: every byte returned was BLAKE3-verified (by a worker: the whole chunk,
+    or for a small cold read only the blocks it needs, against the chunk's block digests)
+    and, when read from the cache, checked against the block sums taken then; a damaged entry is
     refetched once, then EIO. A read always makes progress, however small the cache:
     a chunk evicted between its load and the read is loaded again *pinned* (its
     bytes handed to this reader in memory).
@@ -179,6 +186,11 @@ class Fetcher:
                 self.stats.memory_hits += len(views)
                 return views[0] if len(views) == 1 else b"".join(views)
             del views
+            if attempt == 0 and e.by_blocks and len(parts) == 1 and missing and end - off <= PEEK_MAX:
+                # a small read of a chunk nobody loads yet: just the blocks it needs first
+                (h, n, lo, hi), = parts
+                if (buf := await self.source.peek(h, n, lo, hi)) is not None:
+                    return memoryview(buf)
             for h, n in missing:
                 if (buf := await self.source.load(h, n, pin=attempt > 0)) is not None:
                     pinned[h] = buf

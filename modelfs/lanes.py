@@ -6,7 +6,8 @@ One object, :class:`Lanes`, owns it, with its limits and timeouts:
   write chunks straight into the shared LMDB cache, so the per-byte work of a
   cold read runs on other cores than the FUSE loop. ``load`` returns once the
   chunk is in the cache; the reader then serves it from the cache's memory map.
-  ``deliver`` has a worker write a verified chunk into a file instead (``pull``).
+  ``deliver`` has a worker write a verified chunk into a file instead (``pull``);
+  ``peek`` has one fetch and check just the blocks a small read needs, first.
 * store calls (listings, manifests, tags) and cache calls (manifest records,
   last-use flushes): worker threads under their own ``CapacityLimiter``s.
 
@@ -27,11 +28,13 @@ import array
 import base64
 import functools
 import gc
+import itertools
 import json
 import logging
 import mmap
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +59,8 @@ URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
 WORKER_START_SECONDS = 30.0
 PAGING_MAX = 64  # cached chunks being paged in at once (readahead windows are smaller)
 UNSEAL_AHEAD_MAX = 4  # a sealed cache's chunks being decrypted ahead of readers at once
+PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
+PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer than this gets peeks
 
 
 def default_workers() -> int:
@@ -85,6 +90,7 @@ class FetchStats:
     cache_hits: int = 0  # chunk loads a worker answered from the cache (re-checked, paged in)
     paged_in: int = 0  # cached chunks read from disk ahead of a reader by a daemon thread
     fetches: int = 0  # chunk GETs from the store
+    peeks: int = 0  # small reads served from a few verified blocks of a chunk (ranged GETs)
     bytes_fetched: int = 0
     fetch_seconds: float = 0.0  # sum of GET durations (decode and verification included)
     errors: int = 0  # chunk loads that failed (the reader got EIO)
@@ -94,7 +100,7 @@ class FetchStats:
 
 class _Flight:
     __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out",
-                 "decide", "go", "result", "what")
+                 "decide", "go", "result", "what", "span")
 
     def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
         self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
@@ -109,6 +115,7 @@ class _Flight:
         self.go: dict[str, Any] | None = None  # decide's answer (asked again after a worker died: the same)
         self.result: dict[str, Any] | None = None  # the worker's final reply (uploads, deliveries)
         self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at byte 0")
+        self.span: tuple[int, int] | None = None  # a peek: just bytes [lo, hi) of the chunk
 
 
 @dataclass(eq=False)
@@ -146,6 +153,7 @@ class Lanes:
         self._quick_deaths = 0
         self._closing = False
         self._paging: set[str] = set()  # cached chunks being read into memory
+        self._peeking: set[str] = set()  # chunks a small read fetches a few blocks of
         # chunks a worker confirmed lately: readahead need not ask again
         self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
@@ -241,6 +249,38 @@ class Lanes:
         await self._wait(flight)
         return bool(flight.result and flight.result.get("fetched"))
 
+    async def peek(self, h: str, size: int, lo: int, hi: int) -> mmap.mmap | None:
+        """Bytes [lo, hi) of chunk ``h`` for a small read, fetched and verified without the
+        rest of the chunk (its block digests and the blocks that hold them), then the whole
+        chunk loaded behind it (what is fetched is cached). None where that cannot be
+        done or does not pay: the chunk is on its way already, cannot be read by blocks
+        (zstd; named before block digests), or whole chunks arrive fast (``_peeks_pay``);
+        the reader then waits for the whole chunk."""
+        if h in self._flights or self.config.sealed or self.registry is None or not self._peeks_pay():
+            return None
+        if h in self._peeking:  # a second reader of the chunk: load it whole now
+            self.prefetch(h, size)
+            return None
+        self._peeking.add(h)
+        flight = self._start(h, size, urgent=True, refetch=False, span=(lo, hi))
+        try:
+            await self._wait(flight)
+        except ModelfsError as e:  # the whole chunk's load says what is wrong, if anything is
+            log.debug("chunk %s, bytes %d-%d: %s", h[:16], lo, hi, e)
+            return None
+        finally:
+            self._peeking.discard(h)
+            self.prefetch(h, size)
+        return flight.buffer
+
+    def _peeks_pay(self) -> bool:
+        """Whether a peek is worth its second request: not when whole chunks arrive fast
+        (a store on this host sends 4 MiB in ~10 ms, no slower than two small requests
+        that each pay its per-object cost), but against a remote store, where a chunk
+        takes a round trip plus tens of ms of transfer. Unknown (too few fetches yet): yes."""
+        recent = list(itertools.islice(reversed(self.stats.recent_latencies), PEEK_SAMPLE))
+        return len(recent) < PEEK_SAMPLE // 4 or statistics.median(recent) >= PEEK_WORTH
+
     async def upload(self, fd: int, offset: int, size: int, what: str,
                      decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:
         """Have a worker read ``size`` bytes at ``offset`` of ``fd``, hash them, and then do what
@@ -310,11 +350,11 @@ class Lanes:
             self._paging.discard(h)
 
     def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False,
-               out: tuple[int, int] | None = None) -> _Flight:
+               out: tuple[int, int] | None = None, span: tuple[int, int] | None = None) -> _Flight:
         flight = _Flight(h, size, urgent, refetch, pin)
-        if out is None:  # a load: one per chunk (a delivery is its own)
+        if out is None and span is None:  # a load: one per chunk (a delivery or a peek is its own)
             self._flights[h] = flight
-        flight.out = out
+        flight.out, flight.span = out, span
         try:
             if self.registry is not None:
                 flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
@@ -339,6 +379,8 @@ class Lanes:
         else:
             msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
                    "refetch": flight.refetch, "pin": flight.pin}
+            if flight.span is not None:
+                msg["lo"], msg["hi"] = flight.span
         try:
             if flight.out is None:
                 await p.sock.send(json.dumps(msg).encode())
@@ -372,8 +414,10 @@ class Lanes:
                     fd = int.from_bytes(fds[:4], sys.byteorder)
                     try:
                         if flight is not None and reply.get("spill"):
-                            flight.buffer = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
-                            self._spilled[flight.h] = flight.buffer
+                            lo, hi = flight.span or (0, flight.size)
+                            flight.buffer = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
+                            if flight.span is None:
+                                self._spilled[flight.h] = flight.buffer
                     finally:
                         os.close(fd)
             if flight is not None:
@@ -388,6 +432,11 @@ class Lanes:
         st, flight.result = self.stats, r
         if flight.decide is not None:  # an upload
             self._finish(flight, flight.error or (None if r["ok"] else self._error(flight, r)))
+            return
+        if flight.span is not None:  # a peek: its failure is no reader's (see peek)
+            st.peeks += r["ok"] and not r.get("none")
+            flight.error = None if r["ok"] else self._error(flight, r)
+            flight.done.set()
             return
         if r["ok"]:
             if r["fetched"]:

@@ -18,12 +18,16 @@ from functools import cached_property
 
 import blake3
 
+from .chunking import HASH_ALGORITHM as BLOCK_HASH
+from .chunking import PLAIN_HASH_ALGORITHM
 from .errors import IntegrityError, ManifestError
 
 FORMAT = "modelfs-manifest"
 FORMAT_VERSION = 1
 VERSION_ID_HEX = 20  # 80 bits of BLAKE3 over the manifest bytes
-CHUNK_HASHES = ("blake3", "blake3-keyed")  # plain, and keyed by an encrypted registry's key
+# how chunks are named (see modelfs.chunking): by their blocks' digests, by their bytes
+# (manifests before block digests), keyed by an encrypted registry's key
+CHUNK_HASHES = (BLOCK_HASH, PLAIN_HASH_ALGORITHM, "blake3-keyed")
 
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 MAX_FILES = 1_000_000
@@ -44,6 +48,9 @@ class FileEntry:
     chunks: tuple[tuple[str, int], ...]  # (blake3 hex, raw length), in file order
     description: dict = field(default_factory=dict, compare=False)
     mtime_ns: int | None = None  # the source file's mtime at publish; None in older manifests
+    # its chunks are named with block digests (the manifest's chunk hash): a small read
+    # may fetch and check just the blocks it needs
+    by_blocks: bool = field(default=False, compare=False)
 
     @cached_property
     def offsets(self) -> list[int]:
@@ -80,7 +87,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     directories: tuple[DirEntry, ...]
     chunking: dict
-    chunk_hash: str = "blake3"  # "blake3-keyed": the chunks of an encrypted registry
+    chunk_hash: str = BLOCK_HASH  # "blake3-keyed": the chunks of an encrypted registry
     file_hash: str = "sha256"
     origin: str | None = None  # the registry it was published to: where its chunks are
 
@@ -278,7 +285,8 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
         files.append(FileEntry(path, size, _mode(f.get("mode"), f"{path}: mode"),
                                _hex(f.get("sha256"), 64, f"{path}: sha256"), tuple(chunks),
                                _obj(desc, f"{path}: description"),
-                               None if mtime is None else _int(mtime, f"{path}: mtime_ns", *MTIME_NS_RANGE)))
+                               None if mtime is None else _int(mtime, f"{path}: mtime_ns", *MTIME_NS_RANGE),
+                               by_blocks=hashes["chunk"] == BLOCK_HASH))
     _check_tree(files, dirs)
     return Manifest(name=name, created=created, files=tuple(files), directories=tuple(dirs),
                     chunking=chunking, chunk_hash=hashes["chunk"], origin=origin)

@@ -52,6 +52,7 @@ class Snapshot:
     cache_cap_bytes: int
     worker_pids: list[int]  # the fetch worker processes now
     worker_restarts: int  # workers that died and were replaced
+    peeks: int = 0  # small cold reads served from a few verified blocks (ranged GETs) before their chunk
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -106,7 +107,7 @@ class Reporter:
             fetch_p50_ms=None if p50 is None else round(p50 * 1000, 3),
             fetch_p99_ms=None if p99 is None else round(p99 * 1000, 3),
             cache_used_bytes=self.cache_used, cache_cap_bytes=self.cache.cap,
-            worker_pids=self.lanes.worker_pids, worker_restarts=st.worker_restarts)
+            worker_pids=self.lanes.worker_pids, worker_restarts=st.worker_restarts, peeks=st.peeks)
         self.latest = snap
         return snap
 
@@ -158,6 +159,8 @@ class Reporter:
         hits.add_metric(["cache"], s.cache_hits)
         hits.add_metric(["store"], s.fetches)
         yield hits
+        yield CounterMetricFamily("modelfs_block_reads", "Small cold reads served from a few verified blocks "
+                                  "of their chunk (ranged GETs)", value=s.peeks)
         yield CounterMetricFamily("modelfs_paged_in_chunks", "Cached chunks read from disk ahead of readers",
                                   value=s.paged_in)
         yield CounterMetricFamily("modelfs_errors", "Chunk loads that failed (readers got EIO)", value=s.errors)

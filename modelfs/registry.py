@@ -178,7 +178,7 @@ class Registry:
 
     # -- manifests and tags ----------------------------------------------------
     def put_manifest(self, m: Manifest) -> str:
-        if m.chunk_hash != self.codec.hash_algorithm:
+        if not self.codec.reads(m.chunk_hash):
             raise UsageError(f"manifest of {m.name} names its chunks with {m.chunk_hash}, registry {self.ref} "
                              f"with {self.codec.hash_algorithm}")
         key = self.version_key(m.name, m.version_id)
@@ -204,7 +204,7 @@ class Registry:
 
     def check_chunk_names(self, m: Manifest) -> None:
         """A manifest whose chunk ids this registry's codec cannot verify is refused."""
-        if m.chunk_hash == self.codec.hash_algorithm:
+        if self.codec.reads(m.chunk_hash):
             return
         if self.key is None:
             raise UsageError(f"{m.name}@{m.version_id} belongs to an encrypted registry: pass --encryption-key")

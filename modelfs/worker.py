@@ -16,7 +16,10 @@ worker answers ``{"id", "ok", "fetched", "took"}`` or ``{"id", "ok": false,
 cannot be). A request with ``at`` carries a file descriptor (SCM_RIGHTS): the worker
 writes the verified chunk there at that offset instead of into the cache, and replies
 once it is written (``modelfs pull``; a worker started with no cache serves only
-these). A request with ``up`` carries the descriptor of a file being published: the
+these). A request with ``lo`` and ``hi`` is a peek: the worker GETs chunk ``h``'s block
+digests and the blocks that hold bytes [lo, hi) (ranged GETs), checks them against the id,
+and answers with those bytes as a memfd (``spill``), or ``{"none": true}`` when the
+chunk cannot be read by blocks; nothing is cached. A request with ``up`` carries the descriptor of a file being published: the
 worker reads ``n`` bytes at ``at``, asks ``{"id", "h"}`` (the chunk's id, from those
 bytes), and the daemon answers ``{"id", "go", "skip" | "head", "put", "compress"}``;
 the final reply is ``{"id", "ok", "h", "uploaded", "stored"}`` (``modelfs publish``).
@@ -29,7 +32,7 @@ daemon never throws fetched bytes away (queued deliveries and uploads, which nob
 waits for any more, are dropped). SIGINT and SIGTERM are ignored (systemd
 signals the whole cgroup; the daemon ends us through the socket).
 
-Invariants: a chunk is written only after its BLAKE3 check (with ``sealed``, its
+Invariants: a chunk is written only after its id check (with ``sealed``, its
 stored, encrypted form is what is written, after the check of what it decrypts to);
 a reply is sent only after the commit; memory is bounded by ``threads`` chunk buffers.
 """
@@ -37,6 +40,7 @@ a reply is sent only after the commit; memory is bounded by ``threads`` chunk bu
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import http.client
 import json
@@ -59,7 +63,8 @@ from urllib.parse import urlsplit
 
 from . import malloc
 from .cache import BlockCache, FetchLock
-from .codec import ChunkCodec
+from .chunking import BLOCK
+from .codec import ChunkCodec, block_span, check_blocks, check_head, head_size
 from .config import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT
 from .encryption import RegistryKey
 from .errors import IntegrityError, UsageError
@@ -69,6 +74,7 @@ log = logging.getLogger("modelfs.worker")
 T = TypeVar("T")
 MAX_MESSAGE = 64 << 10
 RETRY_STATUS = {429, 500, 502, 503, 504}
+PEEK_JOIN = 256 << 10  # blocks this close to a chunk's start come in one GET with its digests
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,11 @@ class HttpClient:
             conns[key] = c
         return c
 
-    def get(self, url: str, limit: int) -> memoryview:
-        """The body (at most ``limit`` bytes), retried on connection errors, 5xx and throttling:
-        a view of this thread's buffer, valid until the thread's next ``get`` or ``buffer``."""
-        return self._retried(self._get_once, url, limit)
+    def get(self, url: str, limit: int, span: tuple[int, int] | None = None) -> memoryview:
+        """The body (at most ``limit`` bytes; with ``span``, of bytes [start, end) of the
+        object: fewer where it is shorter), retried on connection errors, 5xx and throttling: a view of
+        this thread's buffer, valid until the thread's next ``get`` or ``buffer``."""
+        return self._retried(self._get_once, url, limit, span)
 
     def exists(self, url: str) -> bool:
         """Whether a HEAD of ``url`` finds the object (200) or not (404); retried as ``get``."""
@@ -177,11 +184,11 @@ class HttpClient:
         kind = "throttled" if r.status in (429, 503) else "unavailable" if r.status >= 500 else "http"
         return FetchFailed(kind, f"HTTP {r.status} {code}".strip(), r.status, code)
 
-    def _get_once(self, url: str, limit: int) -> memoryview:
+    def _get_once(self, url: str, limit: int, span: tuple[int, int] | None) -> memoryview:
         with self._exchange(url) as (c, target):
-            c.request("GET", target)
+            c.request("GET", target, headers={"Range": f"bytes={span[0]}-{span[1] - 1}"} if span else {})
             r = c.getresponse()
-            if r.status not in (200, 206):
+            if r.status not in ((206,) if span else (200, 206)):  # a server that ignores Range: refused
                 raise self._refused(r)
             n = int(r.getheader("Content-Length") or -1)
             if not 0 <= n <= limit:
@@ -224,6 +231,8 @@ class Worker:
         self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap) if cfg.cache_dir else None
         self.codec = ChunkCodec(_receive_key(sock) if cfg.encrypted else None)
         self.http = HttpClient(cfg)
+        # a peek's second GET (its chunk's digests), beside the first: threads with their own connections
+        self.side = concurrent.futures.ThreadPoolExecutor(cfg.threads, thread_name_prefix="side")
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
         self.send_lock = threading.Lock()
         self.seq = 0
@@ -269,13 +278,15 @@ class Worker:
             _, _, req = self.jobs.get()
             if req is None:
                 return
-            if self.closed and "at" in req:  # a delivery or upload nobody waits for any more: drop it
+            if self.closed and ("at" in req or "lo" in req):  # nobody waits for it any more: drop it
                 if req["fd"] is not None:
                     os.close(req["fd"])
                 continue
             try:
                 if req.get("up"):
                     reply = self._upload(req)
+                elif "lo" in req:
+                    reply = self._peek(req)
                 elif "at" in req:
                     reply = self._deliver(req)
                 elif lock is None:
@@ -324,6 +335,40 @@ class Worker:
         _write_out(fd, raw, req["at"])
         return {"id": req["id"], "ok": True, "fetched": True, "took": took}
 
+    def _peek(self, req: dict) -> dict:
+        """Bytes [lo, hi) of chunk ``h`` without the rest of it: GET its header and block
+        digests and the blocks that hold them (one GET when they lie near the start),
+        check the digests against the id and the blocks against the digests, and hand
+        the bytes over as a memfd. ``none``: the chunk cannot be read so (zstd, or named
+        before block digests); nothing is cached (the daemon loads the whole chunk)."""
+        h, n, lo, hi, url = req["h"], req["n"], req["lo"], req["hi"], req.get("url")
+        if not url:
+            raise FetchFailed("other", "no object store configured for this mount")
+        t0 = time.monotonic()
+        head_n = head_size(n)
+        first, a, b = block_span(lo, hi, n)
+        if a - head_n <= PEEK_JOIN:
+            body = self.http.get(url, b, (0, b))
+            digests = check_head(body[:head_n], h, n)
+            blocks = body[a:b]
+        else:  # the digests and the blocks side by side: a store's latency once, not twice
+            head = self.side.submit(lambda: bytes(self.http.get(url, head_n, (0, head_n))))
+            try:
+                blocks, failed = self.http.get(url, b - a, (a, b)), None
+            except FetchFailed as e:  # e.g. past the end of a zstd chunk: the head says
+                blocks, failed = b"", e
+            digests = check_head(head.result(), h, n)
+            if digests is not None and failed is not None:
+                raise failed
+        if digests is None:
+            return {"id": req["id"], "ok": True, "none": True}
+        if len(blocks) != b - a:
+            raise IntegrityError(f"chunk {h[:16]}: {len(blocks)} bytes where blocks of {b - a} were asked for")
+        check_blocks(blocks, first, digests, h)
+        skip = lo - first * BLOCK
+        return {"id": req["id"], "ok": True, "took": time.monotonic() - t0,
+                "spill": _memfd(blocks[skip:skip + hi - lo])}
+
     def _upload(self, req: dict) -> dict:
         """Read the chunk at ``at`` of ``fd`` (a file being published), tell the daemon its id,
         and on its answer HEAD it (present: nothing to send), encode and PUT it. The id is
@@ -341,12 +386,12 @@ class Worker:
             if not k:
                 raise FetchFailed("source", f"the file ended at {at + got}: it changed while being published")
             got += k
-        h = self.codec.hash(raw)
+        h, digests = self.codec.name(raw)
         go = self._ask({"id": req["id"], "h": h})
         t0 = time.monotonic()
         if go.get("skip") or (go.get("head") and self.http.exists(go["head"])):
             return {"id": req["id"], "ok": True, "h": h, "uploaded": False, "stored": 0, "took": 0.0}
-        parts = self.codec.encode_parts(raw, h, go.get("compress", True))
+        parts = self.codec.encode_parts(raw, h, go.get("compress", True), digests)
         if go.get("put"):
             self.http.put(go["put"], parts)
         return {"id": req["id"], "ok": True, "h": h, "uploaded": True, "stored": sum(len(p) for p in parts),

@@ -19,6 +19,7 @@ class StallProxy:
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
         self.get_delay = 0.0  # seconds added to every GET request
+        self.rate = 0.0  # bytes per second each connection may receive (0: no cap)
         self.refuse = False
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -46,6 +47,8 @@ class StallProxy:
                 client.close()
                 continue
             server.settimeout(None)
+            for s in (client, server):  # forwarded as it comes: no Nagle delays of its own
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._socks += [client, server]
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
@@ -57,6 +60,8 @@ class StallProxy:
                 if upstream and self.get_delay and data.startswith(b"GET "):
                     time.sleep(self.get_delay)
                 dst.sendall(data)
+                if not upstream and self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:

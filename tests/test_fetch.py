@@ -39,6 +39,8 @@ class FakeSource:
         self.paged_in: list[str] = []
         self.garbage: set[str] = set()
         self.failing: set[str] = set()
+        self.peeks: list[tuple[str, int, int]] = []
+        self.peekable = False
 
     async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | None:
         self.loads.append((h, refetch))
@@ -53,6 +55,11 @@ class FakeSource:
                 txn.put(bytes.fromhex(h), bytes(data), db=self.cache.chunks)
         self.generation += 1
         return None
+
+    async def peek(self, h: str, size: int, lo: int, hi: int) -> bytes | None:
+        self.peeks.append((h, lo, hi))
+        await trio.sleep(0)
+        return self.chunks[h][lo:hi] if self.peekable else None
 
     def prefetch(self, h: str, size: int) -> None:
         self.prefetched.append(h)
@@ -83,6 +90,37 @@ def cache(tmp_path):
 def reader(cache, chunks, **kw) -> tuple[Fetcher, FakeSource]:
     src = FakeSource(cache, chunks)
     return Fetcher(CacheView(cache), src, **kw), src
+
+
+def test_a_small_read_of_a_chunk_nobody_loads_gets_just_its_blocks(cache):
+    """A lone small read (≤ PEEK_MAX, one chunk) of a file named by block digests is served
+    from the source's ``peek``; a large read, one across chunks, one of an older file, or a
+    peek the source cannot serve, load whole chunks."""
+    import dataclasses
+
+    from modelfs.fetch import PEEK_MAX
+    old, data, chunks = make_file([MiB, MiB, MiB])
+    entry = dataclasses.replace(old, by_blocks=True)
+    fetcher, src = reader(cache, chunks)
+    src.peekable = True
+    (h0, _), (h1, _), (h2, _) = entry.chunks
+
+    async def main():
+        assert bytes(await fetcher.span(entry, 5000, 9096)) == data[5000:9096]
+        assert src.peeks == [(h0, 5000, 9096)] and src.loads == []
+        assert bytes(await fetcher.span(entry, MiB + 10, MiB + 10 + PEEK_MAX + 1)) == \
+            data[MiB + 10:MiB + 10 + PEEK_MAX + 1]  # too large to peek
+        assert bytes(await fetcher.span(entry, 3 * MiB - 100, 3 * MiB)) == data[-100:]
+        assert [h for h, _ in src.loads] == [h1] and src.peeks[-1] == (h2, MiB - 100, MiB)
+        assert bytes(await fetcher.span(entry, 2 * MiB - 10, 2 * MiB + 10)) == data[2 * MiB - 10:2 * MiB + 10]
+        assert [h for h, _ in src.loads] == [h1, h2]  # across two chunks: whole ones
+        assert bytes(await fetcher.span(old, 100, 200)) == data[100:200]  # no block digests
+        assert [h for h, _ in src.loads] == [h1, h2, h0] and len(src.peeks) == 2
+    trio.run(main)
+    cache.clear()
+    fetcher, src = reader(cache, chunks)  # peekable False: a chunk that cannot be read by blocks (zstd)
+    assert bytes(trio.run(fetcher.span, entry, 10, 20)) == data[10:20]
+    assert src.peeks == [(h0, 10, 20)] and src.loads == [(h0, False)]
 
 
 def test_spans_across_chunks_are_the_file_bytes(cache):

@@ -14,7 +14,7 @@ import pytest
 from modelfs.metrics import read_stats
 from modelfs.sample import layer_tensors, write_safetensors
 
-from conftest import _alive, cli, gets
+from conftest import _alive, cli, gets, ranged_gets
 
 MiB = 1 << 20
 
@@ -177,3 +177,100 @@ def test_memory_stays_bounded_on_a_large_cold_read(env, bucket, tmp_path, mounts
         done.set()
         t.join()
     assert 0 < peak[0] < 512, f"{peak[0]:.0f} MiB"
+
+
+def _chunk_at(env, bucket, index, name="m"):
+    """(id, size, file offset) of chunk ``index`` of model.safetensors."""
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/{name}").stdout)
+    chunks = next(f for f in doc["files"] if f["path"] == "model.safetensors")["chunks"]
+    return chunks[index][0], chunks[index][1], sum(n for _, n in chunks[:index])
+
+
+def test_a_small_cold_read_gets_just_its_blocks_and_the_chunk_is_cached_behind_it(
+        env, bucket, model, mounts, seaweed):
+    publish(env, bucket, model)
+    h, n, at = _chunk_at(env, bucket, 5)
+    src = (model / "model.safetensors").read_bytes()
+    off = at + n // 2 + 4321  # inside a block in the middle of the chunk
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    whole, ranged = gets(seaweed, bucket) - ranged_gets(seaweed, bucket), ranged_gets(seaweed, bucket)
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, off) == src[off:off + 4096]
+    finally:
+        os.close(fd)
+    assert read_stats(mnt).peeks >= 1  # (and the header's first bytes, for the reading order)
+    settle(seaweed, bucket)
+    assert ranged_gets(seaweed, bucket) - ranged > 0
+    assert gets(seaweed, bucket) - ranged_gets(seaweed, bucket) - whole >= 1  # the whole chunk, behind it
+    mounts.unmount(mnt)
+    again = mounts.mount(f"s3://{bucket}/reg/m")
+    before = settle(seaweed, bucket)
+    fd = os.open(again / "model.safetensors", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, off) == src[off:off + 4096]
+        o = at + n // 4 + 17  # elsewhere in the chunk
+        assert os.pread(fd, 4096, o) == src[o:o + 4096]
+    finally:
+        os.close(fd)
+    assert settle(seaweed, bucket) == before and read_stats(again).peeks == 0  # from the cache
+
+
+def test_a_damaged_block_is_eio_and_the_chunks_good_blocks_still_serve(env, bucket, model, mounts, s3):
+    from modelfs.chunking import BLOCK
+    from modelfs.codec import head_size
+
+    publish(env, bucket, model)
+    h, n, at = _chunk_at(env, bucket, 4)
+    key = f"reg/chunks/{h}"
+    blob = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    blob[head_size(n) + 10 * BLOCK + 99] ^= 0x40  # block 10's payload
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(blob))
+    src = (model / "model.safetensors").read_bytes()
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, at + 10 * BLOCK + 64)
+        assert e.value.errno == 5  # EIO: neither the block nor the whole chunk passes its check
+        good = at + 2 * BLOCK + 5
+        assert os.pread(fd, 4096, good) == src[good:good + 4096]  # block 2 is checked on its own
+    finally:
+        os.close(fd)
+    assert read_stats(mnt).peeks >= 1
+
+
+def test_a_version_published_before_block_digests_still_reads(env, bucket, registry, model, mounts, seaweed):
+    """Chunks named by BLAKE3 of their bytes, stored without digests (modelfs before
+    2026-11-24): a mount reads them whole, byte-identical, and never asks for ranges."""
+    from modelfs.chunking import DEFAULT_PARAMS, cut, plain_hash
+    from modelfs.codec import encode_parts
+    from modelfs.manifest import FileEntry, Manifest
+
+    data = (model / "model.safetensors").read_bytes()
+    chunks = []
+    for o, k in cut(data, DEFAULT_PARAMS):
+        raw = data[o:o + k]
+        h = plain_hash(raw)
+        registry.store.put(registry.chunk_key(h), b"".join(encode_parts(raw, digests=None)))
+        chunks.append((h, k))
+    entry = FileEntry(path="model.safetensors", size=len(data), mode=0o644,
+                      sha256=hashlib.sha256(data).hexdigest(), chunks=tuple(chunks))
+    m = Manifest(name="old", created="2026-11-01T00:00:00Z", files=(entry,), directories=(),
+                 chunking=DEFAULT_PARAMS.as_json(), chunk_hash="blake3")
+    registry.set_tag("old", "prod", registry.put_manifest(m))
+    mnt = mounts.mount(f"s3://{bucket}/reg/old@prod")
+    ranged = ranged_gets(seaweed, bucket)
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    try:
+        off = chunks[0][1] + 5000
+        assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    assert sha(mnt / "model.safetensors") == hashlib.sha256(data).hexdigest()
+    assert read_stats(mnt).peeks == 0 and ranged_gets(seaweed, bucket) == ranged
+    # publishing it again names its chunks by their blocks: every chunk is new to the store
+    publish(env, bucket, model, name="old")
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/old").stdout)
+    assert doc["hashes"]["chunk"] == "blake3-blocks"
+    assert not {c[0] for f in doc["files"] for c in f["chunks"]} & {h for h, _ in chunks}
