@@ -187,7 +187,7 @@ class Fetcher:
                 return views[0] if len(views) == 1 else b"".join(views)
             del views
             if attempt == 0 and e.by_blocks and len(parts) == 1 and missing and end - off <= PEEK_MAX:
-                # a small read of a chunk nobody loads yet: just the blocks it needs first
+                # a small read of a chunk not cached: just the blocks it needs first, if that pays
                 (h, n, lo, hi), = parts
                 if (buf := await self.source.peek(h, n, lo, hi)) is not None:
                     return memoryview(buf)

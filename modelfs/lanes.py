@@ -60,7 +60,7 @@ WORKER_START_SECONDS = 30.0
 PAGING_MAX = 64  # cached chunks being paged in at once (readahead windows are smaller)
 UNSEAL_AHEAD_MAX = 4  # a sealed cache's chunks being decrypted ahead of readers at once
 PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
-PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer than this gets peeks
+PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer gets peeks (and a chunk due later)
 
 
 def default_workers() -> int:
@@ -100,11 +100,12 @@ class FetchStats:
 
 class _Flight:
     __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out",
-                 "decide", "go", "result", "what", "span")
+                 "decide", "go", "result", "what", "span", "started")
 
     def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
         self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
         self.done = trio.Event()
+        self.started = time.monotonic()
         self.error: ModelfsError | None = None
         self.url: str | None = None
         self.retried = False
@@ -153,7 +154,6 @@ class Lanes:
         self._quick_deaths = 0
         self._closing = False
         self._paging: set[str] = set()  # cached chunks being read into memory
-        self._peeking: set[str] = set()  # chunks a small read fetches a few blocks of
         # chunks a worker confirmed lately: readahead need not ask again
         self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
@@ -253,15 +253,17 @@ class Lanes:
         """Bytes [lo, hi) of chunk ``h`` for a small read, fetched and verified without the
         rest of the chunk (its block digests and the blocks that hold them), then the whole
         chunk loaded behind it (what is fetched is cached). None where that cannot be
-        done or does not pay: the chunk is on its way already, cannot be read by blocks
-        (zstd; named before block digests), or whole chunks arrive fast (``_peeks_pay``);
-        the reader then waits for the whole chunk."""
-        if h in self._flights or self.config.sealed or self.registry is None or not self._peeks_pay():
+        done or does not pay: whole chunks arrive fast (``_whole_chunk_seconds``), this
+        one is on its way and due soon, or it cannot be read by blocks (zstd; named before
+        block digests); the reader then waits for the whole chunk."""
+        if self.config.sealed or self.registry is None:
             return None
-        if h in self._peeking:  # a second reader of the chunk: load it whole now
-            self.prefetch(h, size)
-            return None
-        self._peeking.add(h)
+        whole = self._whole_chunk_seconds()
+        if whole is not None and whole < PEEK_WORTH:
+            return None  # a near store: two small requests are no faster than the chunk
+        if (loading := self._flights.get(h)) is not None and \
+                (whole is None or whole - (time.monotonic() - loading.started) < PEEK_WORTH):
+            return None  # the whole chunk is on its way, and soon here
         flight = self._start(h, size, urgent=True, refetch=False, span=(lo, hi))
         try:
             await self._wait(flight)
@@ -269,17 +271,16 @@ class Lanes:
             log.debug("chunk %s, bytes %d-%d: %s", h[:16], lo, hi, e)
             return None
         finally:
-            self._peeking.discard(h)
             self.prefetch(h, size)
         return flight.buffer
 
-    def _peeks_pay(self) -> bool:
-        """Whether a peek is worth its second request: not when whole chunks arrive fast
-        (a store on this host sends 4 MiB in ~10 ms, no slower than two small requests
-        that each pay its per-object cost), but against a remote store, where a chunk
-        takes a round trip plus tens of ms of transfer. Unknown (too few fetches yet): yes."""
+    def _whole_chunk_seconds(self) -> float | None:
+        """How long a whole chunk takes to arrive lately (the median of the last fetches;
+        None: too few yet). Peeks pay against a remote store, where a chunk takes a round
+        trip plus tens of ms of transfer, not against one on this host, which sends 4 MiB
+        in ~10 ms, no slower than two small requests that each pay its per-object cost."""
         recent = list(itertools.islice(reversed(self.stats.recent_latencies), PEEK_SAMPLE))
-        return len(recent) < PEEK_SAMPLE // 4 or statistics.median(recent) >= PEEK_WORTH
+        return statistics.median(recent) if len(recent) >= PEEK_SAMPLE // 4 else None
 
     async def upload(self, fd: int, offset: int, size: int, what: str,
                      decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:

@@ -22,3 +22,11 @@ def tune(*, mmap_threshold: int, arena_max: int, trim_threshold: int | None = No
         libc.mallopt(M_ARENA_MAX, arena_max)
     except (OSError, AttributeError):
         pass
+
+
+def trim() -> None:
+    """Give freed heap memory back to the OS (``malloc_trim``). Best effort."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -34,7 +34,8 @@ signals the whole cgroup; the daemon ends us through the socket).
 
 Invariants: a chunk is written only after its id check (with ``sealed``, its
 stored, encrypted form is what is written, after the check of what it decrypts to);
-a reply is sent only after the commit; memory is bounded by ``threads`` chunk buffers.
+a reply is sent only after the commit; memory is bounded by ``threads`` chunk buffers
+(and an idle thread frees its own).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ log = logging.getLogger("modelfs.worker")
 T = TypeVar("T")
 MAX_MESSAGE = 64 << 10
 RETRY_STATUS = {429, 500, 502, 503, 504}
+IDLE_SECONDS = 10.0  # a thread without work this long frees its chunk buffer
 PEEK_JOIN = 256 << 10  # blocks this close to a chunk's start come in one GET with its digests
 
 
@@ -135,6 +137,10 @@ class HttpClient:
         """PUT the concatenation of ``parts`` (sent one after another, not joined); retried
         as ``get`` (a PUT of a chunk is idempotent: same id, same bytes)."""
         self._retried(self._put_once, url, parts)
+
+    def drop_buffer(self) -> bool:
+        """Free this thread's buffer (an idle thread); True if it held one."""
+        return self.local.__dict__.pop("buf", None) is not None
 
     def buffer(self, n: int) -> memoryview:
         """``n`` bytes of this thread's buffer (what ``get`` returns its body in)."""
@@ -275,7 +281,12 @@ class Worker:
     def _work(self) -> None:
         lock = FetchLock(self.cache) if self.cache is not None else None
         while True:
-            _, _, req = self.jobs.get()
+            try:
+                _, _, req = self.jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:  # idle: hand the chunk buffer back (a mount may idle for days)
+                if self.http.drop_buffer():
+                    malloc.trim()
+                continue
             if req is None:
                 return
             if self.closed and ("at" in req or "lo" in req):  # nobody waits for it any more: drop it
