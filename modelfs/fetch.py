@@ -37,7 +37,8 @@ from .manifest import FileEntry
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-PEEK_MAX = 256 << 10  # reads up to this size of a chunk not yet loading fetch just their blocks first
+PEEK_MAX = 256 << 10  # reads up to this size of a chunk not cached may fetch just their blocks first
+PEEK_MIN_CHUNK = 1 << 20  # … in chunks at least this large (a small file's chunk: whole at once)
 
 
 class ChunkSource(Protocol):
@@ -186,7 +187,8 @@ class Fetcher:
                 self.stats.memory_hits += len(views)
                 return views[0] if len(views) == 1 else b"".join(views)
             del views
-            if attempt == 0 and e.by_blocks and len(parts) == 1 and missing and end - off <= PEEK_MAX:
+            if attempt == 0 and e.by_blocks and len(parts) == 1 and missing and end - off <= PEEK_MAX \
+                    and parts[0][1] >= PEEK_MIN_CHUNK:
                 # a small read of a chunk not cached: just the blocks it needs first, if that pays
                 (h, n, lo, hi), = parts
                 if (buf := await self.source.peek(h, n, lo, hi)) is not None:

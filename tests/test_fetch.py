@@ -121,6 +121,11 @@ def test_a_small_read_of_a_chunk_nobody_loads_gets_just_its_blocks(cache):
     fetcher, src = reader(cache, chunks)  # peekable False: a chunk that cannot be read by blocks (zstd)
     assert bytes(trio.run(fetcher.span, entry, 10, 20)) == data[10:20]
     assert src.peeks == [(h0, 10, 20)] and src.loads == [(h0, False)]
+    small, tiny, chunks = make_file([100_000])  # a small file's one chunk: whole at once
+    fetcher, src = reader(cache, chunks)
+    src.peekable = True
+    assert bytes(trio.run(fetcher.span, dataclasses.replace(small, by_blocks=True), 10, 20)) == tiny[10:20]
+    assert src.peeks == [] and len(src.loads) == 1
 
 
 def test_spans_across_chunks_are_the_file_bytes(cache):
