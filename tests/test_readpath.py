@@ -242,7 +242,7 @@ def test_a_damaged_block_is_eio_and_the_chunks_good_blocks_still_serve(env, buck
 
 def test_a_version_published_before_block_digests_still_reads(env, bucket, registry, model, mounts, seaweed):
     """Chunks named by BLAKE3 of their bytes, stored without digests (modelfs before
-    2026-11-24): a mount reads them whole, byte-identical, and never asks for ranges."""
+    2026-11-23): a mount reads them whole, byte-identical, and never asks for ranges."""
     from modelfs.chunking import DEFAULT_PARAMS, cut, plain_hash
     from modelfs.codec import encode_parts
     from modelfs.manifest import FileEntry, Manifest
