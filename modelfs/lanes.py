@@ -337,6 +337,8 @@ class Lanes:
             return
         if self.config.sealed and h in self._plain:
             return
+        if not self.config.sealed and h in self._confirmed:
+            return  # a worker wrote or re-checked it moments ago: its pages are in memory
         self._paging.add(h)
         assert self._nursery is not None, "Lanes.run() is not running"
         self._nursery.start_soon(self._page_in, h, size)
