@@ -81,6 +81,6 @@ def plain_hash(data: bytes | memoryview) -> str:
 
 
 def id_matches(data: bytes | memoryview, h: str) -> bool:
-    """Whether ``data`` is the chunk named ``h`` under either plain naming (for cache
-    entries, whose stored form no longer says which)."""
+    """Whether ``data`` is the chunk named ``h`` by its blocks or by its bytes (for cache
+    entries, which hold raw bytes and do not say which naming they were fetched under)."""
     return chunk_hash(data) == h or plain_hash(data) == h

@@ -173,7 +173,8 @@ def _header(blob: bytes | bytearray | memoryview, h: str, expected_size: int) ->
 class ChunkCodec:
     """How one registry names and stores its chunks: plain (ids from the BLAKE3 digests
     of their blocks, which the stored chunk carries; raw or zstd), or encrypted under a
-    registry key (keyed BLAKE3 ids, AES-256-GCM around the plain form). Publish, pull, prefetch and the fetch workers all go through one of these.
+    registry key (keyed BLAKE3 ids, AES-256-GCM around the plain form). Publish, pull,
+    prefetch and the fetch workers all go through one of these.
 
     Invariant: with a key, only encrypted chunks are accepted (a plain object under a
     keyed id was written by someone without the key)."""

@@ -74,12 +74,12 @@ class ChunkSource(Protocol):
 class Fetcher:
     """Chunk bytes for readers: ``span`` of a file, from the cache, loading what is missing.
 
-    Invariants: every byte returned was BLAKE3-verified (by a worker: the whole chunk,
-    or for a small cold read only the blocks it needs, against the chunk's block digests)
-    and, when read from the cache, checked against the block sums taken then; a damaged entry is
-    refetched once, then EIO. A read always makes progress, however small the cache:
-    a chunk evicted between its load and the read is loaded again *pinned* (its
-    bytes handed to this reader in memory).
+    Invariants: every byte returned was verified against its chunk's id by a worker
+    (the whole chunk, or for a small cold read the blocks it needs, against the chunk's
+    block digests) and, when read from the cache, checked against the block sums taken
+    then; a damaged entry is refetched once, then EIO. A read always makes progress,
+    however small the cache: a chunk evicted between its load and the read is loaded
+    again *pinned* (its bytes handed to this reader in memory).
     """
 
     def __init__(self, view: CacheView, source: ChunkSource, *, readahead_bytes: int = 64 * MiB,

@@ -19,7 +19,8 @@ once it is written (``modelfs pull``; a worker started with no cache serves only
 these). A request with ``lo`` and ``hi`` is a peek: the worker GETs chunk ``h``'s block
 digests and the blocks that hold bytes [lo, hi) (ranged GETs), checks them against the id,
 and answers with those bytes as a memfd (``spill``), or ``{"none": true}`` when the
-chunk cannot be read by blocks; nothing is cached. A request with ``up`` carries the descriptor of a file being published: the
+chunk cannot be read by blocks; nothing is cached. A request with ``up`` carries the
+descriptor of a file being published: the
 worker reads ``n`` bytes at ``at``, asks ``{"id", "h"}`` (the chunk's id, from those
 bytes), and the daemon answers ``{"id", "go", "skip" | "head", "put", "compress"}``;
 the final reply is ``{"id", "ok", "h", "uploaded", "stored"}`` (``modelfs publish``).
@@ -125,8 +126,9 @@ class HttpClient:
 
     def get(self, url: str, limit: int, span: tuple[int, int] | None = None) -> memoryview:
         """The body (at most ``limit`` bytes; with ``span``, of bytes [start, end) of the
-        object: fewer where it is shorter), retried on connection errors, 5xx and throttling: a view of
-        this thread's buffer, valid until the thread's next ``get`` or ``buffer``."""
+        object: fewer where it is shorter), retried on connection errors, 5xx and
+        throttling: a view of this thread's buffer, valid until the thread's next ``get``
+        or ``buffer``."""
         return self._retried(self._get_once, url, limit, span)
 
     def exists(self, url: str) -> bool:
