@@ -450,3 +450,27 @@ def test_lanes_unseal_decrypts_once_for_concurrent_readers_and_refuses_damage(ca
         with pytest.raises(IntegrityError, match="does not decrypt"):
             await lanes.unseal(h, len(raw))
     trio.run(main)
+
+
+def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
+    """``Lanes.peek`` declines (the reader loads the whole chunk) when the last fetches
+    say whole chunks arrive fast, or when the chunk is already loading and due soon."""
+    import time
+
+    reg = Registry(Store("b", StoreConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1")),
+                   RegistryRef("b", "reg"))
+    cache = BlockCache(tmp_path / "c", 1 << 30)
+    lanes = Lanes(reg, cache)
+    try:
+        assert lanes._whole_chunk_seconds() is None  # nothing known yet: peeks would be made
+        lanes.stats.recent_latencies.extend([0.010] * 32)  # a store on this host
+        assert trio.run(lanes.peek, "a" * 64, 4 * MiB, 0, 4096) is None and lanes.in_flight == 0
+        lanes.stats.recent_latencies.extend([0.080] * 32)  # a far one
+        assert lanes._whole_chunk_seconds() == 0.080
+        from modelfs.lanes import _Flight
+        due = _Flight("b" * 64, 4 * MiB, urgent=False, refetch=False)
+        due.started = time.monotonic() - 0.070  # due in ~10 ms: wait for it
+        lanes._flights[due.h] = due
+        assert trio.run(lanes.peek, due.h, 4 * MiB, 0, 4096) is None  # (a peek would need run())
+    finally:
+        cache.close()
