@@ -464,13 +464,14 @@ def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
     try:
         assert lanes._whole_chunk_seconds() is None  # nothing known yet: peeks would be made
         lanes.stats.recent_latencies.extend([0.010] * 32)  # a store on this host
-        assert trio.run(lanes.peek, "a" * 64, 4 * MiB, 0, 4096) is None and lanes.in_flight == 0
+        assert trio.run(lanes.peek, "a" * 64, 4 * MiB, 0, 4096) is None
+        assert lanes.in_flight == 0 and lanes.stats.errors == 0  # nothing was even tried
         lanes.stats.recent_latencies.extend([0.080] * 32)  # a far one
         assert lanes._whole_chunk_seconds() == 0.080
         from modelfs.lanes import _Flight
         due = _Flight("b" * 64, 4 * MiB, urgent=False, refetch=False)
         due.started = time.monotonic() - 0.070  # due in ~10 ms: wait for it
         lanes._flights[due.h] = due
-        assert trio.run(lanes.peek, due.h, 4 * MiB, 0, 4096) is None  # (a peek would need run())
+        assert trio.run(lanes.peek, due.h, 4 * MiB, 0, 4096) is None and lanes.stats.errors == 0
     finally:
         cache.close()
