@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -66,7 +67,7 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
         blob = getter.get(url, 64 << 20)
         if kind == "get":
             return
-        raw = codec.decode(blob, h, HEADER.unpack_from(blob)[2])
+        raw = codec.decode(blob, h, HEADER.unpack_from(blob)[-1])  # the raw size: the header's last field
         if cache is not None:
             cache.write([(h, raw)])
 
@@ -75,6 +76,18 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
         cpu = time.process_time()
         list(ex.map(one, objs))
     out.put(time.process_time() - cpu)
+
+
+def _result(out, ps, kind: str) -> float:
+    """One stage process's CPU seconds; RuntimeError as soon as one of them failed."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=1)
+        except queue.Empty:
+            if any(p.exitcode for p in ps):
+                raise RuntimeError(f"stage {kind}: a process failed") from None
+    raise RuntimeError(f"stage {kind}: no result within 600 s")
 
 
 def stage(kind: str, cache_dir: Path, objs: list[tuple[str, str]], store_pid: int,
@@ -92,7 +105,7 @@ def stage(kind: str, cache_dir: Path, objs: list[tuple[str, str]], store_pid: in
     drop_caches()
     start.wait()
     t, s0 = time.perf_counter(), proc_cpu_seconds(store_pid)
-    cpu = sum(out.get(timeout=600) for _ in ps)
+    cpu = sum(_result(out, ps, kind) for _ in ps)
     secs, store = time.perf_counter() - t, proc_cpu_seconds(store_pid) - s0
     for p in ps:
         p.join()

@@ -93,6 +93,7 @@ class Fetcher:
         self._orders: dict[tuple[str, int], ReadOrder | None] = {}  # learned (None: the file has none)
         self._learning: set[tuple[str, int]] = set()
         self._nursery: trio.Nursery | None = None
+        self._join = bytearray()  # reads that span chunks are joined here (see _joined)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Learn files' reading orders in the background until cancelled (see ``read_order``)."""
@@ -150,7 +151,8 @@ class Fetcher:
             self.source.prefetch(h, n)
 
     async def span(self, e: FileEntry, off: int, end: int) -> memoryview | bytes:
-        """Bytes [off, end) of file ``e`` (0 < end - off; end ≤ size)."""
+        """Bytes [off, end) of file ``e`` (0 < end - off; end ≤ size): valid until the
+        caller's next await (a view into the cache's map or the reused reply buffer)."""
         if self.sealed:
             return await self._sealed_span(e, off, end)
         first, last = e.chunk_index(off), e.chunk_index(end - 1)
@@ -185,7 +187,7 @@ class Fetcher:
                     views.append(v)
             if not missing and not damaged:
                 self.stats.memory_hits += len(views)
-                return views[0] if len(views) == 1 else b"".join(views)
+                return views[0] if len(views) == 1 else self._joined(views)
             del views
             if attempt == 0 and e.by_blocks and len(parts) == 1 and missing and end - off <= PEEK_MAX \
                     and parts[0][1] >= PEEK_MIN_CHUNK:
@@ -211,7 +213,25 @@ class Fetcher:
             raw = await self._unsealed(e, h, n)
             views.append(memoryview(raw)[max(off, start) - start:min(end, start + n) - start])
         self.stats.memory_hits += len(views)
-        return views[0] if len(views) == 1 else b"".join(views)
+        return views[0] if len(views) == 1 else self._joined(views)
+
+    def _joined(self, views: list[memoryview]) -> memoryview:
+        """``views`` one after another in one reply buffer, the same for every read.
+
+        Reusing it is safe: a read's reply goes to the kernel before any other task runs
+        (see :class:`~modelfs.cache.CacheView`), and callers that keep bytes copy them
+        first. A fresh 1 MiB ``bytes`` per read that spans two chunks (a quarter of a
+        sequential reader's) cost an mmap, 256 zero-filled page faults and a munmap each."""
+        n = sum(len(v) for v in views)
+        if n > MiB:  # larger than any kernel read (a file header being learned): not kept
+            return memoryview(b"".join(views))
+        if len(self._join) < n:
+            self._join = bytearray(MiB)
+        out, at = memoryview(self._join)[:n], 0
+        for v in views:
+            out[at:at + len(v)] = v
+            at += len(v)
+        return out
 
     async def _unsealed(self, e: FileEntry, h: str, n: int) -> bytes | memoryview | mmap.mmap:
         for attempt in range(3):

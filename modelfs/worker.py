@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import json
 import logging
@@ -509,7 +510,9 @@ def main() -> None:
     _bound_malloc()
     cfg = WorkerConfig(**json.loads(sys.argv[1]))
     sock = socket.socket(fileno=int(sys.argv[2]))
-    Worker(cfg, sock).run()
+    worker = Worker(cfg, sock)
+    gc.freeze()  # imports stay: full collections need not walk them (as the daemon does)
+    worker.run()
 
 
 if __name__ == "__main__":
