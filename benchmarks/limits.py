@@ -28,6 +28,7 @@ this machine's cores allow: ``cores / (floor + store + reader)``.
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import os
 import queue
@@ -59,6 +60,7 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
     from modelfs.codec import HEADER, ChunkCodec
     from modelfs.worker import HttpClient, WorkerConfig, _bound_malloc
     _bound_malloc()
+    gc.freeze()  # as a worker does once started
     getter, codec = HttpClient(WorkerConfig(cache_dir=cache_dir, cache_cap=0)), ChunkCodec(None)
     cache = BlockCache(Path(cache_dir), 64 << 30) if kind == "write" else None
 
