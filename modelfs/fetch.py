@@ -49,7 +49,8 @@ class ChunkSource(Protocol):
     generation: int  # bumped whenever a chunk becomes servable
 
     async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | mmap.mmap | None:
-        """Return once chunk ``h`` is in the cache; raise ModelfsError if it cannot be.
+        """Return once chunk ``h`` is servable — in the cache, or held verified in memory
+        (``spilled``) while it is being written there; raise ModelfsError if it cannot be.
         With ``pin``, return the chunk's verified bytes too (they may be evicted at once)."""
 
     async def peek(self, h: str, size: int, lo: int, hi: int) -> bytes | mmap.mmap | None:
@@ -64,7 +65,8 @@ class ChunkSource(Protocol):
         """Start reading cached chunk ``h`` from disk into memory for a reader that will want it soon."""
 
     def spilled(self, h: str) -> bytes | mmap.mmap | None:
-        """Verified bytes of ``h`` that the cache could not store (a full disk), if held."""
+        """Verified bytes of ``h`` held in memory, if any: a chunk the cache could not store
+        (a full disk), or one being written there that a reader waits for."""
 
     async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
         """A sealed cache's chunk ``h``, decrypted and authenticated (kept in memory a

@@ -17,9 +17,14 @@ does the same. A reader that gives up (timeout) does not cancel the load for
 the others. A worker that dies is replaced; what it held is sent once more to a
 live worker, and fails (EIO for the reader) if that one dies too.
 
+A load that a reader waits on (``load``, not ``prefetch``) hands the reader the
+chunk as soon as a worker verified it, mapped from the worker's memfd, while the
+worker commits it; the reader does not wait for the LMDB write.
+
 Invariants: at most ``concurrency`` chunk buffers exist in all workers together
 (their threads); this process holds chunk bytes only for chunks the cache could
-not store (a full disk), mapped from the workers' memfds, at most ``spill_bytes``.
+not store (a full disk) or that are being committed for a waiting reader, mapped
+from the workers' memfds, at most ``spill_bytes``.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class FetchStats:
 
 class _Flight:
     __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out",
-                 "decide", "go", "result", "what", "span", "started")
+                 "decide", "go", "result", "what", "span", "started", "early", "ready")
 
     def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
         self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
@@ -117,6 +122,8 @@ class _Flight:
         self.result: dict[str, Any] | None = None  # the worker's final reply (uploads, deliveries)
         self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at byte 0")
         self.span: tuple[int, int] | None = None  # a peek: just bytes [lo, hi) of the chunk
+        self.early = False  # a load a reader waits on: the chunk handed over before its commit
+        self.ready = trio.Event()  # done, or the chunk's verified bytes are here (in _spilled)
 
 
 @dataclass(eq=False)
@@ -229,15 +236,17 @@ class Lanes:
 
     # -- chunks ---------------------------------------------------------------------
     async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> mmap.mmap | None:
-        """Return once chunk ``h`` is verified in the cache; ModelfsError if it cannot be.
+        """Return once chunk ``h`` is servable: verified in the cache, or — for a load that
+        a reader started — verified and handed over (``spilled(h)``) while the worker
+        commits it; ModelfsError if it cannot be.
 
         With ``pin``, also return the chunk's bytes (a read-only map of a worker's memfd):
         for a reader that found its chunk evicted right after an earlier load.
         """
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
-            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin)
-        await self._wait(flight)
+            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin, early=not pin)
+        await self._wait(flight, flight.ready)
         return flight.buffer
 
     async def deliver(self, h: str, size: int, fd: int, offset: int) -> bool:
@@ -312,12 +321,13 @@ class Lanes:
         except OSError:
             pass  # the worker is gone: _receive sees it and re-sends the upload
 
-    async def _wait(self, flight: _Flight) -> None:
-        """Until ``flight`` is done (its error raised) or ``fetch_timeout`` passed (the
-        flight goes on for whoever else waits for it)."""
+    async def _wait(self, flight: _Flight, until: trio.Event | None = None) -> None:
+        """Until ``flight`` is done (or ``until`` is set; its error raised) or ``fetch_timeout``
+        passed (the flight goes on for whoever else waits for it)."""
+        until = flight.done if until is None else until
         with trio.move_on_after(self.config.fetch_timeout):
-            await flight.done.wait()
-        if not flight.done.is_set():
+            await until.wait()
+        if not until.is_set():
             self.stats.errors += 1
             what = f"{flight.what}: not uploaded" if flight.what else f"chunk {flight.h} not fetched"
             raise StoreUnavailableError(f"{what} within {self.config.fetch_timeout:g} s")
@@ -353,11 +363,13 @@ class Lanes:
             self._paging.discard(h)
 
     def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False,
-               out: tuple[int, int] | None = None, span: tuple[int, int] | None = None) -> _Flight:
+               out: tuple[int, int] | None = None, span: tuple[int, int] | None = None,
+               early: bool = False) -> _Flight:
         flight = _Flight(h, size, urgent, refetch, pin)
         if out is None and span is None:  # a load: one per chunk (a delivery or a peek is its own)
             self._flights[h] = flight
         flight.out, flight.span = out, span
+        flight.early = early and not self.config.sealed
         try:
             if self.registry is not None:
                 flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
@@ -384,6 +396,8 @@ class Lanes:
                    "refetch": flight.refetch, "pin": flight.pin}
             if flight.span is not None:
                 msg["lo"], msg["hi"] = flight.span
+            if flight.early:
+                msg["early"] = True
         try:
             if flight.out is None:
                 await p.sock.send(json.dumps(msg).encode())
@@ -411,7 +425,8 @@ class Lanes:
                 if (asking := p.pending.get(reply["id"])) is not None:
                     await self._answer(p, reply["id"], asking, reply["h"])
                 continue
-            flight = p.pending.pop(reply["id"], None)
+            early = reply.get("early")  # a waiting reader's bytes, ahead of the commit: the flight goes on
+            flight = p.pending.get(reply["id"]) if early else p.pending.pop(reply["id"], None)
             for level, kind, fds in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fd = int.from_bytes(fds[:4], sys.byteorder)
@@ -421,9 +436,13 @@ class Lanes:
                             flight.buffer = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
                             if flight.span is None:
                                 self._spilled[flight.h] = flight.buffer
+                            if early:  # not the reader's buffer: theirs are in the cache's map, soon
+                                flight.buffer = None
                     finally:
                         os.close(fd)
-            if flight is not None:
+            if flight is not None and early:
+                flight.ready.set()
+            elif flight is not None:
                 self._on_reply(flight, reply)
         await self._on_death(p)
 
@@ -452,6 +471,8 @@ class Lanes:
             if flight.out is None:
                 self._confirmed[flight.h] = True
                 self.generation += 1
+                if flight.early and not r.get("spill"):  # committed: readers find it in the cache now
+                    self._spilled.pop(flight.h, None)
             self._finish(flight, None)
             if self.config.sealed and not flight.urgent:
                 self.page_in(flight.h, flight.size)  # decrypt it ahead of its reader
@@ -487,6 +508,7 @@ class Lanes:
         if self._flights.get(flight.h) is flight:
             del self._flights[flight.h]
         flight.done.set()
+        flight.ready.set()
 
     async def _on_death(self, p: _Proc) -> None:
         p.dead = True

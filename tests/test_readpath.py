@@ -274,3 +274,35 @@ def test_a_version_published_before_block_digests_still_reads(env, bucket, regis
     doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/old").stdout)
     assert doc["hashes"]["chunk"] == "blake3-blocks"
     assert not {c[0] for f in doc["files"] for c in f["chunks"]} & {h for h, _ in chunks}
+
+
+def test_a_cold_read_does_not_wait_for_the_cache_write(env, bucket, model, mounts):
+    """A reader waits for its chunk's GET and id check, not for the LMDB commit: with the
+    cache's one write lock held by another process, a cold read of a chunk still returns
+    its bytes; the chunk lands in the cache once the lock is free (fetched is cached)."""
+    from modelfs.cache import BlockCache
+
+    publish(env, bucket, model)
+    h, n, at = _chunk_at(env, bucket, 6)
+    off, size = (at // 4096 + 2) * 4096, 512 * 1024  # within the chunk, whole pages; larger than a peek
+    assert off + 2 * MiB <= at + n  # the kernel asks for up to 1 MiB more (readahead): all in this chunk
+    src = (model / "model.safetensors").read_bytes()
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    fd = os.open(mnt / "model.safetensors", os.O_RDONLY)
+    cache = BlockCache(mounts.cache_dir, 1 << 30)
+    ex = ThreadPoolExecutor(1)
+    try:
+        txn = cache.env.begin(write=True)  # LMDB's writer lock, shared by every process
+        try:
+            got = ex.submit(os.pread, fd, size, off)
+            assert got.result(timeout=30) == src[off:off + size]
+        finally:
+            txn.abort()  # before waiting for the reader's thread: it may be stuck on this lock
+            ex.shutdown()
+        deadline = time.monotonic() + 30
+        while not cache.has(h):
+            assert time.monotonic() < deadline, "the chunk never reached the cache"
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+        cache.close()
