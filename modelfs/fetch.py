@@ -48,10 +48,12 @@ class ChunkSource(Protocol):
     stats: FetchStats
     generation: int  # bumped whenever a chunk becomes servable
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | mmap.mmap | None:
-        """Return once chunk ``h`` is servable — in the cache, or held verified in memory
-        (``spilled``) while it is being written there; raise ModelfsError if it cannot be.
-        With ``pin``, return the chunk's verified bytes too (they may be evicted at once)."""
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+                   early: bool = False) -> bytes | mmap.mmap | None:
+        """Return once chunk ``h`` is in the cache; raise ModelfsError if it cannot be.
+        With ``pin``, return the chunk's verified bytes too (they may be evicted at once).
+        With ``early`` (a reader waits), it may return as soon as the chunk is held
+        verified in memory (``spilled``), before it is in the cache."""
 
     async def peek(self, h: str, size: int, lo: int, hi: int) -> bytes | mmap.mmap | None:
         """Bytes [lo, hi) of chunk ``h``, verified on their own, for a small read (the whole
@@ -198,10 +200,10 @@ class Fetcher:
                 if (buf := await self.source.peek(h, n, lo, hi)) is not None:
                     return memoryview(buf)
             for h, n in missing:
-                if (buf := await self.source.load(h, n, pin=attempt > 0)) is not None:
+                if (buf := await self.source.load(h, n, pin=attempt > 0, early=True)) is not None:
                     pinned[h] = buf
             for h, n in damaged:
-                if (buf := await self.source.load(h, n, refetch=True, pin=attempt > 0)) is not None:
+                if (buf := await self.source.load(h, n, refetch=True, pin=attempt > 0, early=True)) is not None:
                     pinned[h] = buf
         raise IntegrityError(f"{e.path}@{off}: chunks still missing or damaged after refetching")
 

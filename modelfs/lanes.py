@@ -235,9 +235,10 @@ class Lanes:
         return len(self._flights)
 
     # -- chunks ---------------------------------------------------------------------
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> mmap.mmap | None:
-        """Return once chunk ``h`` is servable: verified in the cache, or — for a load that
-        a reader started — verified and handed over (``spilled(h)``) while the worker
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+                   early: bool = False) -> mmap.mmap | None:
+        """Return once chunk ``h`` is verified in the cache, or with ``early`` (a reader
+        waits) once it is verified and handed over (``spilled(h)``) while a worker
         commits it; ModelfsError if it cannot be.
 
         With ``pin``, also return the chunk's bytes (a read-only map of a worker's memfd):
@@ -245,8 +246,8 @@ class Lanes:
         """
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
-            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin, early=not pin)
-        await self._wait(flight, flight.ready)
+            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin, early=early and not pin)
+        await self._wait(flight, flight.ready if early else flight.done)
         return flight.buffer
 
     async def deliver(self, h: str, size: int, fd: int, offset: int) -> bool:
@@ -441,6 +442,7 @@ class Lanes:
                     finally:
                         os.close(fd)
             if flight is not None and early:
+                self.generation += 1  # servable now (and a refetch's old entry is gone): views renew
                 flight.ready.set()
             elif flight is not None:
                 self._on_reply(flight, reply)

@@ -42,7 +42,8 @@ class FakeSource:
         self.peeks: list[tuple[str, int, int]] = []
         self.peekable = False
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | None:
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+                   early: bool = False) -> bytes | None:
         self.loads.append((h, refetch))
         await trio.sleep(0)
         if h in self.failing:
@@ -357,7 +358,8 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
 class HeaderStuckSource(FakeSource):
     """The header's chunk (the file's first) never arrives."""
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | None:
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+                   early: bool = False) -> bytes | None:
         if h == self.stuck:
             await trio.sleep_forever()
         return await super().load(h, size, refetch=refetch, pin=pin)
@@ -395,7 +397,8 @@ def test_read_order_from_a_hostile_header_is_none():
 class EvictingSource(FakeSource):
     """A cache too small for its readers: every chunk is evicted as soon as it lands."""
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False) -> bytes | None:
+    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+                   early: bool = False) -> bytes | None:
         self.loads.append((h, pin))
         await trio.sleep(0)
         if pin:
