@@ -434,11 +434,11 @@ class Lanes:
                     try:
                         if flight is not None and reply.get("spill"):
                             lo, hi = flight.span or (0, flight.size)
-                            flight.buffer = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
+                            buf = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
                             if flight.span is None:
-                                self._spilled[flight.h] = flight.buffer
-                            if early:  # not the reader's buffer: theirs are in the cache's map, soon
-                                flight.buffer = None
+                                self._spilled[flight.h] = buf
+                            if not early:  # an early one is for readers to find in _spilled
+                                flight.buffer = buf
                     finally:
                         os.close(fd)
             if flight is not None and early:
