@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
-from modelfs.chunking import ChunkParams, MiB, chunk_hash, cut  # noqa: E402
+from modelfs.format.chunking import ChunkParams, MiB, chunk_hash, cut  # noqa: E402
 
 SETTINGS = [(256 << 10, 1 * MiB, 4 * MiB), (512 << 10, 2 * MiB, 8 * MiB),
             (1 * MiB, 4 * MiB, 8 * MiB), (1 * MiB, 4 * MiB, 16 * MiB), (2 * MiB, 8 * MiB, 32 * MiB)]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import boto3
 
-from modelfs.devserver import SeaweedServer
-from modelfs.sample import layer_tensors, write_safetensors
+from modelfs.dev.devserver import SeaweedServer
+from modelfs.dev.sample import layer_tensors, write_safetensors
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 1 << 20

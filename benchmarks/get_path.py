@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import boto3, urllib3, botocore.config
-from modelfs.devserver import SeaweedServer
+from modelfs.dev.devserver import SeaweedServer
 
 N, SIZE = 96, 4 << 20
 with tempfile.TemporaryDirectory() as tmp, SeaweedServer(Path(tmp) / "s3") as srv:

@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import client, drop_caches, machine, new_bucket, proc_cpu_seconds, seq_read  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer  # noqa: E402
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 1 << 20

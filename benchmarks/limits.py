@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import MiB, client, drop_caches, machine, new_bucket, proc_cpu_seconds, seq_read  # noqa: E402
 from suite import BIG, Target, make_targets  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.mountpoint import set_kernel_readahead  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer  # noqa: E402
+from modelfs.mount.mountpoint import set_kernel_readahead  # noqa: E402
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
 HERE = Path(__file__).parent
 STAGES = ("get", "verify", "write")
@@ -57,8 +57,8 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
     """One fetch-worker-like process: ``threads`` threads doing ``kind`` over ``objs``
     once every process is ready (``start``); puts its CPU seconds for the work in ``out``."""
     from modelfs.cache import BlockCache
-    from modelfs.codec import HEADER, ChunkCodec
-    from modelfs.worker import HttpClient, WorkerConfig, _bound_malloc
+    from modelfs.format.codec import HEADER, ChunkCodec
+    from modelfs.transfer.worker import HttpClient, WorkerConfig, _bound_malloc
     _bound_malloc()
     gc.freeze()  # as a worker does once started
     getter, codec = HttpClient(WorkerConfig(cache_dir=cache_dir, cache_cap=0)), ChunkCodec(None)

@@ -22,7 +22,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from modelfs.manifest import loads
+from modelfs.format.manifest import loads
 
 RAM = 64 << 20
 NAME = b"model.safetensors"

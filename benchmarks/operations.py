@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MiB, client, drop_caches, machine, median, new_bucket, save  # noqa: E402
 
-from modelfs.devserver import SeaweedServer, free_ports  # noqa: E402
-from modelfs.sample import make_model  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer, free_ports  # noqa: E402
+from modelfs.dev.sample import make_model  # noqa: E402
 
 
 def modelfs(env, *args: str) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import _children, client, drop_caches, new_bucket, seq_read  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer  # noqa: E402
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

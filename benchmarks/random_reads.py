@@ -34,8 +34,8 @@ from common import client, drop_caches, machine, new_bucket, percentile  # noqa:
 from suite import BIG, Target, first_4k_ms, make_targets, preads_ms  # noqa: E402
 from wan import FarStore  # noqa: E402
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer  # noqa: E402
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
 QS = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 

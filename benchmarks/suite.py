@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (MiB, PrivateMemory, client, drop_caches, load_safetensors_s, machine,  # noqa: E402
                     median, new_bucket, percentile, proc_cpu_seconds, proc_peak_rss_mib, seq_read)
 
-from modelfs.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer  # noqa: E402
-from modelfs.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.dev.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer  # noqa: E402
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
 BIG = "model.safetensors"
 SMALL = "small"

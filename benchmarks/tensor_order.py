@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (MiB, client, drop_caches, load_safetensors_s, machine, median, new_bucket,  # noqa: E402
                     proc_cpu_seconds)
 
-from modelfs.devserver import SeaweedServer  # noqa: E402
-from modelfs.sample import write_safetensors  # noqa: E402
+from modelfs.dev.devserver import SeaweedServer  # noqa: E402
+from modelfs.dev.sample import write_safetensors  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from modelfs.devserver import SeaweedServer
+from modelfs.dev.devserver import SeaweedServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from proxy import StallProxy  # noqa: E402

@@ -54,9 +54,9 @@ import fcntl
 import lmdb
 import xxhash
 
-from .chunking import id_matches
+from .format.chunking import id_matches
 from .errors import UsageError
-from .manifest import version_id_of
+from .format.manifest import version_id_of
 
 log = logging.getLogger(__name__)
 

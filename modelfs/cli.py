@@ -19,12 +19,12 @@ import click
 from . import __version__, logs
 from .config import DEFAULTS, KEYS, LOG_LEVELS, StoreConfig
 from .errors import ModelfsError, UsageError
-from .manifest import Manifest
+from .format.manifest import Manifest
 from .progress import Progress
-from .refs import RegistryRef, parse_model, parse_registry
+from .format.refs import RegistryRef, parse_model, parse_registry
 from .cache import BlockCache
-from .catalog import Catalog
-from .registry import Registry, open_registry, origin_registry, read_manifest_file
+from .registry.catalog import Catalog
+from .registry.layout import Registry, open_registry, origin_registry, read_manifest_file
 from .units import count, fmt_bytes
 
 
@@ -114,7 +114,7 @@ def _sign_key_option(what: str, *, required: bool = False):
 
 def _key(ctx: click.Context):
     """The registry key the command was given, if any (loaded once)."""
-    from .encryption import RegistryKey
+    from .format.encryption import RegistryKey
 
     if "encryption_key" not in ctx.obj:
         path = ctx.obj.get("encryption_key_file")
@@ -132,7 +132,7 @@ def _origin(ctx: click.Context, m: Manifest, registry_url: str | None) -> Regist
 
 def _trust(ctx: click.Context):
     """The trusted public keys the command was given, if any (loaded once)."""
-    from .trust import TrustedKeys
+    from .format.trust import TrustedKeys
 
     if "trust" not in ctx.obj:
         paths = ctx.obj.get("trusted_keys")
@@ -180,8 +180,8 @@ def _resolve(ctx: click.Context, ref: str, registry_url: str | None = None, *, n
 def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet,
             sign_key: Path | None):
     """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX)."""
-    from .publish import Publisher, scan
-    from .trust import SigningKey
+    from .ops.publish import Publisher, scan
+    from .format.trust import SigningKey
 
     signer = SigningKey(sign_key) if sign_key is not None else None  # a bad key fails before any upload
 
@@ -225,7 +225,7 @@ def keygen(path: Path):
     Publish with --encryption-key PATH to an empty prefix and it becomes an encrypted
     registry: chunks, manifests and tags are encrypted before upload. Every reader
     needs the same file; a lost key cannot be recovered."""
-    from .encryption import RegistryKey
+    from .format.encryption import RegistryKey
 
     key = RegistryKey.generate()
     key.save(path)
@@ -243,7 +243,7 @@ def sign(ctx, ref: str, sign_key: Path):
     The signature (an OpenSSF model signing bundle over its files' SHA-256) is stored
     beside the manifest; mounts show it as model.sig and pull writes it, so
     `model_signing verify` works on either. Tags are signed by `modelfs tag --sign-key`."""
-    from .trust import SigningKey, signed_files
+    from .format.trust import SigningKey, signed_files
 
     signer = SigningKey(sign_key)
     mref = parse_model(ref)
@@ -345,7 +345,7 @@ def _summary(d: dict) -> str:
 @click.pass_context
 def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, limit: int):
     """What changed from version OLD to NEW (refs or manifest files): files, tensors, bytes to fetch."""
-    from .diff import diff
+    from .describe.diff import diff
 
     sides = []
     for ref in (old, new):
@@ -406,7 +406,7 @@ def tag(ctx, ref: str, tag: str, sign_key: Path | None):
 
     With --sign-key the tag record is signed, and its sequence (which goes up with
     every move) lets hosts that trust the key refuse an older record put back."""
-    from .trust import SigningKey
+    from .format.trust import SigningKey
 
     signer = SigningKey(sign_key) if sign_key is not None else None
     mref = parse_model(ref)
@@ -423,7 +423,7 @@ def tag(ctx, ref: str, tag: str, sign_key: Path | None):
 @click.pass_context
 def rm_cmd(ctx, ref: str, force: bool):
     """Retire version REF (s3://…/NAME@VERSION): delete its manifest; its chunks go at the next gc."""
-    from .lifecycle import remove_version
+    from .registry.lifecycle import remove_version
 
     mref = parse_model(ref)
     if not mref.is_version:
@@ -448,7 +448,7 @@ def rm_cmd(ctx, ref: str, force: bool):
 @click.pass_context
 def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
     """Find (and with --delete, remove) the chunks no version in REGISTRY references."""
-    from .lifecycle import collect
+    from .registry.lifecycle import collect
     from .units import parse_duration
 
     try:
@@ -502,7 +502,7 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
 def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache_dir: Path | None,
          no_cache: bool):
     """Download model REF into DEST, verified, in parallel (chunks the host's cache holds are copied from it)."""
-    from .pull import pull as do_pull
+    from .ops.pull import pull as do_pull
 
     cat, version, m = _resolve(ctx, ref, registry_url, need_registry=True)
     assert cat is not None
@@ -599,8 +599,8 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     directory). Both may come from --config instead.
     """
     from .config import resolve
-    from .mount import MountConfig, run_foreground, start_background
-    from .mountpoint import check_mountpoint
+    from .mount.daemon import MountConfig, run_foreground, start_background
+    from .mount.mountpoint import check_mountpoint
 
     given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v not in (None, ())}}
     if source is not None:
@@ -625,7 +625,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def stats(mountpoint: Path, as_json: bool):
     """Live figures of the daemon serving MOUNTPOINT (or any path on it)."""
-    from .metrics import read_stats
+    from .mount.metrics import read_stats
 
     s = read_stats(mountpoint)
     if as_json:
@@ -652,7 +652,7 @@ def stats(mountpoint: Path, as_json: bool):
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint: Path, lazy: bool, timeout: float):
     """Unmount a modelfs mount and wait for its daemon to exit."""
-    from .mountpoint import unmount_and_wait
+    from .mount.mountpoint import unmount_and_wait
 
     r = unmount_and_wait(mountpoint, lazy, timeout)
     click.echo(f"unmounted {mountpoint}")
@@ -747,7 +747,7 @@ def cache_prune(cache_dir, max_size, drop_all):
 
 def _is_manifest_file(path: str) -> bool:
     """A local file, not one on a modelfs mount (those carry user.modelfs.* attributes)."""
-    from .fs import XATTR_PREFIX
+    from .mount.fs import XATTR_PREFIX
 
     if not os.path.isfile(path):
         return False
@@ -777,7 +777,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     directories on a running mount, which are read through it.
     """
     from .cache import cache_root, default_cache_dir
-    from .prefetch import files_under, read_through, warm_cache
+    from .ops.prefetch import files_under, read_through, warm_cache
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]

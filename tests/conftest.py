@@ -17,11 +17,11 @@ import boto3
 import pytest
 
 from modelfs.config import StoreConfig
-from modelfs.devserver import SeaweedServer
-from modelfs.refs import RegistryRef
-from modelfs.registry import Registry
-from modelfs.sample import make_model
-from modelfs.store import Store
+from modelfs.dev.devserver import SeaweedServer
+from modelfs.format.refs import RegistryRef
+from modelfs.registry.layout import Registry
+from modelfs.dev.sample import make_model
+from modelfs.registry.store import Store
 
 
 @pytest.fixture(scope="session")

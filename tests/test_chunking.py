@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from modelfs import codec
-from modelfs.chunking import BLOCK, ChunkParams, block_digests, chunk_hash, cut, plain_hash
+from modelfs.format import codec
+from modelfs.format.chunking import BLOCK, ChunkParams, block_digests, chunk_hash, cut, plain_hash
 from modelfs.errors import IntegrityError
 
 SMALL = ChunkParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)

@@ -9,7 +9,7 @@ import pytest
 
 from modelfs.config import MOUNT_KEYS, load_file, resolve
 from modelfs.errors import UsageError
-from modelfs.fstab import HelperError, mount_args
+from modelfs.mount.fstab import HelperError, mount_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"source": "s3://b/reg", "mountpoint": "/models"}

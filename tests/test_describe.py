@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelfs.describe import describe
-from modelfs.sample import write_safetensors
+from modelfs.describe.headers import describe
+from modelfs.dev.sample import write_safetensors
 
 
 def test_safetensors_description(tmp_path):

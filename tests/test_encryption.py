@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from modelfs import codec
-from modelfs.chunking import DEFAULT_PARAMS, chunk_hash, cut
-from modelfs.codec import ChunkCodec
-from modelfs.encryption import MetadataSealer, RegistryKey
+from modelfs.format import codec
+from modelfs.format.chunking import DEFAULT_PARAMS, chunk_hash, cut
+from modelfs.format.codec import ChunkCodec
+from modelfs.format.encryption import MetadataSealer, RegistryKey
 from modelfs.errors import IntegrityError, UsageError
 
 from conftest import cli, gets, one_line_error, tree_digest

@@ -11,17 +11,17 @@ import trio
 import trio.testing
 
 from modelfs.cache import BlockCache, CacheView
-from modelfs.chunking import chunk_hash
+from modelfs.format.chunking import chunk_hash
 from modelfs.config import StoreConfig
 from modelfs.errors import IntegrityError, StoreError, StoreUnavailableError
-from modelfs.fetch import Fetcher, Stream
-from modelfs.fs import ModelFS
-from modelfs.lanes import FetchStats, LaneConfig, Lanes
-from modelfs.manifest import FileEntry, Manifest
-from modelfs.refs import RegistryRef
-from modelfs.registry import Registry
-from modelfs.store import Store
-from modelfs.tree import Namespace
+from modelfs.mount.reader import Fetcher, Stream
+from modelfs.mount.fs import ModelFS
+from modelfs.transfer.lanes import FetchStats, LaneConfig, Lanes
+from modelfs.format.manifest import FileEntry, Manifest
+from modelfs.format.refs import RegistryRef
+from modelfs.registry.layout import Registry
+from modelfs.registry.store import Store
+from modelfs.mount.namespace import Namespace
 
 from proxy import Silent
 
@@ -99,7 +99,7 @@ def test_a_small_read_of_a_chunk_nobody_loads_gets_just_its_blocks(cache):
     peek the source cannot serve, load whole chunks."""
     import dataclasses
 
-    from modelfs.fetch import PEEK_MAX
+    from modelfs.mount.reader import PEEK_MAX
     old, data, chunks = make_file([MiB, MiB, MiB])
     entry = dataclasses.replace(old, by_blocks=True)
     fetcher, src = reader(cache, chunks)
@@ -295,7 +295,7 @@ def test_lanes_single_flight_and_timeout_against_a_hung_store(cache, monkeypatch
 def _safetensors_entry(layers: int = 6) -> tuple[FileEntry, bytes, dict[str, bytes], list[str]]:
     """A safetensors file in a checkpoint's module order (q, k, v, o, gate, up, down per
     layer, 2 MiB each), cut into 1 MiB chunks; and its tensor names."""
-    from modelfs.sample import safetensors_bytes_header
+    from modelfs.dev.sample import safetensors_bytes_header
     spec = {f"model.layers.{i}.{p}.weight": ("F16", [4096, 256]) for i in range(layers)
             for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
@@ -325,7 +325,7 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
     """A loader walks sorted names (mlp.down, mlp.gate, …, self_attn.v; layers.1, layers.10, …):
     with tensor order almost no read waits for a chunk; in file order the window keeps
     resetting and the reader waits at most tensors."""
-    from modelfs.fetch import ReadOrder
+    from modelfs.mount.reader import ReadOrder
     entry, data, chunks, names = _safetensors_entry()
     src = LoadingSource(cache, chunks)
     fetcher = Fetcher(CacheView(cache), src, readahead_bytes=4 * MiB, readahead_trigger=MiB,
@@ -386,7 +386,7 @@ def test_a_random_read_does_not_wait_for_the_reading_order(cache):
 
 
 def test_read_order_from_a_hostile_header_is_none():
-    from modelfs.fetch import ReadOrder
+    from modelfs.mount.reader import ReadOrder
     assert ReadOrder.safetensors(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", 100) is None
     assert ReadOrder.safetensors(b"\x02\x00\x00\x00\x00\x00\x00\x00[]", 100) is None
     order = ReadOrder.safetensors(b"\x28\x00\x00\x00\x00\x00\x00\x00"
@@ -421,7 +421,7 @@ def test_a_read_makes_progress_when_its_chunks_are_evicted_at_once(cache):
 
 
 def test_lanes_unseal_decrypts_once_for_concurrent_readers_and_refuses_damage(cache):
-    from modelfs.encryption import RegistryKey
+    from modelfs.format.encryption import RegistryKey
 
     key = RegistryKey.generate()
     store = Store("b", StoreConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1"))  # never called
@@ -471,7 +471,7 @@ def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
         assert lanes.in_flight == 0 and lanes.stats.errors == 0  # nothing was even tried
         lanes.stats.recent_latencies.extend([0.080] * 32)  # a far one
         assert lanes._whole_chunk_seconds() == 0.080
-        from modelfs.lanes import _Flight
+        from modelfs.transfer.lanes import _Flight
         due = _Flight("b" * 64, 4 * MiB, urgent=False, refetch=False)
         due.started = time.monotonic() - 0.070  # due in ~10 ms: wait for it
         lanes._flights[due.h] = due

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from modelfs import lifecycle
+from modelfs.registry import lifecycle
 from modelfs.errors import ModelfsError
-from modelfs.lifecycle import Lease, collect
-from modelfs.publish import Publisher, scan
-from modelfs.registry import Registry
+from modelfs.registry.lifecycle import Lease, collect
+from modelfs.ops.publish import Publisher, scan
+from modelfs.registry.layout import Registry
 
 from conftest import cli, objects, one_line_error, tree_digest
 
@@ -147,7 +147,7 @@ def test_gc_in_the_middle_of_a_publish_never_takes_a_chunk_it_reuses(env, bucket
 
 
 def test_diff_names_files_tensors_and_the_bytes_to_fetch(env, bucket, tmp_path):
-    from modelfs.sample import layer_tensors, write_safetensors
+    from modelfs.dev.sample import layer_tensors, write_safetensors
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelfs.errors import IntegrityError, ManifestError
-from modelfs.manifest import DirEntry, FileEntry, Manifest, all_directories, loads
+from modelfs.format.manifest import DirEntry, FileEntry, Manifest, all_directories, loads
 
 H = "ab" * 32
 

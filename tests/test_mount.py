@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelfs.cache import BlockCache
-from modelfs.sample import layer_tensors, write_safetensors
+from modelfs.dev.sample import layer_tensors, write_safetensors
 
 from conftest import cli, damage_cache_entry, gets, ranged_gets, tree_digest
 

@@ -8,7 +8,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelfs.cache import BlockCache
-from modelfs.devserver import free_ports
+from modelfs.dev.devserver import free_ports
 
 from conftest import cli, gets, one_line_error, tree_digest
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from modelfs.chunking import DEFAULT_PARAMS
-from modelfs.devserver import free_ports
-from modelfs.sample import write_safetensors, layer_tensors
+from modelfs.format.chunking import DEFAULT_PARAMS
+from modelfs.dev.devserver import free_ports
+from modelfs.dev.sample import write_safetensors, layer_tensors
 from modelfs.units import fmt_bytes
 
 from conftest import cli, damage_cache_entry, gets, objects, one_line_error, tree_digest
@@ -215,13 +215,13 @@ def _worker_pids() -> list[int]:
     for task in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{task}/children") as f:
             pids += [int(p) for p in f.read().split()]
-    return [p for p in pids if b"modelfs.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+    return [p for p in pids if b"modelfs.transfer.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
 
 
 def test_publish_goes_on_when_a_worker_dies_under_it(registry, bucket, tmp_path, env):
     """A worker killed while it holds uploads is replaced, what it held is sent again, and
     the version reads back whole."""
-    from modelfs.publish import Publisher, scan
+    from modelfs.ops.publish import Publisher, scan
 
     d = tmp_path / "m"
     d.mkdir()
@@ -242,7 +242,7 @@ def test_publish_goes_on_when_a_worker_dies_under_it(registry, bucket, tmp_path,
 
 def test_a_file_changed_after_the_scan_is_refused_before_any_manifest(registry, bucket, tmp_path, s3):
     from modelfs.errors import UsageError
-    from modelfs.publish import Publisher, scan
+    from modelfs.ops.publish import Publisher, scan
 
     d = tmp_path / "m"
     d.mkdir()
@@ -324,9 +324,9 @@ def test_pull_hashes_chunks_in_file_order_whatever_order_they_land(tmp_path):
 
     import trio
 
-    from modelfs.chunking import chunk_hash
-    from modelfs.manifest import FileEntry
-    from modelfs.pull import _InOrderHash
+    from modelfs.format.chunking import chunk_hash
+    from modelfs.format.manifest import FileEntry
+    from modelfs.ops.pull import _InOrderHash
 
     chunks = [random.Random(i).randbytes(1000 + i) for i in range(50)]
     entry = FileEntry(path="f", size=sum(map(len, chunks)), mode=0o644, sha256="0" * 64,

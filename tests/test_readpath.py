@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from modelfs.metrics import read_stats
-from modelfs.sample import layer_tensors, write_safetensors
+from modelfs.mount.metrics import read_stats
+from modelfs.dev.sample import layer_tensors, write_safetensors
 
 from conftest import _alive, cli, gets, ranged_gets
 
@@ -217,8 +217,8 @@ def test_a_small_cold_read_gets_just_its_blocks_and_the_chunk_is_cached_behind_i
 
 
 def test_a_damaged_block_is_eio_and_the_chunks_good_blocks_still_serve(env, bucket, model, mounts, s3):
-    from modelfs.chunking import BLOCK
-    from modelfs.codec import head_size
+    from modelfs.format.chunking import BLOCK
+    from modelfs.format.codec import head_size
 
     publish(env, bucket, model)
     h, n, at = _chunk_at(env, bucket, 4)
@@ -243,9 +243,9 @@ def test_a_damaged_block_is_eio_and_the_chunks_good_blocks_still_serve(env, buck
 def test_a_version_published_before_block_digests_still_reads(env, bucket, registry, model, mounts, seaweed):
     """Chunks named by BLAKE3 of their bytes, stored without digests (modelfs before
     2026-11-23): a mount reads them whole, byte-identical, and never asks for ranges."""
-    from modelfs.chunking import DEFAULT_PARAMS, cut, plain_hash
-    from modelfs.codec import encode_parts
-    from modelfs.manifest import FileEntry, Manifest
+    from modelfs.format.chunking import DEFAULT_PARAMS, cut, plain_hash
+    from modelfs.format.codec import encode_parts
+    from modelfs.format.manifest import FileEntry, Manifest
 
     data = (model / "model.safetensors").read_bytes()
     chunks = []

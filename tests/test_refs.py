@@ -1,7 +1,7 @@
 import pytest
 
 from modelfs.errors import UsageError
-from modelfs.refs import parse_model, parse_registry
+from modelfs.format.refs import parse_model, parse_registry
 
 
 def test_registry_and_model_refs():

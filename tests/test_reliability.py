@@ -17,8 +17,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from modelfs.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
-from modelfs.sample import layer_tensors, write_safetensors
+from modelfs.dev.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
+from modelfs.dev.sample import layer_tensors, write_safetensors
 
 from conftest import Mounts, cli, one_line_error, read_as_nobody, tree_digest
 from proxy import NotS3, Silent, StallProxy

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from modelfs.errors import TrustError, UsageError
-from modelfs.manifest import FileEntry, Manifest, loads
-from modelfs.trust import SigningKey, TrustedKeys, signed_files
+from modelfs.format.manifest import FileEntry, Manifest, loads
+from modelfs.format.trust import SigningKey, TrustedKeys, signed_files
 
 from conftest import cli, one_line_error, tree_digest
 

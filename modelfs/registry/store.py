@@ -1,0 +1,202 @@
+"""A thin, thread-safe object store over one shared boto3 client.
+
+Everything above this module speaks in keys and bytes; botocore's exceptions
+are translated here, once, into :mod:`modelfs.errors` with messages a user can
+act on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.parsers
+
+from ..config import StoreConfig
+from ..errors import NotFoundError, StoreError, StoreUnavailableError
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+           "InvalidToken", "403"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+# what a boto3 call raises: its own errors, S3's error answers, and answers it cannot parse
+_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+           botocore.parsers.ResponseParserError)
+
+
+def _speaks_s3(headers: dict, code: str) -> bool:
+    """Whether an error answer came from an S3 store: S3 explains every error of a GET
+    in an XML body (botocore then has a named code, not just the status) and stamps
+    its answers with ``x-amz-*`` ids; a plain web server does neither."""
+    return not code.isdigit() or any(h.lower().startswith("x-amz-") for h in headers)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: float  # POSIX seconds
+
+
+class Store:
+    """One bucket of an S3-compatible store."""
+
+    def __init__(self, bucket: str, config: StoreConfig | None = None):
+        self.bucket = bucket
+        self.config = config = config or StoreConfig()
+        try:  # a bad profile or an unparsable config/credentials file fails here
+            session = boto3.session.Session(profile_name=config.profile)
+            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            region = config.region or session.region_name or "us-east-1"
+            self.endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
+            bc = botocore.config.Config(
+                max_pool_connections=config.concurrency + 4,
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                # Chunks carry their own BLAKE3 hash, verified end to end: the extra
+                # CRC that newer botocore adds to every request is pure CPU cost.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"} if endpoint else None,
+                tcp_keepalive=True,
+            )
+            self.client = session.client("s3", endpoint_url=endpoint, region_name=region, config=bc)
+        except botocore.exceptions.BotoCoreError as e:
+            raise StoreError(f"cannot configure the S3 client: {e}") from None
+
+    # -- error translation -------------------------------------------------
+
+    def _fail(self, e: Exception, what: str) -> Exception:
+        where = f"s3://{self.bucket}/{what}"
+        c = self.config
+        if isinstance(e, botocore.exceptions.ClientError):
+            err = e.response.get("Error", {})
+            meta = e.response.get("ResponseMetadata", {})
+            status, code = meta.get("HTTPStatusCode"), str(err.get("Code", ""))
+            if not e.operation_name.startswith("Head") and not _speaks_s3(meta.get("HTTPHeaders", {}), code):
+                return self._not_s3(f"HTTP {status} for {where}")
+            return self.http_error(what, status, code, str(err.get("Message", e)))
+        if isinstance(e, botocore.parsers.ResponseParserError):
+            return self._not_s3(f"an answer for {where} that is not S3's XML")
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
+            return StoreError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                              "or AWS_PROFILE")
+        tries = f"{c.max_attempts} attempt{'s' if c.max_attempts > 1 else ''}"
+        if isinstance(e, botocore.exceptions.ConnectTimeoutError):
+            return StoreUnavailableError(
+                f"cannot reach the object store at {self.endpoint}: no connection within "
+                f"{c.connect_timeout:g} s ({tries}; --connect-timeout, --attempts)")
+        if isinstance(e, botocore.exceptions.EndpointConnectionError):
+            return StoreUnavailableError(f"cannot reach the object store at {self.endpoint}: {e}")
+        if isinstance(e, botocore.exceptions.ReadTimeoutError):
+            return StoreUnavailableError(
+                f"the object store at {self.endpoint} accepted the connection but did not answer "
+                f"within {c.read_timeout:g} s ({tries}) for {where}; if it is only slow, raise "
+                "--read-timeout or --attempts")
+        if isinstance(e, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            return StoreUnavailableError(f"{where}: connection to the object store failed: {e}")
+        return StoreError(f"{where}: {e}")
+
+    def _not_s3(self, what: str) -> StoreError:
+        return StoreError(f"the endpoint {self.endpoint} does not speak S3 ({what}, without an S3 "
+                          "error or request id): check --endpoint-url / $AWS_ENDPOINT_URL")
+
+    def http_error(self, what: str, status: int | None, code: str, message: str) -> Exception:
+        """The error for an S3 error answer, whoever made the request (boto3 here, or a
+        fetch worker with a presigned URL): one mapping, one set of messages."""
+        where = f"s3://{self.bucket}/{what}"
+        if code == "NoSuchBucket":
+            return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+        if code in _MISSING or status == 404:
+            return NotFoundError(f"{where} not found")
+        if code in _DENIED or status == 403:
+            return StoreError(
+                f"access denied to {where} ({code or status}): check the credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and permissions"
+            )
+        cls = StoreUnavailableError if isinstance(status, int) and (status >= 500 or status == 429) \
+            else StoreError
+        return cls(f"{where}: {code or status}: {message}")
+
+    # -- operations ----------------------------------------------------------
+
+    def presign(self, key: str, expires: int = 900, method: str = "GET") -> str:
+        """A ``GET``, ``HEAD`` or ``PUT`` URL for ``key`` that works without credentials for
+        ``expires`` seconds (for the fetch workers, which hold none). Signing is local:
+        no request. A PUT URL signs no payload hash: chunks carry their own id."""
+        op = {"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[method]
+        try:
+            return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": key},
+                                                      ExpiresIn=expires, HttpMethod=method)
+        except _ERRORS as e:
+            raise self._fail(e, key) from None
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes, or bytes [start, end) of it."""
+        kw = {}
+        if start is not None:
+            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **kw)
+            return resp["Body"].read()
+        except _ERRORS as e:
+            raise self._fail(e, key) from None
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except _ERRORS as e:
+            raise self._fail(e, key) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and store-side modification time, or None if it is absent."""
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+        except _ERRORS as e:
+            err = self._fail(e, key)
+            if isinstance(err, NotFoundError):
+                return None
+            raise err from None
+        return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp())
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except _ERRORS as e:
+            raise self._fail(e, key) from None
+
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[ObjectInfo | str]:
+        """Objects under ``prefix``; with a delimiter, common prefixes come as ``str``."""
+        kw = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
+                for cp in page.get("CommonPrefixes", ()):
+                    yield cp["Prefix"]
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp())
+        except _ERRORS as e:
+            raise self._fail(e, prefix) from None
+
+    def check_bucket(self) -> None:
+        """Fail early, with a clear message, on a missing bucket or bad credentials."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except _ERRORS as e:
+            err = self._fail(e, "")
+            if isinstance(err, NotFoundError):
+                # A HEAD answer has no body to tell an S3 store from any web server: ask
+                # once more with a GET, whose error an S3 store always explains.
+                try:
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                    return
+                except _ERRORS as e2:
+                    err = self._fail(e2, "")
+                if isinstance(err, NotFoundError):
+                    err = StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+            raise err from None
