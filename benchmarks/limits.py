@@ -58,10 +58,12 @@ def _stage_proc(kind: str, cache_dir: str, objs: list[tuple[str, str]], threads:
     once every process is ready (``start``); puts its CPU seconds for the work in ``out``."""
     from modelfs.cache import BlockCache
     from modelfs.format.codec import HEADER, ChunkCodec
-    from modelfs.transfer.worker import HttpClient, WorkerConfig, _bound_malloc
+    from modelfs.config import Timeouts
+    from modelfs.transfer.http import HttpClient
+    from modelfs.transfer.worker import _bound_malloc
     _bound_malloc()
     gc.freeze()  # as a worker does once started
-    getter, codec = HttpClient(WorkerConfig(cache_dir=cache_dir, cache_cap=0)), ChunkCodec(None)
+    getter, codec = HttpClient(Timeouts()), ChunkCodec(None)
     cache = BlockCache(Path(cache_dir), 64 << 30) if kind == "write" else None
 
     def one(obj: tuple[str, str]) -> None:

@@ -54,7 +54,7 @@ import fcntl
 import lmdb
 import xxhash
 
-from .format.chunking import id_matches
+from .format.chunking import BLOCK, id_matches
 from .errors import UsageError
 from .format.manifest import version_id_of
 
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _META = struct.Struct("<QQ")
 LOW_WATER = 0.90  # eviction frees down to this fraction of the cap
-BLOCK = 64 << 10  # granularity of the per-read check
 LOCK_SLOTS = 1 << 20  # byte-range locks in fetch.lock, one per chunk hash slot
 
 

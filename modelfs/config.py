@@ -23,19 +23,24 @@ from .errors import UsageError
 from .units import parse_size
 
 
-# How long a request may take against a store that is down or hung (issue 13): the
-# defaults bound a command's wait to attempts × (connect or read timeout) + backoff,
-# about 33 s, and every process that talks to the store (boto3 here, the fetch
-# workers' http.client) uses the same three values.
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 10.0  # seconds without a byte from the store, per attempt
-ATTEMPTS = 3  # tries per request, the first included (throttling, 5xx, resets, timeouts)
-
-
 def retry_backoff(attempts: int) -> float:
     """The most botocore's "standard" retry mode sleeps between ``attempts`` tries
     (random × 2^(n-1) s before try n+1, each at most 20 s); the workers use the same."""
     return sum(min(2.0 ** (n - 1), 20.0) for n in range(1, attempts))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long one store request may take against a store that is down or hung: the one
+    set of values every process that talks to the store uses (boto3 here, the fetch
+    workers' http.client). The defaults bound a command's wait to about 33 s (issue 13)."""
+    connect: float = 5.0  # seconds to connect, per attempt
+    read: float = 10.0  # seconds without a byte from the store, per attempt
+    attempts: int = 3  # tries per request, the first included (throttling, 5xx, resets, timeouts)
+
+    def request_bound(self) -> float:
+        """The longest one request can take before it fails, whatever the store does."""
+        return self.attempts * (self.connect + self.read) + retry_backoff(self.attempts)
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,7 @@ class StoreConfig:
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile
     profile: str | None = None  # None: AWS_PROFILE or the default profile
     concurrency: int = 16  # parallel transfers; the connection pool is sized to it
-    connect_timeout: float = CONNECT_TIMEOUT
-    read_timeout: float = READ_TIMEOUT
-    max_attempts: int = ATTEMPTS
-
-    def request_bound(self) -> float:
-        """The longest one request can take before it fails, whatever the store does."""
-        return self.max_attempts * (self.connect_timeout + self.read_timeout) + retry_backoff(self.max_attempts)
+    timeouts: Timeouts = Timeouts()
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -142,6 +141,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("memory_cache", "256M", parse_size, "Ignored: the kernel's page cache is the memory tier now (kept so older config files load)."),
     Key("fetch_workers", 0, _int_in(0, 64), "Fetch worker processes that GET, verify and cache chunks (0: half the cores, 2 to 8)."),
     Key("readahead", "64M", parse_size, "Largest readahead window per sequential reader."),
+    Key("readahead_trigger", "4M", parse_size, "Bytes a reader reads in order before readahead starts (a lone small read loads only the chunks it touches)."),
     Key("readahead_order", "tensors", _choice("tensors", "file"), "Read ahead in the order loaders read tensors (safetensors: sorted names), or in file order."),
     Key("fetch_timeout", 60.0, _seconds, "Seconds before a chunk fetch becomes an I/O error."),
     Key("metadata_ttl", 30.0, _seconds, "Seconds model/tag/version listings are kept before asking the store again."),
@@ -152,9 +152,9 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("encrypt_cache", False, _bool, "Keep this mount's chunks encrypted in the block cache too (needs encryption_key_file; its own cache under <cache_dir>/sealed): a warm read then decrypts each chunk it touches (docs/security.md)."),
     Key("trusted_keys", None, _paths, "Public keys (PEM) whose signatures make a version servable: with any, only versions and tags signed by one of them are shown (docs/security.md). Flag repeatable; in the file a list."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
-    Key("connect_timeout", CONNECT_TIMEOUT, _seconds, "Seconds to wait for a connection to the store, per attempt."),
-    Key("read_timeout", READ_TIMEOUT, _seconds, "Seconds to wait for the store's next bytes, per attempt."),
-    Key("attempts", ATTEMPTS, _int_in(1, 20), "Tries per store request, the first included (a hung store fails a request after attempts × timeout + backoff)."),
+    Key("connect_timeout", Timeouts.connect, _seconds, "Seconds to wait for a connection to the store, per attempt."),
+    Key("read_timeout", Timeouts.read, _seconds, "Seconds to wait for the store's next bytes, per attempt."),
+    Key("attempts", Timeouts.attempts, _int_in(1, 20), "Tries per store request, the first included (a hung store fails a request after attempts × timeout + backoff)."),
     Key("endpoint_url", None, _s3_url, "S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)."),
     Key("region", None, _str, "Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's)."),
     Key("profile", None, _str, "AWS profile in the standard files (default: $AWS_PROFILE)."),

@@ -12,11 +12,12 @@ import trio.testing
 
 from modelfs.cache import BlockCache, CacheView
 from modelfs.format.chunking import chunk_hash
-from modelfs.config import StoreConfig
+from modelfs.config import StoreConfig, Timeouts
 from modelfs.errors import IntegrityError, StoreError, StoreUnavailableError
-from modelfs.mount.reader import Fetcher, Stream
+from modelfs.mount.readahead import ReadaheadConfig, ReadOrder, Stream
+from modelfs.mount.reader import Reader, Unsealer
 from modelfs.mount.fs import ModelFS
-from modelfs.transfer.lanes import FetchStats, LaneConfig, Lanes
+from modelfs.transfer.lanes import FetchStats, Kind, LaneConfig, Lanes, _Flight
 from modelfs.format.manifest import FileEntry, Manifest
 from modelfs.format.refs import RegistryRef
 from modelfs.registry.layout import Registry
@@ -42,7 +43,7 @@ class FakeSource:
         self.peeks: list[tuple[str, int, int]] = []
         self.peekable = False
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+    async def load(self, h: str, size: int, *, urgent: bool = True, refetch: bool = False, pin: bool = False,
                    early: bool = False) -> bytes | None:
         self.loads.append((h, refetch))
         await trio.sleep(0)
@@ -62,14 +63,19 @@ class FakeSource:
         await trio.sleep(0)
         return self.chunks[h][lo:hi] if self.peekable else None
 
-    def prefetch(self, h: str, size: int) -> None:
+    def load_ahead(self, h: str, size: int) -> None:
         self.prefetched.append(h)
 
-    def page_in(self, h: str, size: int) -> None:
-        self.paged_in.append(h)
+    def recently_loaded(self, h: str) -> bool:
+        return False
 
     def spilled(self, h: str) -> None:
         return None
+
+    async def cache_call(self, fn, *args):
+        if fn.__name__ == "page_in":
+            self.paged_in.append(args[0])
+        return fn(*args)
 
 
 def make_file(sizes: list[int], seed: int = 1) -> tuple[FileEntry, bytes, dict[str, bytes]]:
@@ -88,9 +94,9 @@ def cache(tmp_path):
     c.close()
 
 
-def reader(cache, chunks, **kw) -> tuple[Fetcher, FakeSource]:
+def reader(cache, chunks, **kw) -> tuple[Reader, FakeSource]:
     src = FakeSource(cache, chunks)
-    return Fetcher(CacheView(cache), src, **kw), src
+    return Reader(CacheView(cache), src, ReadaheadConfig(**kw)), src
 
 
 def test_a_small_read_of_a_chunk_nobody_loads_gets_just_its_blocks(cache):
@@ -148,7 +154,7 @@ def test_spans_across_chunks_are_the_file_bytes(cache):
 
 def test_readahead_window_grows_and_resets(cache):
     entry, data, chunks = make_file([MiB] * 40)
-    fetcher, src = reader(cache, chunks, readahead_bytes=16 * MiB, readahead_trigger=2 * MiB)
+    fetcher, src = reader(cache, chunks, max_bytes=16 * MiB, trigger_bytes=2 * MiB)
     stream = Stream(fetcher, entry)
 
     async def main():
@@ -175,11 +181,19 @@ def test_readahead_window_grows_and_resets(cache):
         for off in range(0, 20 * MiB, MiB):
             assert bytes(await warm.read(off, MiB)) == data[off:off + MiB]
         assert src.prefetched == [] and len(src.loads) == loads
+        await trio.testing.wait_all_tasks_blocked()
         assert len(src.paged_in) >= 8 and len(set(src.paged_in)) == len(src.paged_in)
-    trio.run(main)
+        assert src.stats.paged_in == len(src.paged_in)
+
+    async def running():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)  # readahead's tasks (paging in)
+            await main()
+            nursery.cancel_scope.cancel()
+    trio.run(running)
 
 
-def _ops(entry: FileEntry, fetcher: Fetcher) -> tuple[ModelFS, int]:
+def _ops(entry: FileEntry, fetcher: Reader) -> tuple[ModelFS, int]:
     m = Manifest(name="m", created="2026-01-01T00:00:00Z", files=(entry,), directories=(), chunking={})
     ns = Namespace(None, None)
     root = ns.root_version("m", "v" * 20, m)
@@ -224,6 +238,9 @@ class SealedSource(FakeSource):
         super().__init__(cache, {h: b[::-1] for h, b in chunks.items()})
         self.unseals: list[str] = []
 
+    def holds(self, h: str) -> bool:
+        return False
+
     async def unseal(self, h: str, size: int) -> bytes | None:
         self.unseals.append(h)
         stored = self.cache.with_chunk(h, bytes)
@@ -237,7 +254,7 @@ class SealedSource(FakeSource):
 def test_sealed_cache_spans_load_each_chunk_once_and_refetch_damage(cache):
     entry, data, chunks = make_file([300_000, MiB, 5, 700_000])
     src = SealedSource(cache, chunks)
-    fetcher = Fetcher(CacheView(cache), src, sealed=True)
+    fetcher = Reader(CacheView(cache), src, unsealer=src)
     h1 = entry.chunks[1][0]
 
     async def main():
@@ -266,7 +283,7 @@ def test_lanes_single_flight_and_timeout_against_a_hung_store(cache, monkeypatch
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     store = Store("b", StoreConfig(endpoint_url=f"http://127.0.0.1:{silent.port}", region="us-east-1"))
     lanes = Lanes(Registry(store, RegistryRef("b", "reg")), cache,
-                  LaneConfig(workers=1, concurrency=2, fetch_timeout=30, read_timeout=600, max_attempts=1))
+                  LaneConfig(workers=1, concurrency=2, fetch_timeout=30, timeouts=Timeouts(read=600, attempts=1)))
     errors: list[BaseException] = []
 
     async def reader():
@@ -313,7 +330,7 @@ class LoadingSource(FakeSource):
     """Readahead completes at once (as if the workers were infinitely fast): what is left in
     ``loads`` are the reads that had to wait for a chunk nobody asked for in time."""
 
-    def prefetch(self, h: str, size: int) -> None:
+    def load_ahead(self, h: str, size: int) -> None:
         self.prefetched.append(h)
         if not self.cache.has(h):
             self.cache.write([(h, self.chunks[h])])
@@ -325,11 +342,10 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
     """A loader walks sorted names (mlp.down, mlp.gate, …, self_attn.v; layers.1, layers.10, …):
     with tensor order almost no read waits for a chunk; in file order the window keeps
     resetting and the reader waits at most tensors."""
-    from modelfs.mount.reader import ReadOrder
     entry, data, chunks, names = _safetensors_entry()
     src = LoadingSource(cache, chunks)
-    fetcher = Fetcher(CacheView(cache), src, readahead_bytes=4 * MiB, readahead_trigger=MiB,
-                      tensor_order=tensor_order)
+    fetcher = Reader(CacheView(cache), src, ReadaheadConfig(max_bytes=4 * MiB, trigger_bytes=MiB,
+                                                           tensor_order=tensor_order))
     stream = Stream(fetcher, entry)
     n = int.from_bytes(data[:8], "little")
     header = __import__("json").loads(data[8:8 + n])
@@ -343,7 +359,7 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
                 lo, hi = (8 + n + x for x in header[name]["data_offsets"])
                 for off in range(lo, hi, step):
                     assert bytes(await stream.read(off, min(step, hi - off))) == data[off:min(hi, off + step)]
-                    while fetcher.read_order(entry) is False:  # learned in the background, after this
+                    while fetcher.readahead.read_order(entry) is False:  # learned in the background, after this
                         await trio.sleep(0.001)                # first read past the header's chunk
             nursery.cancel_scope.cancel()
     trio.run(main)
@@ -358,7 +374,7 @@ def test_readahead_follows_the_loaders_tensor_order(cache, tensor_order):
 class HeaderStuckSource(FakeSource):
     """The header's chunk (the file's first) never arrives."""
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+    async def load(self, h: str, size: int, *, urgent: bool = True, refetch: bool = False, pin: bool = False,
                    early: bool = False) -> bytes | None:
         if h == self.stuck:
             await trio.sleep_forever()
@@ -371,7 +387,7 @@ def test_a_random_read_does_not_wait_for_the_reading_order(cache):
     entry, data, chunks, _ = _safetensors_entry()
     src = HeaderStuckSource(cache, chunks)
     src.stuck = entry.chunks[0][0]
-    fetcher = Fetcher(CacheView(cache), src)
+    fetcher = Reader(CacheView(cache), src)
     stream = Stream(fetcher, entry)
     off = entry.offsets[5] + 1000
 
@@ -386,7 +402,6 @@ def test_a_random_read_does_not_wait_for_the_reading_order(cache):
 
 
 def test_read_order_from_a_hostile_header_is_none():
-    from modelfs.mount.reader import ReadOrder
     assert ReadOrder.safetensors(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", 100) is None
     assert ReadOrder.safetensors(b"\x02\x00\x00\x00\x00\x00\x00\x00[]", 100) is None
     order = ReadOrder.safetensors(b"\x28\x00\x00\x00\x00\x00\x00\x00"
@@ -397,7 +412,7 @@ def test_read_order_from_a_hostile_header_is_none():
 class EvictingSource(FakeSource):
     """A cache too small for its readers: every chunk is evicted as soon as it lands."""
 
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+    async def load(self, h: str, size: int, *, urgent: bool = True, refetch: bool = False, pin: bool = False,
                    early: bool = False) -> bytes | None:
         self.loads.append((h, pin))
         await trio.sleep(0)
@@ -412,7 +427,7 @@ class EvictingSource(FakeSource):
 def test_a_read_makes_progress_when_its_chunks_are_evicted_at_once(cache):
     entry, data, chunks = make_file([MiB, MiB, MiB])
     src = EvictingSource(cache, chunks)
-    fetcher = Fetcher(CacheView(cache), src)
+    fetcher = Reader(CacheView(cache), src)
 
     async def main():
         assert bytes(await fetcher.span(entry, MiB - 10, 2 * MiB + 10)) == data[MiB - 10:2 * MiB + 10]
@@ -420,13 +435,14 @@ def test_a_read_makes_progress_when_its_chunks_are_evicted_at_once(cache):
     assert {h for h, pin in src.loads if pin} == {entry.chunks[0][0], entry.chunks[1][0], entry.chunks[2][0]}
 
 
-def test_lanes_unseal_decrypts_once_for_concurrent_readers_and_refuses_damage(cache):
+def test_unsealer_decrypts_once_for_concurrent_readers_and_refuses_damage(cache):
     from modelfs.format.encryption import RegistryKey
 
     key = RegistryKey.generate()
     store = Store("b", StoreConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1"))  # never called
     registry = Registry(store, RegistryRef("b", "reg"), key)
     lanes = Lanes(registry, cache, LaneConfig(workers=1, sealed=True))
+    unsealer = Unsealer(lanes, cache, registry.codec)
     raw = os.urandom(3 * MiB)
     h = registry.codec.hash(raw)
     cache.write([(h, registry.codec.encode(raw, h))])
@@ -441,17 +457,17 @@ def test_lanes_unseal_decrypts_once_for_concurrent_readers_and_refuses_damage(ca
         got = []
         async with trio.open_nursery() as n:
             for _ in range(8):
-                n.start_soon(lambda: _append(got, lanes.unseal(h, len(raw))))
+                n.start_soon(lambda: _append(got, unsealer.unseal(h, len(raw))))
         assert len(got) == 8 and all(bytes(g) == raw for g in got)
         assert decrypts == [h]  # once, for all eight
-        assert await lanes.unseal("ab" * 32, 10) is None  # not cached
-        lanes._plain.clear()
+        assert await unsealer.unseal("ab" * 32, 10) is None  # not cached
+        unsealer._plain.clear()
         with cache.env.begin(write=True) as txn:  # one bit flipped on disk
             blob = bytearray(txn.get(bytes.fromhex(h), db=cache.chunks))
             blob[len(blob) // 2] ^= 1
             txn.put(bytes.fromhex(h), bytes(blob), db=cache.chunks)
         with pytest.raises(IntegrityError, match="does not decrypt"):
-            await lanes.unseal(h, len(raw))
+            await unsealer.unseal(h, len(raw))
     trio.run(main)
 
 
@@ -471,8 +487,7 @@ def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
         assert lanes.in_flight == 0 and lanes.stats.errors == 0  # nothing was even tried
         lanes.stats.recent_latencies.extend([0.080] * 32)  # a far one
         assert lanes._whole_chunk_seconds() == 0.080
-        from modelfs.transfer.lanes import _Flight
-        due = _Flight("b" * 64, 4 * MiB, urgent=False, refetch=False)
+        due = _Flight(Kind.LOAD, "b" * 64, 4 * MiB, urgent=False)
         due.started = time.monotonic() - 0.070  # due in ~10 ms: wait for it
         lanes._flights[due.h] = due
         assert trio.run(lanes.peek, due.h, 4 * MiB, 0, 4096) is None and lanes.stats.errors == 0

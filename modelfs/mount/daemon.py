@@ -1,4 +1,5 @@
-"""The mount daemon's life: resolve what to show, mount, signal readiness, serve, unmount.
+"""The mount daemon's life: resolve what to show, mount, signal readiness, serve, and on
+SIGTERM/SIGINT or an external unmount, close (``modelfs unmount`` is :mod:`.mountpoint`'s).
 
 ``modelfs mount`` (without ``--foreground``) starts this same program again in
 the background with ``--foreground --ready-fd N`` and waits: the child writes
@@ -29,21 +30,19 @@ import trio
 
 from .. import malloc
 from ..cache import BlockCache, CacheView, cache_root, default_cache_dir
-from ..registry.catalog import Catalog
-from ..config import StoreConfig
-from ..errors import ModelfsError, NotFoundError, UsageError
-from .reader import Fetcher
-from .fs import XATTR_PREFIX, ModelFS
-from ..transfer.lanes import LaneConfig, Lanes
-from ..format.manifest import Manifest
-from .metrics import Reporter
-from .mountpoint import PID_XATTR, check_mountpoint, set_kernel_readahead
-from ..format.pointers import PointerDir, registry_url_for
-from ..format.refs import is_model_ref, parse_model, parse_registry
+from ..config import StoreConfig, Timeouts
+from ..errors import ModelfsError, UsageError
 from ..format.encryption import RegistryKey
 from ..format.trust import TrustedKeys
-from ..registry.layout import Registry, open_registry, origin_registry, read_manifest_file
+from ..registry.source import Source, resolve
+from ..transfer.lanes import LaneConfig, Lanes
+from . import xattrs
+from .fs import ModelFS
+from .metrics import Reporter
+from .mountpoint import check_mountpoint, set_kernel_readahead
 from .namespace import Namespace
+from .readahead import ReadaheadConfig
+from .reader import Reader, Unsealer
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ class MountConfig:
     kernel_readahead_kb: int | None = 1024
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_address: str = "127.0.0.1"
-    readahead_bytes: int = 64 << 20  # largest readahead window per sequential reader
-    readahead_order: str = "tensors"  # follow the loader's tensor order where a format says it
+    readahead: ReadaheadConfig = field(default_factory=ReadaheadConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     lanes: LaneConfig = field(default_factory=LaneConfig)
     encryption_key: RegistryKey | None = None  # an encrypted registry's key (never shown)
@@ -73,8 +71,8 @@ class MountConfig:
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
         """From :func:`modelfs.config.resolve`'s merged, parsed settings."""
         store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
-                            concurrency=s["concurrency"], connect_timeout=s["connect_timeout"],
-                            read_timeout=s["read_timeout"], max_attempts=s["attempts"])
+                            concurrency=s["concurrency"],
+                            timeouts=Timeouts(s["connect_timeout"], s["read_timeout"], s["attempts"]))
         key_file = s["encryption_key_file"]
         if s["encrypt_cache"] and key_file is None:
             raise UsageError("encrypt_cache needs the registry's key: pass --encryption-key FILE too")
@@ -87,10 +85,10 @@ class MountConfig:
             allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
             kernel_readahead_kb=s["kernel_readahead_kb"] or None,
             metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
-            readahead_bytes=s["readahead"], readahead_order=s["readahead_order"],
+            readahead=ReadaheadConfig(max_bytes=s["readahead"], trigger_bytes=s["readahead_trigger"],
+                                      tensor_order=s["readahead_order"] == "tensors"),
             lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
-                             fetch_timeout=s["fetch_timeout"], connect_timeout=store.connect_timeout,
-                             read_timeout=store.read_timeout, max_attempts=store.max_attempts,
+                             fetch_timeout=s["fetch_timeout"], timeouts=store.timeouts,
                              sealed=s["encrypt_cache"]))
 
 
@@ -98,64 +96,16 @@ class MountConfig:
         """How long ``modelfs mount`` waits for its daemon: long enough for the daemon's
         own start-up requests (a tag, a manifest) to fail with their error on a hung
         store, so the user sees that error rather than a bare timeout."""
-        return 3 * self.store.request_bound() + 30.0
+        return 3 * self.store.timeouts.request_bound() + 30.0
 
 
 # -- what to show ------------------------------------------------------------------
 
-@dataclass
-class Source:
-    catalog: Catalog | None
-    model: str | None = None
-    version: str | None = None
-    manifest: Manifest | None = None  # None: the whole registry
-    pointers: PointerDir | None = None  # a directory of pointer files (a git checkout)
-
-
 def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
     """What the mount shows; with trusted keys, a version is resolved only if it verifies."""
-    src = cfg.source
-
-    def catalog_of(registry: Registry) -> Catalog:
-        return Catalog(registry, cache, cfg.trust, sealed=cfg.encrypt_cache)
-
-    if src.startswith("s3://"):
-        if is_model_ref(src):
-            ref = parse_model(src)
-            catalog = catalog_of(open_registry(ref.registry, cfg.store, cfg.encryption_key, offline_ok=True))
-            version, manifest = catalog.resolve(ref)
-            return Source(catalog, ref.name, version, manifest)
-        rref = parse_registry(src)
-        registry = open_registry(rref, cfg.store, cfg.encryption_key, check=False)
-        registry.store.check_bucket()
-        if registry.models() or not rref.prefix:
-            registry.check_encryption()
-            return Source(catalog_of(registry))
-        # not a registry: read s3://…/NAME as NAME@latest, as pull and inspect do
-        try:
-            ref = parse_model(src)
-        except UsageError:
-            raise NotFoundError(f"no registry and no model at {src}") from None
-        parent_registry = Registry(registry.store, ref.registry, cfg.encryption_key)
-        parent_registry.check_encryption()  # its own line for a missing or wrong key
-        parent = catalog_of(parent_registry)
-        try:
-            version, manifest = parent.resolve(ref)
-        except NotFoundError:
-            raise NotFoundError(f"no registry and no model at {src}") from None
-        return Source(parent, ref.name, version, manifest)
-    if Path(src).is_dir():
-        url = registry_url_for(Path(src), cfg.registry_url)
-        registry = open_registry(parse_registry(url), cfg.store, cfg.encryption_key, offline_ok=True)
-        registry.store.check_bucket()
-        # with --registry every pointer is read from it; else only those whose origin it is
-        pointers = PointerDir(Path(src), None if cfg.registry_url else str(registry.ref))
-        return Source(catalog_of(registry), pointers=pointers)
-    manifest = read_manifest_file(src)
-    registry = origin_registry(manifest, cfg.registry_url, cfg.store, cfg.encryption_key, offline_ok=True)
-    catalog = catalog_of(registry)
-    catalog.verify(manifest, manifest.version_id)
-    return Source(catalog, manifest.name, manifest.version_id, manifest)
+    return resolve(cfg.source, cfg.store, key=cfg.encryption_key, trust=cfg.trust, registry_url=cfg.registry_url,
+                   cache=cache, sealed=cfg.encrypt_cache, need_registry=True, whole_registry_ok=True,
+                   offline_ok=True)
 
 
 def root_signature(source: Source) -> bytes | None:
@@ -197,8 +147,8 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
     lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes)
     view = CacheView(cache)
-    fetcher = Fetcher(view, lanes, readahead_bytes=cfg.readahead_bytes,
-                      tensor_order=cfg.readahead_order == "tensors", sealed=cfg.encrypt_cache)
+    unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.encrypt_cache and lanes.registry else None
+    reader = Reader(view, lanes, cfg.readahead, unsealer=unsealer)
     ns = Namespace(lanes, source.catalog, ttl=cfg.metadata_ttl)
     if source.pointers is not None:
         ns.root_pointers(source.pointers)
@@ -206,10 +156,10 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
         ns.root_version(source.model, source.version, source.manifest, root_signature(source))
     else:
         ns.root_registry()
-    ops = ModelFS(ns, fetcher)
+    ops = ModelFS(ns, reader)
     reporter = Reporter(lanes, cache, cfg.source, cfg.mountpoint, source.version)
-    ops.root_xattrs[PID_XATTR.removeprefix(XATTR_PREFIX)] = lambda: str(os.getpid()).encode()
-    ops.root_xattrs["stats"] = reporter.refreshed_json
+    ops.root_xattrs[xattrs.key_of(xattrs.PID)] = lambda: str(os.getpid()).encode()
+    ops.root_xattrs[xattrs.key_of(xattrs.STATS)] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
     options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
     if cfg.allow_other:
@@ -221,7 +171,7 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
         # otherwise walk it all (~60 ms here) while every reader waits on the FUSE loop
         gc.freeze()
         try:
-            trio.run(_main, cfg, lanes, fetcher, view, reporter, on_ready)
+            trio.run(_main, cfg, lanes, reader, view, reporter, on_ready)
         finally:
             pyfuse3.close(unmount=True)
             view.close()
@@ -231,11 +181,11 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) ->
             metrics_server.shutdown()
 
 
-async def _main(cfg: MountConfig, lanes: Lanes, fetcher: Fetcher, view: CacheView, reporter: Reporter,
+async def _main(cfg: MountConfig, lanes: Lanes, reader: Reader, view: CacheView, reporter: Reporter,
                 on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(lanes.run)
-        await nursery.start(fetcher.run)
+        await nursery.start(reader.run)
         nursery.start_soon(_record_uses, lanes, view)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_when_serving, cfg, reporter, on_ready)

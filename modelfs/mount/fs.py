@@ -1,5 +1,5 @@
 """The FUSE operations: a thin, read-only translation from kernel requests to the
-namespace (``tree``) and the chunk reader (``fetch``).
+namespace (:mod:`.namespace`) and the chunk reader (:mod:`.reader`).
 
 It knows nothing of S3 or LMDB. Handlers may only raise ``pyfuse3.FUSEError``
 (anything else would end ``pyfuse3.main``), so every failure below is mapped:
@@ -19,13 +19,14 @@ from typing import TypeVar
 import pyfuse3
 
 from ..errors import ModelfsError
-from .reader import Fetcher, Stream
+from . import xattrs
 from .namespace import Namespace, Node, mode_bits
+from .readahead import Stream
+from .reader import Reader
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-XATTR_PREFIX = "user.modelfs."
 BLKSIZE = 128 << 10  # what buffered readers (Python, stdio) size their reads by
 
 
@@ -53,13 +54,19 @@ class _Blob:
 
 
 class ModelFS(pyfuse3.Operations):
+    """Kernel requests → :class:`Namespace` (names, attributes, listings) and
+    :class:`Reader` (bytes, through one :class:`Stream` per open file).
+
+    Invariants: read-only (every change is EROFS, writable opens included); no handler
+    raises anything but ``FUSEError`` (``_guard``); a directory handle lists the snapshot
+    taken at ``opendir``; file handles are never reused while mounted."""
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, ns: Namespace, fetcher: Fetcher):
+    def __init__(self, ns: Namespace, reader: Reader):
         super().__init__()
         self.ns = ns
-        self.fetcher = fetcher
+        self.reader = reader
         self._streams: dict[int, Stream | _Blob] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
@@ -134,7 +141,7 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_fh()
-        self._streams[fh] = _Blob(node.path, node.data) if node.kind == "blob" else Stream(self.fetcher, node.entry)
+        self._streams[fh] = _Blob(node.path, node.data) if node.kind == "blob" else Stream(self.reader, node.entry)
         # immutable content: keep the page cache across opens; no direct_io (mmap must work)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
@@ -179,9 +186,7 @@ class ModelFS(pyfuse3.Operations):
 
     async def getxattr(self, inode, name, ctx):
         key = os.fsdecode(name)
-        if not key.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        fn = self._xattrs(self._node(inode)).get(key[len(XATTR_PREFIX):])
+        fn = self._xattrs(self._node(inode)).get(xattrs.key_of(key) or "")
         if fn is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = fn()
@@ -190,7 +195,7 @@ class ModelFS(pyfuse3.Operations):
         return value
 
     async def listxattr(self, inode, ctx):
-        return [(XATTR_PREFIX + k).encode() for k in self._xattrs(self._node(inode))]
+        return [(xattrs.PREFIX + k).encode() for k in self._xattrs(self._node(inode))]
 
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()

@@ -1,6 +1,6 @@
 """Live figures of a running mount, for people (``modelfs stats``), systemd (STATUS=) and Prometheus.
 
-The fetcher counts; this module turns its counters into one snapshot. Snapshots
+The lanes and the reader count; this module turns its counters into one snapshot. Snapshots
 are built on the trio thread (the counters' owner): an xattr read is answered
 there (after reading the cache's size in a worker thread), and a Prometheus scrape (prometheus_client's own HTTP thread) asks the
 trio thread for one with ``trio.from_thread``, so no counter is read from two
@@ -17,16 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..cache import BlockCache
 from ..errors import ModelfsError, UsageError
-from .fs import XATTR_PREFIX
-from ..transfer.lanes import Lanes
 from ..units import fmt_bytes
+from .xattrs import STATS as STATS_XATTR
 
-STATS_XATTR = XATTR_PREFIX + "stats"  # on the mount root; the daemon answers it live
+if TYPE_CHECKING:
+    from ..transfer.lanes import Lanes
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelfsError, UsageError
+from .xattrs import PID as PID_XATTR
 
 log = logging.getLogger(__name__)
 
-PID_XATTR = "user.modelfs.pid"  # on a mount's root: the daemon's PID
 FSTYPE = "fuse.modelfs"  # what the mount options (subtype=modelfs) make mountinfo say
 
 

@@ -64,7 +64,8 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
     missing, have = chunks_to_fetch(manifest, cache)
     stats.add(bytes=have, cached_chunks=sum(len(e.chunks) for e in manifest.files) - len(missing))
     on_progress(have)
-    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed))
+    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed,
+                                                  timeouts=registry.store.config.timeouts))
 
     async def one(h: str, n: int, slots: trio.Semaphore) -> None:
         try:

@@ -35,6 +35,7 @@ from ..format.chunking import DEFAULT_PARAMS, ChunkParams, cut
 from ..describe.headers import describe
 from ..errors import ManifestError, UsageError
 from ..transfer.lanes import URL_SECONDS, LaneConfig, Lanes, run_with
+from ..transfer.protocol import Go
 from ..registry.lifecycle import Lease
 from ..format.manifest import DirEntry, FileEntry, Manifest, check_path
 from ..progress import Counters
@@ -187,7 +188,8 @@ class Publisher:
         entries: list[FileEntry | None] = [None] * len(files)
         if not files:
             return []
-        lanes = Lanes(self.registry, None, LaneConfig(workers=self.workers, concurrency=self.concurrency))
+        lanes = Lanes(self.registry, None, LaneConfig(workers=self.workers, concurrency=self.concurrency,
+                                                          timeouts=self.registry.store.config.timeouts))
 
         async def main() -> None:
             chunk_slots, file_slots = trio.Semaphore(2 * self.concurrency), trio.Semaphore(FILES_AT_ONCE)
@@ -257,15 +259,15 @@ class Publisher:
             self.stats.add(reused_chunks=1, reused_bytes=n)
         self.on_progress(n, self.stats)
 
-    def _decide(self, h: str) -> dict[str, Any]:
+    def _decide(self, h: str) -> Go:
         """What a worker does with chunk ``h`` it read: nothing (this run sent it, or the
         previous version has it), or HEAD it and PUT it if the store lacks it."""
         if h in self._seen or h in self._known:
-            return {"skip": True}
+            return Go(0, skip=True)
         self._seen.add(h)
         store, key = self.registry.store, self.registry.chunk_key(h)
-        return {"head": store.presign(key, URL_SECONDS, "HEAD"), "compress": self.compress,
-                "put": None if self.dry_run else store.presign(key, URL_SECONDS, "PUT")}
+        return Go(0, head=store.presign(key, URL_SECONDS, "HEAD"), compress=self.compress,
+                  put=None if self.dry_run else store.presign(key, URL_SECONDS, "PUT"))
 
 
 def _take(it: Iterator[tuple[int, int]], n: int) -> list[tuple[int, int]]:

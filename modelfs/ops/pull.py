@@ -94,7 +94,8 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
         else:
             todo.append((entry, target))
     if todo:
-        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency))
+        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency,
+                                                  timeouts=registry.store.config.timeouts))
 
         async def main() -> None:
             chunk_slots, file_slots = trio.Semaphore(2 * concurrency), trio.Semaphore(FILES_AT_ONCE)

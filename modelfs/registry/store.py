@@ -54,9 +54,9 @@ class Store:
             self.endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
             bc = botocore.config.Config(
                 max_pool_connections=config.concurrency + 4,
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-                retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                connect_timeout=config.timeouts.connect,
+                read_timeout=config.timeouts.read,
+                retries={"max_attempts": config.timeouts.attempts, "mode": "standard"},
                 # Chunks carry their own BLAKE3 hash, verified end to end: the extra
                 # CRC that newer botocore adds to every request is pure CPU cost.
                 request_checksum_calculation="when_required",
@@ -72,7 +72,7 @@ class Store:
 
     def _fail(self, e: Exception, what: str) -> Exception:
         where = f"s3://{self.bucket}/{what}"
-        c = self.config
+        c = self.config.timeouts
         if isinstance(e, botocore.exceptions.ClientError):
             err = e.response.get("Error", {})
             meta = e.response.get("ResponseMetadata", {})
@@ -85,17 +85,17 @@ class Store:
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
-        tries = f"{c.max_attempts} attempt{'s' if c.max_attempts > 1 else ''}"
+        tries = f"{c.attempts} attempt{'s' if c.attempts > 1 else ''}"
         if isinstance(e, botocore.exceptions.ConnectTimeoutError):
             return StoreUnavailableError(
                 f"cannot reach the object store at {self.endpoint}: no connection within "
-                f"{c.connect_timeout:g} s ({tries}; --connect-timeout, --attempts)")
+                f"{c.connect:g} s ({tries}; --connect-timeout, --attempts)")
         if isinstance(e, botocore.exceptions.EndpointConnectionError):
             return StoreUnavailableError(f"cannot reach the object store at {self.endpoint}: {e}")
         if isinstance(e, botocore.exceptions.ReadTimeoutError):
             return StoreUnavailableError(
                 f"the object store at {self.endpoint} accepted the connection but did not answer "
-                f"within {c.read_timeout:g} s ({tries}) for {where}; if it is only slow, raise "
+                f"within {c.read:g} s ({tries}) for {where}; if it is only slow, raise "
                 "--read-timeout or --attempts")
         if isinstance(e, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
             return StoreUnavailableError(f"{where}: connection to the object store failed: {e}")

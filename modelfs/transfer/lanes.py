@@ -2,14 +2,17 @@
 
 One object, :class:`Lanes`, owns it, with its limits and timeouts:
 
-* chunks: fetch worker processes (:mod:`modelfs.transfer.worker`) that GET, verify and
-  write chunks straight into the shared LMDB cache, so the per-byte work of a
-  cold read runs on other cores than the FUSE loop. ``load`` returns once the
-  chunk is in the cache; the reader then serves it from the cache's memory map.
-  ``deliver`` has a worker write a verified chunk into a file instead (``pull``);
-  ``peek`` has one fetch and check just the blocks a small read needs, first.
-* store calls (listings, manifests, tags) and cache calls (manifest records,
-  last-use flushes): worker threads under their own ``CapacityLimiter``s.
+* chunks: fetch worker processes (:mod:`.worker`, spoken to in :mod:`.protocol`)
+  that GET, verify and write chunks straight into the shared LMDB cache, so the
+  per-byte work of a cold read runs on other cores than the FUSE loop. ``load``
+  returns once the chunk is in the cache; the reader then serves it from the
+  cache's memory map. ``deliver`` has a worker write a verified chunk into a file
+  instead (``pull``); ``peek`` has one fetch and check just the blocks a small read
+  needs, first; ``upload`` has one read, name and PUT a piece of a file (``publish``).
+* store calls (listings, manifests, tags), bounded by ``fetch_timeout``, and cache
+  calls (manifest records, last-use flushes, paging in), unbounded: LMDB on a local
+  disk answers or the host is broken — on worker threads under their own
+  ``CapacityLimiter``s.
 
 Single flight: one load per chunk per mount, whoever asks (readers, readahead);
 across mounts and processes on one host the workers' :class:`~modelfs.cache.FetchLock`
@@ -17,24 +20,17 @@ does the same. A reader that gives up (timeout) does not cancel the load for
 the others. A worker that dies is replaced; what it held is sent once more to a
 live worker, and fails (EIO for the reader) if that one dies too.
 
-A load that a reader waits on (``load``, not ``prefetch``) hands the reader the
-chunk as soon as a worker verified it, mapped from the worker's memfd, while the
-worker commits it; the reader does not wait for the LMDB write.
-
-Invariants: at most ``concurrency`` chunk buffers exist in all workers together
-(their threads); this process holds chunk bytes only for chunks the cache could
-not store (a full disk) or that are being committed for a waiting reader, mapped
-from the workers' memfds, at most ``spill_bytes``.
+A load that a reader waits on (``load(early=True)``) hands the reader the chunk as
+soon as a worker verified it, mapped from the worker's memfd, while the worker
+commits it; the reader does not wait for the LMDB write.
 """
 
 from __future__ import annotations
 
-import array
-import base64
+import enum
 import functools
 import gc
 import itertools
-import json
 import logging
 import mmap
 import os
@@ -43,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from base64 import b64encode
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,20 +49,21 @@ import cachetools
 import trio
 
 from ..cache import BlockCache
-from ..config import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT
+from ..config import Timeouts
 from ..errors import IntegrityError, ModelfsError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
-from .worker import MAX_MESSAGE, WorkerConfig
+from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message, Named,
+                       Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, WorkerConfig, decode, encode,
+                       fd_message, received_fd)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
 WORKER_START_SECONDS = 30.0
-PAGING_MAX = 64  # cached chunks being paged in at once (readahead windows are smaller)
-UNSEAL_AHEAD_MAX = 4  # a sealed cache's chunks being decrypted ahead of readers at once
 PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
 PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer gets peeks (and a chunk due later)
+RECENT_SECONDS = 10.0  # a chunk a worker wrote or re-checked this lately: its pages are in memory
 
 
 def default_workers() -> int:
@@ -79,12 +77,9 @@ class LaneConfig:
     concurrency: int = 16  # parallel GETs over all workers
     cache_threads: int = 4  # parallel LMDB calls from this process
     fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
-    connect_timeout: float = CONNECT_TIMEOUT
-    read_timeout: float = READ_TIMEOUT
-    max_attempts: int = ATTEMPTS
+    timeouts: Timeouts = Timeouts()  # each store request's (the workers' and boto3's)
     spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
-    sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (see unseal)
-    plain_bytes: int = 128 << 20  # a sealed cache's chunks kept decrypted in memory
+    sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (no early hand-over)
 
 
 @dataclass
@@ -103,27 +98,55 @@ class FetchStats:
     recent_latencies: deque = field(default_factory=lambda: deque(maxlen=4096))  # seconds, newest last
 
 
-class _Flight:
-    __slots__ = ("h", "size", "done", "error", "url", "retried", "urgent", "refetch", "pin", "buffer", "out",
-                 "decide", "go", "result", "what", "span", "started", "early", "ready")
+class Kind(enum.Enum):
+    """What a flight asks of a worker (one request type of the protocol each)."""
+    LOAD = "load"  # into the cache: single flight per chunk
+    PEEK = "peek"  # a few verified blocks, for a small read
+    DELIVER = "deliver"  # into a file (pull)
+    UPLOAD = "upload"  # from a file (publish)
 
-    def __init__(self, h: str, size: int, urgent: bool, refetch: bool, pin: bool = False) -> None:
-        self.h, self.size, self.urgent, self.refetch, self.pin = h, size, urgent, refetch, pin
-        self.done = trio.Event()
-        self.started = time.monotonic()
-        self.error: ModelfsError | None = None
+
+class _Flight:
+    """One request to the workers and those who wait for it.
+
+    Invariants: ``done`` is set exactly once (``_finish``), with ``error`` or the reply
+    in ``reply``; ``ready`` is set by then too (or earlier: an early hand-over); only a
+    LOAD is in ``Lanes._flights`` (one per chunk), and only until it is done."""
+    __slots__ = ("kind", "h", "size", "urgent", "refetch", "pin", "early", "out", "span", "decide", "go",
+                 "what", "url", "retried", "started", "done", "ready", "error", "reply", "buffer")
+
+    def __init__(self, kind: Kind, h: str, size: int, *, urgent: bool = True, refetch: bool = False,
+                 pin: bool = False, early: bool = False, out: tuple[int, int] | None = None,
+                 span: tuple[int, int] | None = None) -> None:
+        self.kind, self.h, self.size = kind, h, size
+        self.urgent, self.refetch, self.pin, self.early = urgent, refetch, pin, early
+        self.out = out  # (fd, offset): a DELIVER's destination, an UPLOAD's source
+        self.span = span  # a PEEK: just bytes [lo, hi) of the chunk
+        # an UPLOAD: what to do with the chunk once its id is known, and the answer
+        # (asked once: after a worker died, the same answer goes to the next)
+        self.decide: Callable[[str], Go] | None = None
+        self.go: Go | None = None
+        self.what = ""  # an UPLOAD's piece of its file, for errors ("model.safetensors at byte 0")
         self.url: str | None = None
         self.retried = False
-        self.buffer: mmap.mmap | None = None  # the chunk's bytes, when a worker handed them over
-        self.out: tuple[int, int] | None = None  # (fd, offset): deliver the chunk there, not to the cache
-        # an upload (``out`` is then its source): what to do with the chunk once its id is known
-        self.decide: Callable[[str], dict[str, Any]] | None = None
-        self.go: dict[str, Any] | None = None  # decide's answer (asked again after a worker died: the same)
-        self.result: dict[str, Any] | None = None  # the worker's final reply (uploads, deliveries)
-        self.what = ""  # an upload's piece of its file, for errors ("model.safetensors at byte 0")
-        self.span: tuple[int, int] | None = None  # a peek: just bytes [lo, hi) of the chunk
-        self.early = False  # a load a reader waits on: the chunk handed over before its commit
+        self.started = time.monotonic()
+        self.done = trio.Event()
         self.ready = trio.Event()  # done, or the chunk's verified bytes are here (in _spilled)
+        self.error: ModelfsError | None = None
+        self.reply: Done | Peeked | Uploaded | None = None  # the worker's final reply
+        self.buffer: mmap.mmap | None = None  # the chunk's bytes, when a worker handed them over
+
+    def request(self, rid: int) -> Request:
+        """This flight as the protocol's request ``rid``."""
+        if self.kind is Kind.LOAD:
+            return Load(rid, self.h, self.size, self.url, self.urgent, self.refetch, self.pin, self.early)
+        if self.kind is Kind.PEEK:
+            assert self.span is not None
+            return Peek(rid, self.h, self.size, self.url, *self.span)
+        assert self.out is not None
+        if self.kind is Kind.DELIVER:
+            return Deliver(rid, self.h, self.size, self.url, self.out[1])
+        return Upload(rid, self.size, self.out[1])
 
 
 @dataclass(eq=False)
@@ -138,6 +161,16 @@ class _Proc:
 
 
 class Lanes:
+    """The fetch workers and the thread limiters of one process (a mount, or a bulk command).
+
+    Invariants: at most ``concurrency`` chunk buffers exist in all workers together
+    (their threads); this process holds chunk bytes only for chunks the cache could
+    not store (a full disk) or that are being committed for a waiting reader, mapped
+    from the workers' memfds, at most ``spill_bytes``; every flight ends (its
+    ``done`` set) even when its worker dies, twice at most per flight; the workers
+    hold no credentials (every URL comes signed, the registry key over the socket).
+    """
+
     def __init__(self, registry: Registry | None, cache: BlockCache | None, config: LaneConfig = LaneConfig()):
         """``cache`` None: workers without a cache, for ``deliver`` only."""
         self.registry = registry
@@ -146,28 +179,22 @@ class Lanes:
         self.n_workers = config.workers or default_workers()
         self.worker_config = WorkerConfig(
             cache_dir=str(cache.path.parent) if cache is not None else "", cache_cap=cache.cap if cache else 0,
-            threads=max(1, -(-config.concurrency // self.n_workers)),
-            connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
-            max_attempts=config.max_attempts,
+            threads=max(1, -(-config.concurrency // self.n_workers)), timeouts=config.timeouts,
             encrypted=registry is not None and registry.key is not None, sealed=config.sealed)
         self.store_limiter = trio.CapacityLimiter(config.concurrency)
         self.cache_limiter = trio.CapacityLimiter(config.cache_threads)
         self.stats = FetchStats()
         self.generation = 0  # bumped whenever a chunk becomes servable
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, _Flight] = {}  # LOADs, by chunk
         self._procs: list[_Proc] = []
         self._next_id = 0
         self._nursery: trio.Nursery | None = None
         self._quick_deaths = 0
         self._closing = False
-        self._paging: set[str] = set()  # cached chunks being read into memory
-        # chunks a worker confirmed lately: readahead need not ask again
-        self._confirmed: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=10.0)
+        # chunks a worker wrote or re-checked lately (see recently_loaded)
+        self._recent: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=RECENT_SECONDS)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
         self._spilled: cachetools.LRUCache = cachetools.LRUCache(config.spill_bytes, getsizeof=len)
-        # a sealed cache's chunks, decrypted (readers and readahead), and those being decrypted
-        self._plain: cachetools.LRUCache = cachetools.LRUCache(config.plain_bytes, getsizeof=len)
-        self._unsealing: dict[str, trio.Event] = {}
 
     # -- life ---------------------------------------------------------------------
     async def run(self, *, ready_first: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -205,7 +232,7 @@ class Lanes:
             theirs.close()
         if self.worker_config.encrypted:  # the key goes through the socket, never argv or env
             assert self.registry is not None and self.registry.key is not None
-            mine.send(json.dumps({"key": base64.b64encode(self.registry.key.secret).decode()}).encode())
+            mine.send(encode(Key(b64encode(self.registry.key.secret).decode())))
         p = _Proc(proc, mine, trio.socket.from_stdlib_socket(mine), time.monotonic())
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)
@@ -235,29 +262,43 @@ class Lanes:
         return len(self._flights)
 
     # -- chunks ---------------------------------------------------------------------
-    async def load(self, h: str, size: int, *, refetch: bool = False, pin: bool = False,
+    async def load(self, h: str, size: int, *, urgent: bool = True, refetch: bool = False, pin: bool = False,
                    early: bool = False) -> mmap.mmap | None:
         """Return once chunk ``h`` is verified in the cache, or with ``early`` (a reader
         waits) once it is verified and handed over (``spilled(h)``) while a worker
-        commits it; ModelfsError if it cannot be.
+        commits it; ModelfsError if it cannot be. ``urgent`` false: behind readers' loads
+        in the workers' queues (readahead that waits for its chunk).
 
         With ``pin``, also return the chunk's bytes (a read-only map of a worker's memfd):
         for a reader that found its chunk evicted right after an earlier load.
         """
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
-            flight = self._start(h, size, urgent=True, refetch=refetch, pin=pin, early=early and not pin)
+            flight = self._start(_Flight(Kind.LOAD, h, size, urgent=urgent, refetch=refetch, pin=pin,
+                                         early=early and not pin and not self.config.sealed))
         await self._wait(flight, flight.ready if early else flight.done)
         return flight.buffer
+
+    def load_ahead(self, h: str, size: int) -> None:
+        """Start loading ``h`` for a reader that will want it soon (readahead); nobody
+        waits for it. Nothing to do for a chunk loading, or loaded lately."""
+        if h not in self._flights and h not in self._recent:
+            self._start(_Flight(Kind.LOAD, h, size, urgent=False))
+
+    def recently_loaded(self, h: str) -> bool:
+        """Whether a worker wrote or re-checked ``h`` in the last ``RECENT_SECONDS``: its
+        pages are in memory, and it is in the cache."""
+        return h in self._recent
 
     async def deliver(self, h: str, size: int, fd: int, offset: int) -> bool:
         """Have a worker write verified chunk ``h`` into ``fd`` at ``offset`` — from the cache
         if it holds the chunk (nothing is added to it), else GET — and return once it is
         written: True if it was fetched. ModelfsError if it cannot be. No single flight:
         each delivery is its own."""
-        flight = self._start(h, size, urgent=True, refetch=False, out=(fd, offset))
+        flight = self._start(_Flight(Kind.DELIVER, h, size, out=(fd, offset)))
         await self._wait(flight)
-        return bool(flight.result and flight.result.get("fetched"))
+        assert isinstance(flight.reply, Done)
+        return flight.reply.fetched
 
     async def peek(self, h: str, size: int, lo: int, hi: int) -> mmap.mmap | None:
         """Bytes [lo, hi) of chunk ``h`` for a small read, fetched and verified without the
@@ -274,14 +315,14 @@ class Lanes:
         if (loading := self._flights.get(h)) is not None and \
                 (whole is None or whole - (time.monotonic() - loading.started) < PEEK_WORTH):
             return None  # the whole chunk is on its way, and soon here
-        flight = self._start(h, size, urgent=True, refetch=False, span=(lo, hi))
+        flight = self._start(_Flight(Kind.PEEK, h, size, span=(lo, hi)))
         try:
             await self._wait(flight)
         except ModelfsError as e:  # the whole chunk's load says what is wrong, if anything is
             log.debug("chunk %s, bytes %d-%d: %s", h[:16], lo, hi, e)
             return None
         finally:
-            self.prefetch(h, size)
+            self.load_ahead(h, size)
         return flight.buffer
 
     def _whole_chunk_seconds(self) -> float | None:
@@ -293,20 +334,20 @@ class Lanes:
         return statistics.median(recent) if len(recent) >= PEEK_SAMPLE // 4 else None
 
     async def upload(self, fd: int, offset: int, size: int, what: str,
-                     decide: Callable[[str], dict[str, Any]]) -> tuple[str, bool, int]:
+                     decide: Callable[[str], Go]) -> tuple[str, bool, int]:
         """Have a worker read ``size`` bytes at ``offset`` of ``fd``, hash them, and then do what
-        ``decide(chunk id)`` says: ``{"skip": True}``, or HEAD ``"head"`` (the store has it:
-        done), encode (zstd where it pays, unless ``"compress"`` is false) and PUT to
-        ``"put"`` (none: a dry run). ``decide`` runs in this loop, once per upload.
-        ``(id, uploaded, stored bytes)``; ModelfsError if it cannot be done. ``what`` names
-        the piece in errors ("model.safetensors at byte 0")."""
-        flight = _Flight("", size, urgent=True, refetch=False)  # the id comes with the worker's question
-        flight.out, flight.decide, flight.what = (fd, offset), decide, what
+        ``decide(chunk id)`` says (a :class:`~.protocol.Go`; its ``id`` is filled in here):
+        skip, or HEAD (the store has it: done), encode (zstd where it pays, unless not
+        ``compress``) and PUT (no URL: a dry run). ``decide`` runs in this loop, once per
+        upload. ``(id, uploaded, stored bytes)``; ModelfsError if it cannot be done.
+        ``what`` names the piece in errors ("model.safetensors at byte 0")."""
+        flight = _Flight(Kind.UPLOAD, "", size, out=(fd, offset))  # the id comes with the worker's question
+        flight.decide, flight.what = decide, what
         assert self._nursery is not None, "Lanes.run() is not running"
         self._nursery.start_soon(self._send, flight)
         await self._wait(flight)
-        assert flight.result is not None
-        return flight.result["h"], flight.result["uploaded"], flight.result["stored"]
+        assert isinstance(flight.reply, Uploaded)
+        return flight.reply.h, flight.reply.uploaded, flight.reply.stored
 
     async def _answer(self, p: _Proc, rid: int, flight: _Flight, h: str) -> None:
         """An upload's worker knows the chunk's id: say what to do with it."""
@@ -316,9 +357,9 @@ class Lanes:
             try:
                 flight.go = flight.decide(h)
             except ModelfsError as e:  # e.g. a URL that cannot be signed: fail this upload
-                flight.error, flight.go = e, {"skip": True}
+                flight.error, flight.go = e, Go(0, skip=True)
         try:
-            await p.sock.send(json.dumps({"id": rid, "go": True, **flight.go}).encode())
+            await p.sock.send(encode(Go(rid, flight.go.skip, flight.go.head, flight.go.put, flight.go.compress)))
         except OSError:
             pass  # the worker is gone: _receive sees it and re-sends the upload
 
@@ -335,45 +376,12 @@ class Lanes:
         if flight.error is not None:
             raise flight.error
 
-    def prefetch(self, h: str, size: int) -> None:
-        """Start loading ``h`` (readahead); nobody waits for it."""
-        if h not in self._flights and h not in self._confirmed:
-            self._start(h, size, urgent=False, refetch=False)
-
-    def page_in(self, h: str, size: int) -> None:
-        """Read cached chunk ``h`` from disk into the page cache on a cache thread
-        (readahead of a warm chunk; in a sealed cache, decrypt it into memory);
-        nobody waits for it."""
-        if h in self._paging or len(self._paging) >= (UNSEAL_AHEAD_MAX if self.config.sealed else PAGING_MAX):
-            return
-        if self.config.sealed and h in self._plain:
-            return
-        if not self.config.sealed and h in self._confirmed:
-            return  # a worker wrote or re-checked it moments ago: its pages are in memory
-        self._paging.add(h)
-        assert self._nursery is not None, "Lanes.run() is not running"
-        self._nursery.start_soon(self._page_in, h, size)
-
-    async def _page_in(self, h: str, size: int) -> None:
-        try:
-            if await (self.unseal(h, size) if self.config.sealed else self.cache_call(self.cache.page_in, h)):
-                self.stats.paged_in += 1
-        except Exception as e:  # readahead only: the read itself will say what is wrong
-            log.debug("paging in chunk %s: %s", h[:16], e)
-        finally:
-            self._paging.discard(h)
-
-    def _start(self, h: str, size: int, *, urgent: bool, refetch: bool, pin: bool = False,
-               out: tuple[int, int] | None = None, span: tuple[int, int] | None = None,
-               early: bool = False) -> _Flight:
-        flight = _Flight(h, size, urgent, refetch, pin)
-        if out is None and span is None:  # a load: one per chunk (a delivery or a peek is its own)
-            self._flights[h] = flight
-        flight.out, flight.span = out, span
-        flight.early = early and not self.config.sealed
+    def _start(self, flight: _Flight) -> _Flight:
+        if flight.kind is Kind.LOAD:  # one per chunk (a delivery or a peek is its own)
+            self._flights[flight.h] = flight
         try:
             if self.registry is not None:
-                flight.url = self.registry.store.presign(self.registry.chunk_key(h), URL_SECONDS)
+                flight.url = self.registry.store.presign(self.registry.chunk_key(flight.h), URL_SECONDS)
         except ModelfsError as e:
             self._finish(flight, e)
             return flight
@@ -390,113 +398,108 @@ class Lanes:
         self._next_id += 1
         rid = self._next_id
         p.pending[rid] = flight
-        if flight.decide is not None:
-            msg = {"id": rid, "up": True, "n": flight.size, "urgent": True}
-        else:
-            msg = {"id": rid, "h": flight.h, "n": flight.size, "url": flight.url, "urgent": flight.urgent,
-                   "refetch": flight.refetch, "pin": flight.pin}
-            if flight.span is not None:
-                msg["lo"], msg["hi"] = flight.span
-            if flight.early:
-                msg["early"] = True
         try:
-            if flight.out is None:
-                await p.sock.send(json.dumps(msg).encode())
-            else:
-                fd, msg["at"] = flight.out
-                await p.sock.sendmsg([json.dumps(msg).encode()],
-                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            await p.sock.sendmsg([encode(flight.request(rid))], fd_message(flight.out[0] if flight.out else None))
         except OSError:
             pass  # the worker is gone: _receive sees it and re-sends what it held
 
     async def _receive(self, p: _Proc) -> None:
-        fd_space = socket.CMSG_SPACE(4)
         while True:
             try:
-                data, anc, _, _ = await p.sock.recvmsg(MAX_MESSAGE, fd_space)
+                data, anc, _, _ = await p.sock.recvmsg(MAX_MESSAGE, FD_SPACE)
             except (OSError, trio.ClosedResourceError):
                 data, anc = b"", []
             if not data:
                 break
-            reply = json.loads(data)
-            if "ready" in reply:
-                p.ready.set()
-                continue
-            if "ok" not in reply:  # an upload's question: its chunk's id
-                if (asking := p.pending.get(reply["id"])) is not None:
-                    await self._answer(p, reply["id"], asking, reply["h"])
-                continue
-            early = reply.get("early")  # a waiting reader's bytes, ahead of the commit: the flight goes on
-            flight = p.pending.get(reply["id"]) if early else p.pending.pop(reply["id"], None)
-            for level, kind, fds in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fd = int.from_bytes(fds[:4], sys.byteorder)
-                    try:
-                        if flight is not None and reply.get("spill"):
-                            lo, hi = flight.span or (0, flight.size)
-                            buf = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
-                            if flight.span is None:
-                                self._spilled[flight.h] = buf
-                            if not early:  # an early one is for readers to find in _spilled
-                                flight.buffer = buf
-                    finally:
-                        os.close(fd)
-            if flight is not None and early:
-                self.generation += 1  # servable now (and a refetch's old entry is gone): views renew
-                flight.ready.set()
-            elif flight is not None:
-                self._on_reply(flight, reply)
+            fd = received_fd(anc)
+            try:
+                msg = decode(data)
+            except ProtocolError as e:
+                log.error("fetch worker %d: %s: replacing it", p.proc.pid, e)
+                if fd is not None:
+                    os.close(fd)
+                p.proc.kill()  # what it held goes to another (see _on_death)
+                break
+            try:
+                await self._on_message(p, msg, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
         await self._on_death(p)
 
+    async def _on_message(self, p: _Proc, msg: Message, fd: int | None) -> None:
+        if isinstance(msg, Ready):
+            p.ready.set()
+        elif isinstance(msg, Named):  # an upload's question: its chunk's id
+            if (asking := p.pending.get(msg.id)) is not None:
+                await self._answer(p, msg.id, asking, msg.h)
+        elif isinstance(msg, Early):  # a waiting reader's bytes, ahead of the commit: the flight goes on
+            if (flight := p.pending.get(msg.id)) is not None and fd is not None:
+                self._spilled[flight.h] = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
+                self.generation += 1  # servable now (and a refetch's old entry is gone): views renew
+                flight.ready.set()
+        elif isinstance(msg, (Done, Peeked, Uploaded, Failed)):
+            if (flight := p.pending.pop(msg.id, None)) is not None:
+                if fd is not None:
+                    lo, hi = flight.span or (0, flight.size)
+                    flight.buffer = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ)
+                    if flight.kind is Kind.LOAD:
+                        self._spilled[flight.h] = flight.buffer
+                self._on_reply(flight, msg)
+        else:
+            log.error("fetch worker %d sent a %s: ignored", p.proc.pid, type(msg).__name__)
+
     def spilled(self, h: str) -> mmap.mmap | None:
-        """A verified chunk the cache could not store (see ``spill_bytes``), if still held."""
+        """A verified chunk the cache could not store (see ``spill_bytes``), or one a
+        waiting reader was handed before its commit, if still held."""
         return self._spilled.get(h)
 
-    def _on_reply(self, flight: _Flight, r: dict[str, Any]) -> None:
-        st, flight.result = self.stats, r
-        if flight.decide is not None:  # an upload
-            self._finish(flight, flight.error or (None if r["ok"] else self._error(flight, r)))
+    def _on_reply(self, flight: _Flight, r: Done | Peeked | Uploaded | Failed) -> None:
+        if isinstance(r, Failed):
+            if flight.kind is Kind.PEEK:  # its failure is no reader's (see peek)
+                flight.error = self._error(flight, r)
+                flight.done.set()
+                return
+            self._finish(flight, flight.error or self._error(flight, r))
             return
-        if flight.span is not None:  # a peek: its failure is no reader's (see peek)
-            st.peeks += r["ok"] and not r.get("none")
-            flight.error = None if r["ok"] else self._error(flight, r)
+        flight.reply = r
+        if isinstance(r, Peeked):
+            self.stats.peeks += not r.none
             flight.done.set()
             return
-        if r["ok"]:
-            if r["fetched"]:
-                st.fetches += 1
-                st.bytes_fetched += flight.size
-                st.fetch_seconds += r["took"]
-                st.recent_latencies.append(r["took"])
-            else:
-                st.cache_hits += 1
-            if flight.out is None:
-                self._confirmed[flight.h] = True
-                self.generation += 1
-                if flight.early and not r.get("spill"):  # committed: readers find it in the cache now
-                    self._spilled.pop(flight.h, None)
-            self._finish(flight, None)
-            if self.config.sealed and not flight.urgent:
-                self.page_in(flight.h, flight.size)  # decrypt it ahead of its reader
+        if isinstance(r, Uploaded):
+            self._finish(flight, flight.error)
             return
-        self._finish(flight, self._error(flight, r))
+        st = self.stats
+        if r.fetched:
+            st.fetches += 1
+            st.bytes_fetched += flight.size
+            st.fetch_seconds += r.took
+            st.recent_latencies.append(r.took)
+        else:
+            st.cache_hits += 1
+        if flight.kind is Kind.LOAD:
+            self._recent[flight.h] = True
+            self.generation += 1
+            if flight.early and not r.spill:  # committed: readers find it in the cache now
+                self._spilled.pop(flight.h, None)
+        self._finish(flight, None)
 
-    def _error(self, flight: _Flight, r: dict[str, Any]) -> ModelfsError:
+    def _error(self, flight: _Flight, r: Failed) -> ModelfsError:
         # the full chunk id, once: it is what finds the object in the store (the worker's
         # own message may start with the short form)
-        kind, msg = r.get("kind"), r.get("msg", "").removeprefix(f"chunk {flight.h[:16]}: ")
+        msg = r.msg.removeprefix(f"chunk {flight.h[:16]}: ")
         label = f"chunk {flight.h}" if not flight.what else \
             f"{flight.what} (chunk {flight.h})" if flight.h else flight.what
-        if kind in ("http", "throttled", "unavailable") and r.get("status") is not None \
+        if r.kind in (Failure.HTTP, Failure.THROTTLED, Failure.UNAVAILABLE) and r.status is not None \
                 and self.registry is not None and flight.h:
-            err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r["status"],
-                                                 r.get("code") or "", msg)
+            err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r.status, r.code, msg)
             return err if isinstance(err, ModelfsError) else StoreError(str(err))
-        if kind == "unavailable":
+        if r.kind is Failure.UNAVAILABLE:
             return StoreUnavailableError(f"{label}: {msg}")
-        if kind == "integrity":
+        if r.kind is Failure.INTEGRITY:
             return IntegrityError(f"{label}: {msg}")
-        if kind in ("write", "source"):
+        if r.kind in (Failure.WRITE, Failure.SOURCE):
             return ModelfsError(f"{label}: {msg}")
         return StoreError(f"{label}: {msg}")
 
@@ -545,31 +548,9 @@ class Lanes:
             raise StoreUnavailableError(f"the object store did not answer within "
                                         f"{self.config.fetch_timeout:g} s") from None
 
-    async def unseal(self, h: str, size: int) -> bytes | memoryview | None:
-        """Chunk ``h`` of a sealed cache (``--encrypt-cache``), decrypted: from memory, or
-        decrypted on a cache thread (once for all who ask at the same time) and kept;
-        None if the cache does not hold it. IntegrityError: a damaged entry.
-
-        AES-GCM authenticates the whole entry and its id (the associated data), and the
-        worker checked the id's keyed BLAKE3 before it wrote the entry: no hash here."""
-        assert self.config.sealed and self.registry is not None
-        while (raw := self._plain.get(h)) is None and (other := self._unsealing.get(h)) is not None:
-            await other.wait()  # then look again: it may have failed, or found nothing
-        if raw is not None:
-            return raw
-        codec, done = self.registry.codec, self._unsealing.setdefault(h, trio.Event())
-        try:
-            raw = await self.cache_call(self.cache.with_chunk, h,
-                                        lambda v: codec.decode(v, h, size, check_id=False))
-            if raw is not None:
-                self._plain[h] = raw
-            return raw
-        finally:
-            del self._unsealing[h]
-            done.set()
-
     async def cache_call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` (an LMDB call) on a thread."""
+        """``fn(*args)`` (an LMDB call) on a thread. Not bounded in time: LMDB on a local
+        disk answers, or the host itself is broken."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cache_limiter)
 
 

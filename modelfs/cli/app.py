@@ -1,0 +1,171 @@
+"""The ``modelfs`` group and what its commands share: global options, the options several
+commands take, and turning them into a registry, a key, trusted keys or a resolved ref.
+
+Errors a user can cause become one ``modelfs: error: ...`` line and a non-zero exit;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import __version__, logs
+from ..cache import BlockCache
+from ..config import DEFAULTS, KEYS, LOG_LEVELS, StoreConfig, Timeouts
+from ..errors import ModelfsError, UsageError
+from ..format.manifest import Manifest
+from ..format.refs import RegistryRef
+from ..registry.catalog import Catalog
+from ..registry.layout import Registry, open_registry, origin_registry
+from ..registry.source import resolve
+
+
+_SECONDS = click.FloatRange(0, 86400, min_open=True)  # the same bound as a config file's seconds
+
+
+class _Cli(click.Group):
+    """Every ModelfsError is one line (with ``--debug``, its traceback); Ctrl-C exits 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModelfsError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"modelfs: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("modelfs: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelfs")
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL).")
+@click.option("--region", help="Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's).")
+@click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
+@click.option("--concurrency", "-j", default=DEFAULTS["concurrency"], show_default=True,
+              type=click.IntRange(1, 256), help="Parallel transfers.")
+@click.option("--connect-timeout", default=DEFAULTS["connect_timeout"], show_default=True, type=_SECONDS,
+              help=KEYS["connect_timeout"].doc)
+@click.option("--read-timeout", default=DEFAULTS["read_timeout"], show_default=True, type=_SECONDS,
+              help=KEYS["read_timeout"].doc)
+@click.option("--attempts", default=DEFAULTS["attempts"], show_default=True, type=click.IntRange(1, 20),
+              help=KEYS["attempts"].doc)
+@click.option("--log-level", default=DEFAULTS["log_level"], show_default=True, envvar="MODELFS_LOG_LEVEL",
+              type=click.Choice(LOG_LEVELS), help="Also $MODELFS_LOG_LEVEL.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect_timeout, read_timeout,
+         attempts, log_level, debug):
+    """modelfs: publish large models as deduplicated chunks to S3, and read them back."""
+    logs.setup(log_level)
+    # what the user set (flag or its environment variable): a config file may fill in the rest
+    given = {name: value for name, value in ctx.params.items()
+             if name in KEYS and value is not None
+             and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    ctx.obj = {"debug": debug, "given": given,
+               "config": StoreConfig(endpoint_url=endpoint_url or None, region=region,
+                                     profile=profile, concurrency=concurrency,
+                                     timeouts=Timeouts(connect_timeout, read_timeout, attempts))}
+
+
+KEY_ENV = "MODELFS_ENCRYPTION_KEY_FILE"
+
+
+def shared_option(flag: str, key: str, doc: str, **kw):
+    """An option that is a mount setting (``key``) and that other commands take too:
+    ``mount`` gets it as its setting (``expose=True``); the others keep it in ctx.obj."""
+    def factory(f=None, *, expose: bool = False):
+        def remember(ctx: click.Context, _param, value):
+            if value:  # None, or () for a repeatable option not given
+                ctx.ensure_object(dict)[key] = value
+            return value or None
+
+        def decorate(f):
+            return click.option(flag, key, type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
+                                callback=None if expose else remember, help=KEYS[key].doc, **kw)(f)
+        return decorate(f) if f is not None else decorate
+    factory.__doc__ = doc
+    return factory
+
+
+encryption_option = shared_option(
+    "--encryption-key", "encryption_key_file",
+    "``--encryption-key FILE`` (or $MODELFS_ENCRYPTION_KEY_FILE), on every command that opens a registry.",
+    envvar=KEY_ENV)
+trust_option = shared_option(
+    "--trusted-key", "trusted_keys", "``--trusted-key PEM`` (repeatable), on every command that reads a version.",
+    multiple=True)
+
+
+def sign_key_option(what: str, *, required: bool = False):
+    """``--sign-key PEM``: the private key of publish, sign and tag."""
+    return click.option("--sign-key", required=required, type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"Private key (PEM, elliptic curve) that signs {what}.")
+
+
+def registry_key(ctx: click.Context):
+    """The registry key the command was given, if any (loaded once)."""
+    from ..format.encryption import RegistryKey
+
+    if "encryption_key" not in ctx.obj:
+        path = ctx.obj.get("encryption_key_file")
+        ctx.obj["encryption_key"] = RegistryKey.load(path) if path is not None else None
+    return ctx.obj["encryption_key"]
+
+
+def registry_of(ctx: click.Context, ref: RegistryRef, *, creating: bool = False, dry_run: bool = False) -> Registry:
+    return open_registry(ref, ctx.obj["config"], registry_key(ctx), creating=creating, dry_run=dry_run)
+
+
+def origin_of(ctx: click.Context, m: Manifest, registry_url: str | None) -> Registry:
+    return origin_registry(m, registry_url, ctx.obj["config"], registry_key(ctx))
+
+
+def trusted_keys(ctx: click.Context):
+    """The trusted public keys the command was given, if any (loaded once)."""
+    from ..format.trust import TrustedKeys
+
+    if "trust" not in ctx.obj:
+        paths = ctx.obj.get("trusted_keys")
+        ctx.obj["trust"] = TrustedKeys(paths) if paths else None
+    return ctx.obj["trust"]
+
+
+def resolve_ref(ctx: click.Context, ref: str, registry_url: str | None = None, *, need_registry: bool = False,
+                cache: BlockCache | None = None, sealed: bool = False) -> tuple[Catalog | None, str, Manifest]:
+    """A model ref (s3://…/NAME@SEL) or a local manifest file → (catalog, version, manifest),
+    by :func:`modelfs.registry.source.resolve` with the command's key and trusted keys."""
+    src = resolve(ref, ctx.obj["config"], key=registry_key(ctx), trust=trusted_keys(ctx), registry_url=registry_url,
+                  cache=cache, sealed=sealed, need_registry=need_registry)
+    assert src.version is not None and src.manifest is not None
+    return src.catalog, src.version, src.manifest
+
+
+class _Size(click.ParamType):
+    """``20G``, ``512M`` … → bytes; a bad value is the usual one-line ``--option: why`` error."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from ..units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise UsageError(f"{param.opts[0] if param else 'size'}: {e}") from None
+
+
+SIZE = _Size()
+
+
+def setting_help(name: str) -> str:
+    """A mount option's help: the config key's own doc (one text for flag, file and docs)."""
+    d = DEFAULTS[name]
+    return KEYS[name].doc + (f" [default: {d}]" if d not in (None, False, 0) else "")
+
+
+cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                                 help=setting_help("cache_dir"))

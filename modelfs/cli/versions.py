@@ -1,0 +1,197 @@
+"""Commands that write a registry: publish, tag, sign, rm, gc, and keygen for an encrypted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..format.refs import parse_model, parse_registry
+from ..progress import Progress
+from ..registry.catalog import Catalog
+from ..units import count, fmt_bytes
+from .app import (encryption_option, main, registry_of,
+                  sign_key_option)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("registry")
+@click.option("--name", required=True, help="Model name.")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable); 'latest' always moves.")
+@click.option("--dry-run", is_flag=True, help="Report what would upload; write nothing.")
+@click.option("--no-compress", is_flag=True, help="Store chunks raw, never zstd.")
+@click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the manifest here (the pointer file to commit).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@sign_key_option("the version and its tags (OpenSSF model signing)")
+@encryption_option
+@click.pass_context
+def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet,
+            sign_key: Path | None):
+    """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX)."""
+    from ..ops.publish import Publisher, scan
+    from ..format.trust import SigningKey
+
+    signer = SigningKey(sign_key) if sign_key is not None else None  # a bad key fails before any upload
+
+    reg = registry_of(ctx, parse_registry(registry), creating=True, dry_run=dry_run)
+    tag_list = list(dict.fromkeys(["latest", *tags]))
+    bar = Progress("publish", enabled=False if quiet else None)
+    tree = scan(src)
+    bar.start(sum(f.size for f in tree[0]))
+
+    def progress(n, stats):
+        bar.advance(n, f"new {fmt_bytes(stats.uploaded_bytes)}, reused {stats.reused_chunks} chunks")
+
+    pub = Publisher(reg, concurrency=ctx.obj["config"].concurrency, dry_run=dry_run,
+                    compress=not no_compress, on_progress=progress, signer=signer)
+    try:
+        result = pub.run(tree, name, tag_list)
+    finally:
+        bar.close()
+    s, m = result.stats, result.manifest
+    if manifest_out:
+        tmp = manifest_out.with_name(manifest_out.name + ".tmp")
+        tmp.write_bytes(m.to_bytes())
+        tmp.replace(manifest_out)
+    rate = s.bytes / s.seconds if s.seconds else 0
+    head = "dry run: would publish" if dry_run else "published"
+    click.echo(f"{head} {name}@{result.version}" + (f" (tags: {', '.join(result.tags)})" if result.tags else ""))
+    click.echo(f"  files     {s.files} ({fmt_bytes(s.bytes)}), {s.chunks} chunks")
+    click.echo(f"  {'to upload' if dry_run else 'uploaded '} {fmt_bytes(s.uploaded_bytes)} in {s.uploaded_chunks} chunks")
+    click.echo(f"  reused    {s.reused_chunks} chunks ({fmt_bytes(s.reused_bytes)}) already in the store")
+    click.echo(f"  took      {s.seconds:.1f} s ({fmt_bytes(rate)}/s)")
+    if signer is not None and not dry_run:
+        click.echo(f"  signed    by key {signer.key_id[:16]} (version and tags)")
+    click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path):
+    """Write a new random 256-bit registry key to PATH (mode 0600, never over a file).
+
+    Publish with --encryption-key PATH to an empty prefix and it becomes an encrypted
+    registry: chunks, manifests and tags are encrypted before upload. Every reader
+    needs the same file; a lost key cannot be recovered."""
+    from ..format.encryption import RegistryKey
+
+    key = RegistryKey.generate()
+    key.save(path)
+    click.echo(f"wrote a new registry key to {path} (key id {key.key_id}); keep it secret, and keep a copy")
+
+
+@main.command()
+@click.argument("ref")
+@sign_key_option("the version", required=True)
+@encryption_option
+@click.pass_context
+def sign(ctx, ref: str, sign_key: Path):
+    """Sign the version REF names (s3://…/NAME@VERSION-OR-TAG), without reading its data.
+
+    The signature (an OpenSSF model signing bundle over its files' SHA-256) is stored
+    beside the manifest; mounts show it as model.sig and pull writes it, so
+    `model_signing verify` works on either. Tags are signed by `modelfs tag --sign-key`."""
+    from ..format.trust import SigningKey, signed_files
+
+    signer = SigningKey(sign_key)
+    mref = parse_model(ref)
+    reg = registry_of(ctx, mref.registry)
+    version, m = Catalog(reg).resolve(mref)
+    reg.put_signature(m.name, version, signer.sign_version(m))
+    click.echo(f"signed {m.name}@{version} ({count(len(signed_files(m)), 'file')}) with key {signer.key_id[:16]}")
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("tag")
+@sign_key_option("the tag record")
+@encryption_option
+@click.pass_context
+def tag(ctx, ref: str, tag: str, sign_key: Path | None):
+    """Point TAG of the model at the version REF names (s3://…/NAME@TAG-OR-VERSION).
+
+    With --sign-key the tag record is signed, and its sequence (which goes up with
+    every move) lets hosts that trust the key refuse an older record put back."""
+    from ..format.trust import SigningKey
+
+    signer = SigningKey(sign_key) if sign_key is not None else None
+    mref = parse_model(ref)
+    reg = registry_of(ctx, mref.registry)
+    version, _ = Catalog(reg).resolve(mref)  # proves the version exists and is valid
+    record = reg.set_tag(mref.name, tag, version, signer)
+    click.echo(f"{mref.name}@{tag} -> {version}" + (f" (signed, sequence {record.sequence})" if signer else ""))
+
+
+@main.command("rm")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Also remove the tags that point at the version.")
+@encryption_option
+@click.pass_context
+def rm_cmd(ctx, ref: str, force: bool):
+    """Retire version REF (s3://…/NAME@VERSION): delete its manifest; its chunks go at the next gc."""
+    from ..registry.lifecycle import remove_version
+
+    mref = parse_model(ref)
+    if not mref.is_version:
+        raise UsageError(f"rm takes a version (NAME@<20-hex id>), not the tag {mref.selector!r}: "
+                         "see the versions with modelfs ls")
+    reg = registry_of(ctx, mref.registry)
+    r = remove_version(reg, mref.name, mref.selector, force=force)
+    click.echo(f"removed {mref.name}@{r.version}" + (f" and its tags {', '.join(r.tags_removed)}"
+                                                    if r.tags_removed else ""))
+    if "latest" in r.tags_removed:
+        click.echo(f"  latest -> {r.latest_moved_to}" if r.latest_moved_to else "  no version left: latest removed")
+    click.echo("  its chunks stay until `modelfs gc` finds no other version using them")
+
+
+@main.command("gc")
+@click.argument("registry")
+@click.option("--delete", is_flag=True, help="Delete the garbage (without it: a dry run that only reports).")
+@click.option("--grace", default="24h", show_default=True,
+              help="Only chunks written longer ago than this (s, m, h, d) are garbage.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@encryption_option
+@click.pass_context
+def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
+    """Find (and with --delete, remove) the chunks no version in REGISTRY references."""
+    from ..registry.lifecycle import collect
+    from ..units import parse_duration
+
+    try:
+        grace_s = parse_duration(grace)
+    except ValueError as e:
+        raise UsageError(f"--grace: {e}") from None
+    reg = registry_of(ctx, parse_registry(registry))
+    reg.store.check_bucket()
+    bar = Progress("gc: deleting", enabled=False if quiet or not delete else None)
+    done = [-1]  # not started
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if done[0] < 0:
+            bar.start(total)
+            done[0] = 0
+        bar.advance(n - done[0])
+        done[0] = n
+
+    try:
+        r = collect(reg, grace=grace_s, delete=delete, on_progress=progress)
+    finally:
+        bar.close()
+    click.echo(f"{reg.ref}: {count(r.chunks, 'chunk')} ({fmt_bytes(r.stored_bytes)} stored), "
+               f"{r.referenced} referenced by {count(sum(u.versions for u in r.models.values()), 'version')}")
+    for name, u in sorted(r.models.items()):
+        click.echo(f"  {name}: {count(u.versions, 'version')}, {count(u.chunks, 'chunk')}, {fmt_bytes(u.bytes)}")
+    click.echo(f"  unreferenced: {count(r.unreferenced, 'chunk')} ({fmt_bytes(r.unreferenced_bytes)}); "
+               f"{r.young} of them written within the grace period ({grace}): kept")
+    if not delete:
+        click.echo(f"  would delete: {count(len(r.candidates), 'chunk')} ({fmt_bytes(r.candidate_bytes)}); "
+                   "run with --delete to delete them")
+        return
+    click.echo(f"  deleted: {count(r.deleted, 'chunk')} ({fmt_bytes(r.deleted_bytes)})"
+               + (f"; {r.kept_on_recheck} kept on the re-check before deletion" if r.kept_on_recheck else ""))
+    if r.stopped_by_lease:
+        click.echo(f"  stopped: a publish is running ({r.stopped_by_lease}); "
+                   f"{len(r.candidates) - r.deleted - r.kept_on_recheck} chunks left for a later gc")
