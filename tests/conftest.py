@@ -2,6 +2,10 @@
 
 No mocks: every test that touches storage talks to ``weed`` over loopback, and
 server-side facts (objects written, requests made) come from the server.
+
+Tiers, set by the fixtures a test uses (or marked by hand where it starts its own
+server or mount): ``unit`` — in process, over fakes, seconds in all; ``store`` — a
+real SeaweedFS; ``fuse`` — real mounts too. ``pytest -m unit`` runs the first alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from modelfs.format.refs import RegistryRef
 from modelfs.registry.layout import Registry
 from modelfs.dev.sample import make_model
 from modelfs.registry.store import Store
+
+
+TIERS = ("unit", "store", "fuse")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        uses = set(item.fixturenames)
+        item.add_marker("fuse" if "mounts" in uses else "store" if "seaweed" in uses else "unit")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.fuse  # each benchmark starts its own server and mounts
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops the page cache and mounts FUSE: needs root")

@@ -103,6 +103,7 @@ def _log(mounts: Mounts, mnt: Path, cache_dir: Path | None = None) -> str:
 
 # -- 1. store down ---------------------------------------------------------------------
 
+@pytest.mark.fuse  # its own server and mount
 def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_files, tmp_path):
     env, bucket = _published(own, two_files)
     mounts = Mounts(env, tmp_path)
@@ -130,6 +131,7 @@ def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_fi
         mounts.cleanup()
 
 
+@pytest.mark.fuse  # its own server and mount
 def test_restart_while_the_store_is_down_serves_the_last_version_from_cache(own, two_files, tmp_path):
     """A daemon that crashes during an outage comes back (Restart=on-failure) on what it had."""
     env, bucket = _published(own, two_files)
@@ -167,6 +169,7 @@ def test_restart_while_the_store_is_down_serves_the_last_version_from_cache(own,
 
 # -- 2. slow store -----------------------------------------------------------------------
 
+@pytest.mark.fuse  # its own server and mount
 def test_slow_store_reads_complete_and_do_not_block_cached_reads(own, two_files, tmp_path):
     _, bucket = _published(own, two_files)
     proxy = StallProxy(own.s3_port)
@@ -274,6 +277,7 @@ def test_sigkill_fails_readers_and_a_new_mount_recovers(env, bucket, two_files, 
     assert "unreadable" not in _log(mounts, mnt)  # the cache survived the kill
 
 
+@pytest.mark.fuse  # its own server and mount
 def test_sigterm_with_reads_in_flight_unmounts_cleanly(own, two_files, tmp_path):
     _, bucket = _published(own, two_files)
     proxy = StallProxy(own.s3_port)
@@ -335,6 +339,7 @@ def test_hostile_manifest_mounts_nothing(case, env, tmp_path, mounts):
     one_line_error(r, "manifest")
 
 
+@pytest.mark.fuse  # its own server and mount
 def test_credentials_errors_are_one_clear_line(tmp_path, sample_model):
     with SeaweedServer(tmp_path / "auth-s3", auth=True) as srv:
         _client(srv).create_bucket(Bucket="secured")
@@ -358,6 +363,7 @@ def test_credentials_errors_are_one_clear_line(tmp_path, sample_model):
         assert r.returncode != 0 and "access denied" in r.stderr and not os.path.ismount(mnt)
 
 
+@pytest.mark.fuse  # its own server and mount
 def test_hung_or_non_s3_endpoint_fails_in_bounded_time_naming_it(tmp_path):
     """Issue 13 (1, 2): a store that accepts and never answers fails each command, and a
     mount's start, within attempts × read timeout + backoff, with a line naming the endpoint

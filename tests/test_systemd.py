@@ -69,6 +69,7 @@ def start(cmd, env, stderr_file):
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stderr_file, stderr=stderr_file)
 
 
+@pytest.mark.fuse  # the unit mounts
 def test_unit_lifecycle_ready_status_crash_restart_stop(env, bucket, sample_model, tmp_path):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "-q")
     etc, cache, mnt = tmp_path / "etc", tmp_path / "cache", tmp_path / "mnt"

@@ -127,10 +127,9 @@ def diff_cmd(ctx, old: str, new: str, registry_url: str | None, as_json: bool, l
     click.echo(f"{d.old} -> {d.new}")
     click.echo(f"  files: {len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
                f"{d.unchanged} unchanged")
-    for f in d.added:
-        click.echo(f"  + {f.path} ({fmt_bytes(f.size)})")
-    for f in d.removed:
-        click.echo(f"  - {f.path} ({fmt_bytes(f.size)})")
+    for sign, files in (("+", d.added), ("-", d.removed)):
+        for f in files:
+            click.echo(f"  {sign} {f.path} ({fmt_bytes(f.size)})")
     for c in d.changed:
         what = []
         if c.size[0] != c.size[1]:

@@ -1,1 +1,9 @@
-"""format"""
+"""What the bytes mean: chunking and chunk ids, the chunk codec, manifests, refs,
+registry keys and encryption, signatures and trusted keys, pointer files.
+
+Owns every on-store and on-disk format and its validation (a malformed manifest, a
+hostile path, a bad key are refused here, as one ``ModelfsError`` line). Pure: no
+network, no cache, no trio; it reads only the files it is handed (keys, pointers).
+May import: ``errors``, ``units`` and the libraries of formats (blake3, fastcdc,
+zstandard, cryptography, model-signing). Imported by everything else.
+"""

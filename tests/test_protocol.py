@@ -1,0 +1,95 @@
+"""The daemon ↔ worker protocol: every message round-trips; anything else is one clear
+ProtocolError; a real worker process answers typed requests and exits (never hangs) on garbage."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from modelfs.config import Timeouts
+from modelfs.transfer import protocol as p
+
+pytestmark = pytest.mark.unit
+
+SAMPLES = [
+    p.Key("c2VjcmV0"), p.Ready(42), p.Go(7), p.Go(7, skip=True), p.Go(8, head="http://h", put="http://p", compress=False),
+    p.Load(1, "ab" * 32, 4 << 20, "http://u", urgent=False, refetch=True, pin=True, early=True),
+    p.Load(2, "ab" * 32, 10, None), p.Peek(3, "cd" * 32, 1 << 20, "http://u", 4096, 8192),
+    p.Deliver(4, "ef" * 32, 100, "http://u", 1 << 40), p.Upload(5, 100, 0), p.Early(1),
+    p.Done(1, fetched=True, took=0.25, spill=True), p.Peeked(3, took=0.01), p.Peeked(3, none=True),
+    p.Named(5, "12" * 32), p.Uploaded(5, "12" * 32, uploaded=True, stored=99, took=0.5),
+    p.Failed(1, p.Failure.HTTP, "HTTP 403 AccessDenied", 403, "AccessDenied"),
+    p.Failed(2, p.Failure.INTEGRITY, "chunk ab: does not match its id"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg):
+    assert p.decode(p.encode(msg)) == msg
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} == set(p._TYPES.values())
+
+
+@pytest.mark.parametrize("packet, why", [
+    (b"", "not a message"), (b"\xff\xfe", "not a message"), (b"[1, 2]", "unknown message"),
+    (b'{"id": 1}', "unknown message"), (b'{"t": "Launch", "id": 1}', "unknown message"),
+    (b'{"t": "Load", "id": 1, "h": "ab"}', "without 'n'"),
+    (b'{"t": "Load", "id": "1", "h": "ab", "n": 1, "url": null}', "Load.id: str"),
+    (b'{"t": "Load", "id": true, "h": "ab", "n": 1, "url": null}', "Load.id: bool"),
+    (b'{"t": "Done", "id": 1, "fetched": 1, "took": 0}', "Done.fetched: int"),
+    (b'{"t": "Failed", "id": 1, "kind": "meteor", "msg": ""}', "unknown failure"),
+    (b'{"t": "Ready", "pid": 1, "extra": 2}', "unknown fields"),
+    (b"{" + b" " * p.MAX_MESSAGE + b"}", "over the limit"),
+])
+def test_anything_else_is_one_clear_protocol_error(packet, why):
+    with pytest.raises(p.ProtocolError, match=why):
+        p.decode(packet)
+
+
+def test_an_oversized_message_is_refused_before_it_is_sent():
+    with pytest.raises(p.ProtocolError, match="over"):
+        p.encode(p.Load(1, "ab" * 32, 1, "http://u/" + "x" * p.MAX_MESSAGE))
+
+
+def test_worker_config_round_trips():
+    cfg = p.WorkerConfig("/c", 1 << 30, threads=3, timeouts=Timeouts(1.5, 2.5, 4), encrypted=True)
+    assert p.WorkerConfig.from_json(cfg.to_json()) == cfg
+
+
+def _worker(tmp_path):
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cfg = p.WorkerConfig(cache_dir="", cache_cap=0, threads=2, timeouts=Timeouts(1, 1, 1))
+    proc = subprocess.Popen([sys.executable, "-m", "modelfs.transfer.worker", cfg.to_json(), str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    theirs.close()
+    mine.settimeout(20)
+    return proc, mine
+
+
+def test_a_real_worker_answers_typed_requests_and_exits_on_garbage(tmp_path):
+    proc, sock = _worker(tmp_path)
+    try:
+        msg, fd = p.receive(sock)
+        assert isinstance(msg, p.Ready) and msg.pid == proc.pid and fd is None
+        p.send(sock, p.Load(1, "ab" * 32, 10, None))  # a worker without a cache cannot load
+        reply, _ = p.receive(sock)
+        assert reply == p.Failed(1, p.Failure.OTHER, "this fetch worker has no cache")
+        r, w = os.pipe()
+        p.send(sock, p.Deliver(2, "ab" * 32, 10, None, 0), w)  # no store: a clear failure, fd closed
+        os.close(w)
+        reply, _ = p.receive(sock)
+        assert isinstance(reply, p.Failed) and "no object store" in reply.msg
+        assert os.read(r, 1) == b""  # the worker closed its copy of the descriptor
+        os.close(r)
+        sock.send(b'{"t": "Launch"}')
+        assert proc.wait(20) == 0  # no hang: it says why and exits (the daemon replaces it)
+        assert b"unknown message" in proc.stderr.read()
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
