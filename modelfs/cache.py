@@ -1,7 +1,9 @@
 """The persistent block cache: verified chunks (and manifests) in one LMDB environment.
 
-Blocking by nature: every method here runs in a worker thread (the mount wraps
-them in ``trio.to_thread.run_sync`` with a limiter), never on the trio loop.
+Blocking by nature: :class:`BlockCache`'s methods run off the trio loop — in the
+fetch worker processes, or on the daemon's cache threads (``Lanes.cache_call``).
+The one exception is :class:`CacheView`, the FUSE process's read transaction: its
+lookups are B-tree walks in mapped memory and run on the trio thread.
 
 Layout (one environment at ``<cache-dir>/blocks``, shared by every mount on the host):
 
@@ -29,8 +31,10 @@ sums (no GET needed).
 Invariants:
 * an entry in ``sums`` means its chunk in ``chunks`` was BLAKE3-verified when written;
 * ``chunks``, ``sums`` and ``meta`` of a chunk are written and deleted in one transaction;
-* reads never write: last-use times are kept in memory and flushed in batches
-  (``write`` or ``touch``).
+* serving a chunk never writes: last-use times are kept in memory and flushed in
+  batches (``write`` or ``touch``). Two reads do write, rarely: a re-verification
+  (``reverify``) that adds the sums of an older entry or drops a damaged one, and
+  ``get_manifest``, which drops a record that does not match its version id.
 
 The size cap counts used LMDB pages, not the file size (an LMDB file never
 shrinks); past the cap the least recently used chunks go first.
@@ -112,6 +116,14 @@ class VerifyResult:
 
 
 class BlockCache:
+    """One host's LMDB environment of verified chunks and metadata records, shared by every
+    process that opens it (mounts, their workers, prefetch, pull).
+
+    Invariants: see the module's docstring (an entry with sums was verified when written;
+    a chunk's three records change in one transaction); used pages stay under ``cap``
+    after every ``write`` (least recently used chunks evicted first); one environment per
+    process and path (LMDB's rule), never carried across ``fork``."""
+
     def __init__(self, directory: Path, cap_bytes: int):
         self.path = Path(directory) / "blocks"
         self.cap = cap_bytes

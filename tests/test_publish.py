@@ -347,3 +347,53 @@ def test_pull_hashes_chunks_in_file_order_whatever_order_they_land(tmp_path):
     h = trio.run(main)
     os.close(fd)
     assert h.next == 50 and h.sha.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+
+# -- found by trying publish as a new user would (issue 31) --------------------------------
+
+def test_an_unwritable_manifest_out_is_refused_before_anything_is_uploaded(env, bucket, sample_model, s3, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    (tmp_path / "a-file").write_text("")
+    for out, why in ((tmp_path / "no-such-dir" / "m.modelfs.json", "does not exist"),
+                     (tmp_path / "a-file" / "m.modelfs.json", "does not exist")):
+        r = cli(env, "publish", str(sample_model), reg, "--name", "m", "--tag", "prod",
+                "--manifest-out", str(out), check=False)
+        one_line_error(r, "--manifest-out", why)
+        assert not objects(s3, bucket), "nothing may be uploaded, published or tagged"
+    r = cli(env, "publish", "--dry-run", str(sample_model), reg, "--name", "m",
+            "--manifest-out", str(tmp_path / "nope" / "m.json"), check=False)
+    one_line_error(r, "does not exist")  # a dry run says what the real run would hit
+
+
+def test_an_empty_source_is_refused_unless_asked_for(env, bucket, sample_model, s3, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    v1 = cli(env, "publish", str(sample_model), reg, "--name", "m", "--tag", "prod").stdout.split("@")[1].split()[0]
+    empty = tmp_path / "build-output"
+    (empty / "only" / "dirs").mkdir(parents=True)
+    before = objects(s3, bucket)
+    one_line_error(cli(env, "publish", str(empty), reg, "--name", "m", "--tag", "prod", check=False),
+                   "holds no files", "--allow-empty")
+    assert objects(s3, bucket) == before
+    assert f"m@{v1}" in cli(env, "inspect", f"{reg}/m@prod").stdout  # prod did not move
+    r = cli(env, "publish", str(empty), reg, "--name", "m", "--tag", "prod", "--allow-empty")
+    assert r.stdout.startswith("published m@") and "files     0" in r.stdout
+
+
+def test_symlinks_that_leave_the_source_are_listed_or_refused(env, bucket, sample_model, s3, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    src = tmp_path / "snapshot"
+    shutil.copytree(sample_model, src)
+    (src / "blobs").mkdir()
+    (src / "blobs" / "b1").write_text("inside")
+    (src / "inside.txt").symlink_to(src / "blobs" / "b1")  # a link that stays inside: not listed
+    secret = tmp_path / "elsewhere" / "hostname"
+    secret.parent.mkdir()
+    secret.write_text("not part of the model\n")
+    (src / "host.txt").symlink_to(secret)
+    dry = cli(env, "publish", "--dry-run", str(src), reg, "--name", "m").stdout
+    assert f"host.txt -> {secret}" in dry and "would be published" in dry and "inside.txt" not in dry
+    one_line_error(cli(env, "publish", str(src), reg, "--name", "m", "--refuse-outside-links", check=False),
+                   "1 symlink", f"host.txt -> {secret}", "--refuse-outside-links")
+    assert not objects(s3, bucket)
+    out = cli(env, "publish", str(src), reg, "--name", "m").stdout
+    assert f"host.txt -> {secret}" in out and "were published as files" in out

@@ -7,6 +7,7 @@ Errors a user can cause become one ``modelfs: error: ...`` line and a non-zero e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -26,19 +27,53 @@ _SECONDS = click.FloatRange(0, 86400, min_open=True)  # the same bound as a conf
 
 
 class _Cli(click.Group):
-    """Every ModelfsError is one line (with ``--debug``, its traceback); Ctrl-C exits 130."""
+    """No command ends in a traceback without ``--debug``: a ModelfsError is its one line, an
+    OSError says what failed on which path, anything else is named as a bug; Ctrl-C exits 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ModelfsError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"modelfs: error: {e}", err=True)
-            ctx.exit(e.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors, --help, exits
         except KeyboardInterrupt:
             click.echo("modelfs: interrupted", err=True)
             ctx.exit(130)
+        except Exception as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"modelfs: error: {_one_line(e)}", err=True)
+            ctx.exit(e.exit_code if isinstance(e, ModelfsError) else 1)
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, ModelfsError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return (f"unexpected {type(e).__name__}: {e} (a bug: please report it with the output of "
+            "the same command with --debug)")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be written, before anything else is done."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` whole or not at all (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from ..errors import ModelfsError, UsageError
 from ..format.refs import parse_model, parse_registry
 from ..progress import Progress
 from ..registry.catalog import Catalog
 from ..units import count, fmt_bytes
-from .app import (encryption_option, main, registry_of,
-                  sign_key_option)
+from .app import check_output_file, encryption_option, main, registry_of, sign_key_option, write_atomically
 
 
 @main.command()
@@ -25,22 +24,41 @@ from .app import (encryption_option, main, registry_of,
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the manifest here (the pointer file to commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--allow-empty", is_flag=True, help="Publish (and tag) a version with no files.")
+@click.option("--refuse-outside-links", is_flag=True,
+              help="Fail if a symlink in SRC resolves outside it (default: follow it, and list it).")
 @sign_key_option("the version and its tags (OpenSSF model signing)")
 @encryption_option
 @click.pass_context
 def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress, manifest_out, quiet,
-            sign_key: Path | None):
-    """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX)."""
+            allow_empty: bool, refuse_outside_links: bool, sign_key: Path | None):
+    """Publish directory SRC as a new version of model NAME in REGISTRY (s3://BUCKET/PREFIX).
+
+    Symlinked files are followed (a Hugging Face cache snapshot is links into its blobs);
+    those that resolve outside SRC are listed in the summary, or refused with
+    --refuse-outside-links. An empty SRC is refused unless --allow-empty."""
     from ..ops.publish import Publisher, scan
     from ..format.trust import SigningKey
 
-    signer = SigningKey(sign_key) if sign_key is not None else None  # a bad key fails before any upload
+    # everything that can be refused is refused before the first upload
+    signer = SigningKey(sign_key) if sign_key is not None else None
+    if manifest_out is not None:  # a dry run says so too: the real run would fail
+        check_output_file(manifest_out, "--manifest-out")
+    tree = scan(src)
+    files, outside = tree[0], [f for f in tree[0] if f.outside]
+    if not files and not allow_empty:
+        raise UsageError(f"{src} holds no files: nothing to publish (a mistyped path, an unmounted volume, a "
+                         "failed build?); pass --allow-empty to publish an empty version")
+    if outside and refuse_outside_links:
+        listed = ", ".join(f"{f.path} -> {f.outside}" for f in outside[:3])
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise UsageError(f"{count(len(outside), 'symlink')} in {src} resolve outside it ({listed}{more}): "
+                         "refused (--refuse-outside-links)")
 
     reg = registry_of(ctx, parse_registry(registry), creating=True, dry_run=dry_run)
     tag_list = list(dict.fromkeys(["latest", *tags]))
     bar = Progress("publish", enabled=False if quiet else None)
-    tree = scan(src)
-    bar.start(sum(f.size for f in tree[0]))
+    bar.start(sum(f.size for f in files))
 
     def progress(n, stats):
         bar.advance(n, f"new {fmt_bytes(stats.uploaded_bytes)}, reused {stats.reused_chunks} chunks")
@@ -52,10 +70,13 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     finally:
         bar.close()
     s, m = result.stats, result.manifest
-    if manifest_out:
-        tmp = manifest_out.with_name(manifest_out.name + ".tmp")
-        tmp.write_bytes(m.to_bytes())
-        tmp.replace(manifest_out)
+    if manifest_out and not dry_run:
+        try:
+            write_atomically(manifest_out, m.to_bytes())
+        except OSError as e:  # checked before the upload, so rare: a full disk, a racing rm
+            raise ModelfsError(f"published {name}@{result.version}, but the manifest could not be written "
+                               f"to {manifest_out}: {e.strerror}; `modelfs inspect --json "
+                               f"{reg.ref}/{name}@{result.version}` prints it") from None
     rate = s.bytes / s.seconds if s.seconds else 0
     head = "dry run: would publish" if dry_run else "published"
     click.echo(f"{head} {name}@{result.version}" + (f" (tags: {', '.join(result.tags)})" if result.tags else ""))
@@ -65,6 +86,13 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
     click.echo(f"  took      {s.seconds:.1f} s ({fmt_bytes(rate)}/s)")
     if signer is not None and not dry_run:
         click.echo(f"  signed    by key {signer.key_id[:16]} (version and tags)")
+    if outside:
+        click.echo(f"  outside   {count(len(outside), 'symlink')} resolve outside {src} and "
+                   f"{'would be' if dry_run else 'were'} published as files:")
+        for f in outside:
+            click.echo(f"              {f.path} -> {f.outside}")
+    if manifest_out and dry_run:
+        click.echo(f"  manifest  not written (dry run): {manifest_out}")
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
 
 

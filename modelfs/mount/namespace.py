@@ -95,6 +95,14 @@ class _VersionIndex:
 
 
 class Namespace:
+    """The names a mount shows and the node behind each (see the module's docstring).
+
+    Invariants: an inode, once given to a (view, path), names it until unmount and is
+    never reused; everything inside a version is immutable (cached by the kernel for
+    ``IMMUTABLE_TTL``); a registry, model, tag or version listing is asked of the store
+    at most once per ``ttl``, and while the store fails the last good listing is served;
+    a manifest is indexed only after the catalog verified it (with trusted keys)."""
+
     def __init__(self, lanes: Lanes, catalog: Catalog | None, *, ttl: float = 30.0):
         self.lanes = lanes
         self.catalog = catalog

@@ -77,12 +77,16 @@ class SourceFile:
     size: int
     mode: int
     mtime_ns: int  # recorded so a mount and a pull show the source's times (rsync, make)
+    outside: str | None = None  # a symlink that resolves outside the source directory: where to
 
 
 def scan(root: Path) -> tuple[list[SourceFile], list[DirEntry]]:
-    """Files and directories under ``root``, sorted; symlinked files are followed."""
+    """Files and directories under ``root``, sorted; symlinked files are followed (a Hugging
+    Face snapshot's files are links into ``../../blobs``), and those that resolve outside
+    ``root`` say where (``SourceFile.outside``), for the summary and ``--refuse-outside-links``."""
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory")
+    real_root = root.resolve()
     files: list[SourceFile] = []
     dirs: list[DirEntry] = []
     for top, dirnames, filenames in os.walk(root, followlinks=False):
@@ -106,8 +110,10 @@ def scan(root: Path) -> tuple[list[SourceFile], list[DirEntry]]:
             if not stat.S_ISREG(st.st_mode):
                 log.warning("skipping %s: not a regular file", rel)
                 continue
+            target = full.resolve() if full.is_symlink() else None
+            outside = str(target) if target is not None and not target.is_relative_to(real_root) else None
             files.append(SourceFile(_rel(rel), full, st.st_size, stat.S_IMODE(st.st_mode) & 0o777,
-                                     st.st_mtime_ns))
+                                     st.st_mtime_ns, outside))
     files.sort(key=lambda s: s.path)
     dirs.sort(key=lambda d: d.path)
     return files, dirs
