@@ -69,6 +69,6 @@ def test_the_worker_and_stats_stay_light():
     """A fetch worker imports neither trio nor boto3; ``modelfs stats`` needs no pyfuse3."""
     code = ("import sys, modelfs.transfer.worker as w;"
             "bad = {'trio', 'boto3', 'pyfuse3'} & set(sys.modules); assert not bad, bad;"
-            "import modelfs.mount.metrics, modelfs.mount.mountpoint, modelfs.mount.xattrs;"
+            "import modelfs.cli, modelfs.mount.metrics, modelfs.mount.mountpoint, modelfs.mount.xattrs;"
             "assert 'pyfuse3' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
