@@ -14,7 +14,6 @@ from ..cache import BlockCache
 from .. import logs
 from ..config import DEFAULTS
 from ..errors import UsageError
-from ..progress import Progress
 from ..units import fmt_bytes
 from .app import (SIZE, cache_dir_option, encryption_option, main, registry_key, resolve_ref, setting_help, trust_option)
 
@@ -53,9 +52,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     of *.modelfs.json pointer files (a git checkout: each pointer shows as a
     directory). Both may come from --config instead.
     """
-    from ..config import resolve
-    from ..mount.daemon import MountConfig, run_foreground, start_background
-    from ..mount.mountpoint import check_mountpoint
+    from ..config import Timeouts, resolve
 
     given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v not in (None, ())}}
     if source is not None:
@@ -64,15 +61,26 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
         given["mountpoint"] = str(mountpoint)
     settings = resolve(config_file, given)
     logs.setup(settings["log_level"])  # the config file may name one
-    cfg = MountConfig.from_settings(settings)
     if foreground:
-        run_foreground(cfg, ready_fd)
+        from ..mount.background import prestart_workers
+
+        early = prestart_workers(settings)  # their start overlaps the daemon's imports below
+        from ..mount.daemon import run_foreground
+
+        run_foreground(settings, ready_fd, early)
         return
-    check_mountpoint(cfg.mountpoint, cfg.nonempty)  # fail fast, before starting anything
-    slug = str(cfg.mountpoint).strip("/").replace("/", "_") or "root"
-    log_path = cfg.cache_dir / "logs" / f"mount-{slug}.log"
-    pid = start_background(sys.argv[1:], log_path, cfg.start_timeout())
-    click.echo(f"mounted {cfg.source} at {cfg.mountpoint} (pid {pid}; log {log_path})")
+    # the waiting parent: what the daemon refuses (a bad key file, a bad ref) it says through
+    # the ready pipe; here only what is cheap to check, before starting anything
+    from ..cache import default_cache_dir
+    from ..mount.background import log_path, start_background, start_timeout
+    from ..mount.mountpoint import check_mountpoint
+
+    mnt = settings["mountpoint"].absolute()
+    check_mountpoint(mnt, settings["nonempty"])
+    log = log_path((settings["cache_dir"] or default_cache_dir()).absolute(), mnt)
+    timeouts = Timeouts(settings["connect_timeout"], settings["read_timeout"], settings["attempts"])
+    pid = start_background(sys.argv[1:], log, start_timeout(timeouts))
+    click.echo(f"mounted {settings['source']} at {mnt} (pid {pid}; log {log})")
 
 
 @main.command()
@@ -160,6 +168,8 @@ def cache_stats(cache_dir, as_json):
 def cache_verify(cache_dir, quiet):
     """Re-hash every cached chunk; drop damaged ones (a mount refetches them). Exit 1 if any were."""
     c = _open_cache(cache_dir)
+    from ..progress import Progress
+
     bar = Progress("verify", enabled=False if quiet else None)
     try:
         bar.start(c.stats().chunk_bytes)
@@ -224,6 +234,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     """
     from ..cache import cache_root, default_cache_dir
     from ..ops.prefetch import files_under, read_through, warm_cache
+    from ..progress import Progress
 
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]

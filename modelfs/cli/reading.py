@@ -12,8 +12,6 @@ import click
 from ..cache import BlockCache
 from ..errors import UsageError
 from ..format.refs import parse_model, parse_registry
-from ..progress import Progress
-from ..registry.catalog import Catalog
 from ..units import count, fmt_bytes
 from .app import (encryption_option, main, origin_of, registry_of,
                   resolve_ref, trust_option, trusted_keys)
@@ -26,6 +24,8 @@ from .app import (encryption_option, main, origin_of, registry_of,
 @click.pass_context
 def ls_cmd(ctx, registry: str):
     """List the models in REGISTRY with their tags and versions."""
+    from ..registry.catalog import Catalog
+
     reg = registry_of(ctx, parse_registry(registry))
     reg.store.check_bucket()
     catalog = Catalog(reg, None, trusted_keys(ctx))  # with --trusted-key: only what verifies (the rest logged)
@@ -180,6 +180,8 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
     assert cat is not None
     reg = cat.registry
     cache = None if no_cache else _host_cache(cache_dir)
+    from ..progress import Progress
+
     bar = Progress("pull", enabled=False if quiet else None)
     bar.start(m.totals()["bytes"])
     t0 = time.monotonic()

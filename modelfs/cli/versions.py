@@ -8,8 +8,6 @@ import click
 
 from ..errors import ModelfsError, UsageError
 from ..format.refs import parse_model, parse_registry
-from ..progress import Progress
-from ..registry.catalog import Catalog
 from ..units import count, fmt_bytes
 from .app import check_output_file, encryption_option, main, registry_of, sign_key_option, write_atomically
 
@@ -57,6 +55,8 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
 
     reg = registry_of(ctx, parse_registry(registry), creating=True, dry_run=dry_run)
     tag_list = list(dict.fromkeys(["latest", *tags]))
+    from ..progress import Progress
+
     bar = Progress("publish", enabled=False if quiet else None)
     bar.start(sum(f.size for f in files))
 
@@ -127,6 +127,8 @@ def sign(ctx, ref: str, sign_key: Path):
     signer = SigningKey(sign_key)
     mref = parse_model(ref)
     reg = registry_of(ctx, mref.registry)
+    from ..registry.catalog import Catalog
+
     version, m = Catalog(reg).resolve(mref)
     reg.put_signature(m.name, version, signer.sign_version(m))
     click.echo(f"signed {m.name}@{version} ({count(len(signed_files(m)), 'file')}) with key {signer.key_id[:16]}")
@@ -148,6 +150,8 @@ def tag(ctx, ref: str, tag: str, sign_key: Path | None):
     signer = SigningKey(sign_key) if sign_key is not None else None
     mref = parse_model(ref)
     reg = registry_of(ctx, mref.registry)
+    from ..registry.catalog import Catalog
+
     version, _ = Catalog(reg).resolve(mref)  # proves the version exists and is valid
     record = reg.set_tag(mref.name, tag, version, signer)
     click.echo(f"{mref.name}@{tag} -> {version}" + (f" (signed, sequence {record.sequence})" if signer else ""))
@@ -194,6 +198,8 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
         raise UsageError(f"--grace: {e}") from None
     reg = registry_of(ctx, parse_registry(registry))
     reg.store.check_bucket()
+    from ..progress import Progress
+
     bar = Progress("gc: deleting", enabled=False if quiet or not delete else None)
     done = [-1]  # not started
 

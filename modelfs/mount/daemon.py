@@ -1,12 +1,11 @@
 """The mount daemon's life: resolve what to show, mount, signal readiness, serve, and on
 SIGTERM/SIGINT or an external unmount, close (``modelfs unmount`` is :mod:`.mountpoint`'s).
 
-``modelfs mount`` (without ``--foreground``) starts this same program again in
-the background with ``--foreground --ready-fd N`` and waits: the child writes
-``READY`` to that pipe only once a file on the mount can be stat'ed from another
-thread, or ``ERROR <message>`` if anything failed first (bad ref, busy mount
-point, ...), so the parent returns success only for a mount that serves files,
-and a failed mount leaves no process behind.
+Started in the foreground (systemd, ``--foreground``), or by :mod:`.background` for a
+waiting ``modelfs mount``: then it writes ``READY`` to its ready pipe once a file on
+the mount can be stat'ed from another thread, or ``ERROR <message>`` if anything
+failed first (a bad setting, ref, key or mount point), and a failed mount leaves no
+process behind.
 """
 
 from __future__ import annotations
@@ -14,13 +13,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +31,7 @@ from ..format.encryption import RegistryKey
 from ..format.trust import TrustedKeys
 from ..registry.source import Source, resolve
 from ..transfer.lanes import LaneConfig, Lanes
+from ..transfer.spawn import Spawned
 from . import xattrs
 from .fs import ModelFS
 from .metrics import Reporter
@@ -92,11 +88,6 @@ class MountConfig:
                              sealed=s["encrypt_cache"]))
 
 
-    def start_timeout(self) -> float:
-        """How long ``modelfs mount`` waits for its daemon: long enough for the daemon's
-        own start-up requests (a tag, a manifest) to fail with their error on a hung
-        store, so the user sees that error rather than a bare timeout."""
-        return 3 * self.store.timeouts.request_bound() + 30.0
 
 
 # -- what to show ------------------------------------------------------------------
@@ -131,21 +122,22 @@ def _bound_malloc() -> None:
     malloc.tune(mmap_threshold=1 << 20, arena_max=4)
 
 
-def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount)."""
+def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: Sequence[Spawned] = ()) -> None:
+    """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount).
+    ``early``: fetch workers already started (``background.prestart_workers``)."""
     _bound_malloc()
     cache = BlockCache(cache_root(cfg.cache_dir, sealed=cfg.encrypt_cache), cfg.cache_size)
     try:
-        _serve(cfg, cache, on_ready)
+        _serve(cfg, cache, on_ready, list(early))
     finally:
         cache.close()
     log.info("unmounted %s", cfg.mountpoint)
 
 
-def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None]) -> None:
+def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned]) -> None:
     source = resolve_source(cfg, cache)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
-    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes)
+    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)
     view = CacheView(cache)
     unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.encrypt_cache and lanes.registry else None
     reader = Reader(view, lanes, cfg.readahead, unsealer=unsealer)
@@ -237,15 +229,17 @@ def sd_notify(message: str) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
-def run_foreground(cfg: MountConfig, ready_fd: int | None) -> None:
-    """Serve in this process; tell systemd and/or a waiting parent once files are readable."""
+def run_foreground(settings: dict[str, Any], ready_fd: int | None, early: Sequence[Spawned] = ()) -> None:
+    """Serve in this process (``settings``: :func:`modelfs.config.resolve`'s); tell systemd
+    and/or a waiting parent once files are readable, or the parent what failed first."""
     def ready() -> None:
         sd_notify(f"READY=1\nSTATUS=serving {cfg.source} at {cfg.mountpoint}")
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
     try:
-        serve(cfg, ready)
+        cfg = MountConfig.from_settings(settings)
+        serve(cfg, ready, early)
     except ModelfsError as e:
         if ready_fd is not None:
             try:
@@ -253,39 +247,7 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None) -> None:
             except OSError:
                 pass
         raise
-
-
-def start_background(argv: list[str], log_path: Path, timeout: float) -> int:
-    """Start ``modelfs … mount … --foreground`` detached; return its PID once it serves."""
-    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    r, w = os.pipe()
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "modelfs", *argv, "--foreground",
-                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True)
-    os.close(w)
-    deadline = time.monotonic() + timeout
-    buf = b""
-    with os.fdopen(r, "rb", buffering=0) as pipe:
-        while not buf.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([pipe], [], [], left)[0]:
-                proc.kill()
-                proc.wait()
-                raise ModelfsError(f"the mount daemon did not become ready in {timeout:g} s; see {log_path}")
-            chunk = pipe.read(4096)
-            if not chunk:
-                break
-            buf += chunk
-    line = buf.decode(errors="replace").strip()
-    if line == "READY":
-        return proc.pid
-    if line.startswith("ERROR "):
-        proc.wait(30)
-        raise ModelfsError(line[6:])
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    raise ModelfsError(f"the mount daemon exited ({proc.returncode}) before serving; see {log_path}")
+    finally:
+        for s in early:  # those the daemon failed before adopting (Lanes ends the others)
+            if not s.adopted:
+                s.abandon()

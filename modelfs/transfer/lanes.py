@@ -37,7 +37,6 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from base64 import b64encode
 from collections import deque
@@ -53,8 +52,9 @@ from ..config import Timeouts
 from ..errors import IntegrityError, ModelfsError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
 from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message, Named,
-                       Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, WorkerConfig, decode, encode,
+                       Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
                        fd_message, received_fd)
+from .spawn import Spawned, spawn, worker_config
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ WORKER_START_SECONDS = 30.0
 PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
 PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer gets peeks (and a chunk due later)
 RECENT_SECONDS = 10.0  # a chunk a worker wrote or re-checked this lately: its pages are in memory
-
-
-def default_workers() -> int:
-    """Half the cores, at least 2 and at most 8: the store and the FUSE loop need the rest."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -171,16 +166,21 @@ class Lanes:
     hold no credentials (every URL comes signed, the registry key over the socket).
     """
 
-    def __init__(self, registry: Registry | None, cache: BlockCache | None, config: LaneConfig = LaneConfig()):
-        """``cache`` None: workers without a cache, for ``deliver`` only."""
+    def __init__(self, registry: Registry | None, cache: BlockCache | None, config: LaneConfig = LaneConfig(), *,
+                 spawned: list[Spawned] | None = None):
+        """``cache`` None: workers without a cache, for ``deliver`` only. ``spawned``: workers
+        started early (``spawn``), adopted by ``run`` if their configuration is this one's."""
         self.registry = registry
         self.cache = cache
         self.config = config
-        self.n_workers = config.workers or default_workers()
-        self.worker_config = WorkerConfig(
-            cache_dir=str(cache.path.parent) if cache is not None else "", cache_cap=cache.cap if cache else 0,
-            threads=max(1, -(-config.concurrency // self.n_workers)), timeouts=config.timeouts,
+        self.n_workers, self.worker_config = worker_config(
+            str(cache.path.parent) if cache is not None else "", cache.cap if cache else 0,
+            workers=config.workers, concurrency=config.concurrency, timeouts=config.timeouts,
             encrypted=registry is not None and registry.key is not None, sealed=config.sealed)
+        self._early = [s for s in spawned or () if s.config == self.worker_config]
+        for s in spawned or ():
+            if s not in self._early:
+                s.abandon()
         self.store_limiter = trio.CapacityLimiter(config.concurrency)
         self.cache_limiter = trio.CapacityLimiter(config.cache_threads)
         self.stats = FetchStats()
@@ -205,7 +205,10 @@ class Lanes:
         ``ready_first`` false, at once (requests wait in the workers' sockets)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for _ in range(self.n_workers):
+            early, self._early = self._early[:self.n_workers], []
+            for s in early:
+                self._adopt(s)
+            for _ in range(self.n_workers - len(early)):
                 self._spawn()
             if not ready_first:
                 task_status.started()
@@ -219,28 +222,25 @@ class Lanes:
             await trio.sleep_forever()
 
     def _spawn(self) -> None:
+        self._adopt(spawn(self.worker_config))
+
+    def _adopt(self, s: Spawned) -> None:
         assert self._nursery is not None
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # the workers need no credentials (URLs come signed): do not hand them any
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("AWS_") or k == "AWS_CA_BUNDLE"}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "modelfs.transfer.worker", self.worker_config.to_json(), str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
-        finally:
-            theirs.close()
+        s.adopted = True
         if self.worker_config.encrypted:  # the key goes through the socket, never argv or env
             assert self.registry is not None and self.registry.key is not None
-            mine.send(encode(Key(b64encode(self.registry.key.secret).decode())))
-        p = _Proc(proc, mine, trio.socket.from_stdlib_socket(mine), time.monotonic())
+            s.sock.send(encode(Key(b64encode(self.registry.key.secret).decode())))
+        p = _Proc(s.proc, s.sock, trio.socket.from_stdlib_socket(s.sock), time.monotonic())
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)
-        log.debug("fetch worker %d started", proc.pid)
+        log.debug("fetch worker %d started", s.proc.pid)
 
     def close(self, grace: float = 15.0) -> None:
         """After the trio loop ended: let every worker finish and commit what it holds."""
         self._closing = True
+        for s in self._early:  # started early, never adopted (the loop did not run)
+            s.abandon()
+        self._early = []
         for p in self._procs:
             p.raw.close()  # end of file: finish, then exit
         deadline = time.monotonic() + grace

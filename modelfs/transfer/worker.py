@@ -299,6 +299,8 @@ def _receive_key(sock: socket.socket) -> RegistryKey:
         msg, fd = receive(sock)
         if fd is not None:
             os.close(fd)
+        if msg is None:  # started early by a daemon that then failed: nothing to do
+            raise SystemExit(0)
         if not isinstance(msg, Key):
             raise ValueError(type(msg).__name__)
         return RegistryKey(base64.b64decode(msg.secret, validate=True))
