@@ -46,7 +46,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union, get_type_hints
+from typing import ClassVar, Union
 
 from ..config import Timeouts
 
@@ -193,11 +193,13 @@ Reply = Union[Done, Peeked, Uploaded, Failed]
 
 _TYPES: dict[str, type] = {cls.__name__: cls for cls in
                            (Key, Load, Peek, Deliver, Upload, Go, Ready, Early, Done, Peeked, Named, Uploaded, Failed)}
-_FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {
-    cls: tuple((f.name, get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
-_CHECKS: dict[Any, tuple[type, ...]] = {
-    int: (int,), str: (str,), bool: (bool,), float: (float, int), Failure: (str,),
-    str | None: (str, type(None)), int | None: (int, type(None))}
+# each field's annotation (a string: annotations are not evaluated here) → the JSON types it takes
+_CHECKS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "str": (str,), "bool": (bool,), "float": (float, int), "Failure": (str,),
+    "str | None": (str, type(None)), "int | None": (int, type(None))}
+_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {
+    cls: tuple((f.name, f.type) for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
+assert all(hint in _CHECKS for fields in _FIELDS.values() for _, hint in fields), "a field type without a check"
 
 
 def encode(msg: Message) -> bytes:
@@ -230,9 +232,9 @@ def decode(data: bytes) -> Message:
                 raise ProtocolError(f"{cls.__name__} without {name!r}")
             continue
         v = body.pop(name)
-        if not isinstance(v, _CHECKS[hint]) or (hint is not bool and isinstance(v, bool) and hint is not Failure):
+        if not isinstance(v, _CHECKS[hint]) or (hint != "bool" and isinstance(v, bool)):
             raise ProtocolError(f"{cls.__name__}.{name}: {type(v).__name__} {v!r}")
-        if hint is Failure:
+        if hint == "Failure":
             try:
                 v = Failure(v)
             except ValueError:
