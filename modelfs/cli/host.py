@@ -79,7 +79,7 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     check_mountpoint(mnt, settings["nonempty"])
     log = log_path((settings["cache_dir"] or default_cache_dir()).absolute(), mnt)
     timeouts = Timeouts(settings["connect_timeout"], settings["read_timeout"], settings["attempts"])
-    pid = start_background(sys.argv[1:], log, start_timeout(timeouts))
+    pid = start_background(settings, log, start_timeout(timeouts))
     click.echo(f"mounted {settings['source']} at {mnt} (pid {pid}; log {log})")
 
 

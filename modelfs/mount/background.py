@@ -1,22 +1,25 @@
 """``modelfs mount`` without ``--foreground``: start the daemon detached, return once it serves.
 
-The parent runs this program again with ``--foreground --ready-fd N`` in a new session
-and waits on the pipe: ``READY`` (the daemon serves files) or ``ERROR <message>`` (it
-failed, and has exited). This module imports nothing heavy (no FUSE, no boto3), so the
-waiting parent costs a fraction of the daemon's start-up.
+The command forks; the child becomes the daemon (a session of its own, its output in
+``<cache_dir>/logs/mount-<mountpoint>.log``) and the parent waits on a pipe: ``READY``
+(the daemon serves files) or ``ERROR <message>`` (it failed, and has exited). This
+module imports nothing heavy (no FUSE, no boto3), so the waiting parent costs a
+fraction of the daemon's start-up and the child starts from a clean process.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import subprocess
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from typing import Any
 
+from .. import logs
 from ..cache import cache_root, default_cache_dir
 from ..config import Timeouts
 from ..errors import ModelfsError
@@ -51,14 +54,21 @@ def log_path(cache_dir: Path, mountpoint: Path) -> Path:
     return cache_dir / "logs" / f"mount-{slug}.log"
 
 
-def start_background(argv: list[str], log_path: Path, timeout: float) -> int:
-    """Start ``modelfs … mount … --foreground`` detached; return its PID once it serves."""
+def start_background(settings: dict[str, Any], log_path: Path, timeout: float) -> int:
+    """Start the daemon for ``settings`` detached; return its PID once it serves.
+
+    The daemon is this process, forked (no new interpreter, no second import of the CLI:
+    ~0.14 s of a start), in a session of its own, its output in ``log_path``. Nothing
+    heavy is imported before the fork, and no thread or LMDB environment exists yet, so
+    the child starts clean."""
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "modelfs", *argv, "--foreground",
-                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon: never returns into the command line
+        os.close(r)
+        _become_daemon(settings, log_path, w)
     os.close(w)
     deadline = time.monotonic() + timeout
     buf = b""
@@ -66,8 +76,7 @@ def start_background(argv: list[str], log_path: Path, timeout: float) -> int:
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([pipe], [], [], left)[0]:
-                proc.kill()
-                proc.wait()
+                _end(pid, kill=True)
                 raise ModelfsError(f"the mount daemon did not become ready in {timeout:g} s; see {log_path}")
             chunk = pipe.read(4096)
             if not chunk:
@@ -75,13 +84,54 @@ def start_background(argv: list[str], log_path: Path, timeout: float) -> int:
             buf += chunk
     line = buf.decode(errors="replace").strip()
     if line == "READY":
-        return proc.pid
+        return pid
     if line.startswith("ERROR "):
-        proc.wait(30)
+        _end(pid, grace=30)
         raise ModelfsError(line[6:])
+    code = _end(pid, grace=5, kill=True)
+    raise ModelfsError(f"the mount daemon exited ({code}) before serving; see {log_path}")
+
+
+def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int) -> None:
+    """In the forked child: detach, log to ``log_path``, serve; exit, never return."""
+    code = 1
     try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    raise ModelfsError(f"the mount daemon exited ({proc.returncode}) before serving; see {log_path}")
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        logs.setup(settings["log_level"])  # now for a log file (timestamped)
+        early = prestart_workers(settings)  # their start overlaps the daemon's imports below
+        from .daemon import run_foreground
+
+        run_foreground(settings, ready_fd, early)
+        code = 0
+    except ModelfsError as e:  # said through the ready pipe; the log says it too
+        print(f"modelfs: error: {e}", file=sys.stderr)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _end(pid: int, *, grace: float = 0.0, kill: bool = False) -> int | None:
+    """Reap the daemon child within ``grace`` seconds (``kill``: then SIGKILL it); its exit status."""
+    deadline = time.monotonic() + grace
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            if not kill:
+                return None
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.05)
