@@ -93,3 +93,35 @@ def test_a_real_worker_answers_typed_requests_and_exits_on_garbage(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_lanes_adopt_workers_started_early_and_end_the_ones_that_do_not_fit(tmp_path):
+    """A daemon starts its workers before it knows everything (``prestart_workers``): Lanes
+    adopts those whose configuration is its own and ends the others; none is left behind."""
+    import trio
+
+    from modelfs.cache import BlockCache
+    from modelfs.transfer.lanes import LaneConfig, Lanes
+    from modelfs.transfer.spawn import spawn, worker_config
+
+    cache = BlockCache(tmp_path / "c", 1 << 30)
+    try:
+        lane_config = LaneConfig(workers=2, concurrency=4)
+        _, fits = worker_config(str(cache.path.parent), cache.cap, workers=2, concurrency=4,
+                                timeouts=lane_config.timeouts, encrypted=False, sealed=False)
+        early = [spawn(fits), spawn(p.WorkerConfig(str(cache.path.parent), cache.cap, threads=7))]
+        lanes = Lanes(None, cache, lane_config, spawned=early)
+        assert early[1].proc.wait(10) == 0  # ended at once: not what these lanes would start
+        pids: list[int] = []
+
+        async def main():
+            async with trio.open_nursery() as n:
+                await n.start(lanes.run)  # returns once every worker said it is ready
+                pids.extend(lanes.worker_pids)
+                n.cancel_scope.cancel()
+        trio.run(main)
+        lanes.close(grace=10)
+        assert len(pids) == 2 and early[0].proc.pid in pids and early[1].proc.pid not in pids
+        assert early[0].adopted and early[0].proc.poll() is not None  # closed with the lanes
+    finally:
+        cache.close()
