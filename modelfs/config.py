@@ -38,6 +38,11 @@ class Timeouts:
     read: float = 10.0  # seconds without a byte from the store, per attempt
     attempts: int = 3  # tries per request, the first included (throttling, 5xx, resets, timeouts)
 
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> Timeouts:
+        """The timeouts in :func:`resolve`'s settings (flags, config file, defaults)."""
+        return cls(settings["connect_timeout"], settings["read_timeout"], settings["attempts"])
+
     def request_bound(self) -> float:
         """The longest one request can take before it fails, whatever the store does."""
         return self.attempts * (self.connect + self.read) + retry_backoff(self.attempts)

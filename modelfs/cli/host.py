@@ -71,15 +71,13 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
         return
     # the waiting parent: what the daemon refuses (a bad key file, a bad ref) it says through
     # the ready pipe; here only what is cheap to check, before starting anything
-    from ..cache import default_cache_dir
-    from ..mount.background import log_path, start_background, start_timeout
+    from ..mount.background import cache_dir_of, log_path, start_background, start_timeout
     from ..mount.mountpoint import check_mountpoint
 
     mnt = settings["mountpoint"].absolute()
     check_mountpoint(mnt, settings["nonempty"])
-    log = log_path((settings["cache_dir"] or default_cache_dir()).absolute(), mnt)
-    timeouts = Timeouts(settings["connect_timeout"], settings["read_timeout"], settings["attempts"])
-    pid = start_background(settings, log, start_timeout(timeouts))
+    log = log_path(cache_dir_of(settings), mnt)
+    pid = start_background(settings, log, start_timeout(Timeouts.of(settings)))
     click.echo(f"mounted {settings['source']} at {mnt} (pid {pid}; log {log})")
 
 

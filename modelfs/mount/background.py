@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
 from typing import Any
 
 from .. import logs
@@ -33,16 +32,19 @@ def start_timeout(timeouts: Timeouts) -> float:
     return 3 * timeouts.request_bound() + 30.0
 
 
+def cache_dir_of(settings: dict[str, Any]) -> Path:
+    """The mount's cache directory: the setting, else the default one, made absolute."""
+    return (settings["cache_dir"] or default_cache_dir()).absolute()
+
+
 def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
     """Start a mount daemon's fetch workers first thing, from its settings alone, so their
     start-up (~0.13 s of imports each) overlaps the daemon's own imports and the resolution
     of its source instead of following them. ``Lanes`` adopts those that match what it
     would start (it ends the others); the daemon ends them if it fails before."""
-    cache_dir = cache_root((settings["cache_dir"] or default_cache_dir()).absolute(), sealed=settings["encrypt_cache"])
+    cache_dir = cache_root(cache_dir_of(settings), sealed=settings["encrypt_cache"])
     n, config = worker_config(str(cache_dir), settings["cache_size"], workers=settings["fetch_workers"],
-                              concurrency=settings["concurrency"],
-                              timeouts=Timeouts(settings["connect_timeout"], settings["read_timeout"],
-                                                settings["attempts"]),
+                              concurrency=settings["concurrency"], timeouts=Timeouts.of(settings),
                               encrypted=settings["encryption_key_file"] is not None,
                               sealed=settings["encrypt_cache"])
     return [spawn(config) for _ in range(n)]

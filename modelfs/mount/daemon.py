@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from .. import malloc
-from ..cache import BlockCache, CacheView, cache_root, default_cache_dir
+from ..cache import BlockCache, CacheView, cache_root
 from ..config import StoreConfig, Timeouts
 from ..errors import ModelfsError, UsageError
 from ..format.encryption import RegistryKey
@@ -33,6 +33,7 @@ from ..registry.source import Source, resolve
 from ..transfer.lanes import LaneConfig, Lanes
 from ..transfer.spawn import Spawned
 from . import xattrs
+from .background import cache_dir_of
 from .fs import ModelFS
 from .metrics import Reporter
 from .mountpoint import check_mountpoint, set_kernel_readahead
@@ -68,7 +69,7 @@ class MountConfig:
         """From :func:`modelfs.config.resolve`'s merged, parsed settings."""
         store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
                             concurrency=s["concurrency"],
-                            timeouts=Timeouts(s["connect_timeout"], s["read_timeout"], s["attempts"]))
+                            timeouts=Timeouts.of(s))
         key_file = s["encryption_key_file"]
         if s["encrypt_cache"] and key_file is None:
             raise UsageError("encrypt_cache needs the registry's key: pass --encryption-key FILE too")
@@ -77,7 +78,7 @@ class MountConfig:
             encryption_key=RegistryKey.load(key_file) if key_file is not None else None,
             trust=TrustedKeys(s["trusted_keys"]) if s["trusted_keys"] else None,
             source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
-            cache_dir=(s["cache_dir"] or default_cache_dir()).absolute(), cache_size=s["cache_size"],
+            cache_dir=cache_dir_of(s), cache_size=s["cache_size"],
             allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
             kernel_readahead_kb=s["kernel_readahead_kb"] or None,
             metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
