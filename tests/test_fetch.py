@@ -493,3 +493,79 @@ def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
         assert trio.run(lanes.peek, due.h, 4 * MiB, 0, 4096) is None and lanes.stats.errors == 0
     finally:
         cache.close()
+
+
+def test_readahead_survives_read_around_requests_answered_out_of_order(cache):
+    """The kernel sends an mmap fault's read-around as several requests and they arrive in
+    any order (seen: 6 MiB before 5 MiB): a reader moving forward like that is still
+    sequential, and its window grows instead of resetting at every pair."""
+    entry, data, chunks = make_file([MiB] * 48)
+    fetcher, src = reader(cache, chunks, max_bytes=16 * MiB, trigger_bytes=2 * MiB)
+    stream = Stream(fetcher, entry)
+
+    async def main():
+        for pair in range(0, 24, 2):  # (1, 0), (3, 2), (5, 4), … MiB
+            for off in ((pair + 1) * MiB, pair * MiB):
+                assert bytes(await stream.read(off, MiB)) == data[off:off + MiB]
+        assert stream.window == stream.max_window == 16
+        index = {h: i for i, (h, _) in enumerate(entry.chunks)}
+        assert max(index[h] for h in src.prefetched) >= 24 + 8  # well ahead of the reader
+    trio.run(main)
+
+
+def _shards(n: int, chunks_each: int) -> tuple[Manifest, dict[str, bytes], list[bytes]]:
+    rnd = __import__("random").Random(7)
+    files, chunks, datas = [], {}, []
+    for s in range(n):
+        blobs = [rnd.randbytes(MiB) for _ in range(chunks_each)]
+        chunks.update((chunk_hash(b), b) for b in blobs)
+        datas.append(b"".join(blobs))
+        files.append(FileEntry(path=f"w/model-{s + 1:05d}-of-{n:05d}.bin", size=len(datas[-1]), mode=0o644,
+                               sha256=f"{s:064x}", chunks=tuple((chunk_hash(b), len(b)) for b in blobs)))
+    files.append(FileEntry(path="w/config.json", size=0, mode=0o644, sha256="f" * 64, chunks=()))
+    m = Manifest(name="m", created="2026-01-01T00:00:00Z", files=tuple(files), directories=("w",), chunking={})
+    return m, chunks, datas
+
+
+def test_a_reader_reaching_a_files_end_reads_ahead_into_the_next_shard(cache):
+    """A loader moving from one shard to the next finds the next one's first chunks
+    loading already, and its stream starts at the pace the last one ended at: no idle
+    link between shards, no window ramping up again from two chunks."""
+    m, chunks, datas = _shards(3, 12)
+    fetcher, src = reader(cache, chunks, max_bytes=8 * MiB, trigger_bytes=2 * MiB)
+    ahead = fetcher.readahead
+    one, two, three = m.files[:3]
+    assert ahead.successor(m, one) is two and ahead.successor(m, two) is three
+    assert ahead.successor(m, three) is None and ahead.successor(m, m.files[3]) is None  # other suffix
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+            stream = Stream(fetcher, one, m)
+            for off in range(0, one.size, MiB):
+                assert bytes(await stream.read(off, MiB)) == datas[0][off:off + MiB]
+            await trio.testing.wait_all_tasks_blocked()
+            asked = set(src.prefetched)
+            assert {h for h, _ in two.chunks[:4]} <= asked  # its head, ahead of any read of it
+            assert not {h for h, _ in three.chunks} & asked  # one file ahead, not two
+            nxt = Stream(fetcher, two, m)
+            assert nxt.window > fetcher.readahead.config.first_window and nxt.run_bytes >= MiB * 2
+            before = len(src.prefetched)
+            assert bytes(await nxt.read(0, MiB)) == datas[1][:MiB]
+            assert len(src.prefetched) > before  # the first read already reads ahead
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+    # a reader that stops early, or jumps around, does not touch the next file
+    fetcher, src = reader(cache, chunks, max_bytes=8 * MiB, trigger_bytes=2 * MiB)
+    stream = Stream(fetcher, one, m)
+
+    async def partial():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+            for off in (0, 5 * MiB, 2 * MiB, 9 * MiB, MiB):
+                await stream.read(off, 4096)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not {h for h, _ in two.chunks} & set(src.prefetched)
+            nursery.cancel_scope.cancel()
+    trio.run(partial)

@@ -65,18 +65,25 @@ def free_ports(n: int) -> list[int]:
 
 
 class SeaweedServer:
-    """``auth=True`` turns on S3 authentication with the dev key pair (for credential tests)."""
+    """``auth=True`` turns on S3 authentication with the dev key pair (for credential tests).
 
-    def __init__(self, workdir: Path, auth: bool = False):
+    ``host`` and ``launcher`` place the server elsewhere than this loopback: e.g. another
+    network namespace (``launcher=["nsenter", "--net=..."]``) answering on ``host`` there,
+    its own servers still talking over that namespace's loopback (a far store's benchmark).
+    """
+
+    def __init__(self, workdir: Path, auth: bool = False, host: str = "127.0.0.1",
+                 launcher: list[str] | None = None):
         self.workdir = Path(workdir)
         self.auth = auth
+        self.host, self.launcher = host, list(launcher or [])
         self.proc: subprocess.Popen | None = None
         self.ports: list[int] = []
         self.s3_port = self.metrics_port = 0
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     def env(self) -> dict[str, str]:
         """Environment for a modelfs process talking to this server."""
@@ -89,11 +96,12 @@ class SeaweedServer:
         self.ports = self.ports or free_ports(5)
         s3, master, volume, filer, metrics = self.ports
         self.s3_port, self.metrics_port = s3, metrics
-        cmd = [find_weed(), "server", f"-dir={self.workdir}", "-s3", f"-s3.port={s3}",
+        bind = "127.0.0.1" if self.host == "127.0.0.1" else "0.0.0.0"
+        cmd = [*self.launcher, find_weed(), "server", f"-dir={self.workdir}", "-s3", f"-s3.port={s3}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                # one collection per bucket, each growing several volumes: many small ones
-               "-master.volumeSizeLimitMB=256", "-volume.max=2000", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.volumeSizeLimitMB=256", "-volume.max=2000", "-ip=127.0.0.1", f"-ip.bind={bind}",
                f"-metricsPort={metrics}"]
         if self.auth:
             conf = self.workdir / "s3-identities.json"
@@ -134,7 +142,7 @@ class SeaweedServer:
 
     def request_counts(self, bucket: str) -> Counter:
         """``{(type, code): n}`` of S3 requests on ``bucket`` (GET, PUT, HEAD counted as GET...)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         out: Counter = Counter()
         pat = re.compile(r'^SeaweedFS_s3_request_total\{bucket="([^"]*)",code="(\d+)",type="(\w+)"\} (\S+)$')

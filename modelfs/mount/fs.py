@@ -141,7 +141,8 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_fh()
-        self._streams[fh] = _Blob(node.path, node.data) if node.kind == "blob" else Stream(self.reader, node.entry)
+        self._streams[fh] = _Blob(node.path, node.data) if node.kind == "blob" else \
+            Stream(self.reader, node.entry, node.manifest)
         # immutable content: keep the page cache across opens; no direct_io (mmap must work)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 

@@ -29,12 +29,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import cachetools
 import trio
 
 from ..cache import CacheView
 from ..describe.headers import MAX_SAFETENSORS_HEADER, safetensors_tensors
 from ..errors import ModelfsError
-from ..format.manifest import FileEntry
+from ..format.manifest import FileEntry, Manifest
+from ..transfer.trace import tracer
 
 if TYPE_CHECKING:
     from .reader import ChunkSource, Reader, Unsealer
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+FOLLOWED_KEPT = 64  # files read ahead into and not opened yet, remembered
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,13 @@ class ReadaheadConfig:
     trigger_bytes: int = 4 * MiB  # bytes read in order before readahead starts (--readahead-trigger):
     #   one average chunk, so a lone small read loads only the chunks it touches
     first_window: int = 2  # chunks in a new window; it doubles each time it is extended
-    back_bytes: int = MiB  # a read starting this far before the last one ended is still in order…
+    back_bytes: int = 4 * MiB  # a read starting this far before the furthest one ended is still in order
+    #   (the kernel sends an mmap fault's read-around as several requests, answered in any order)…
     forward_bytes: int = 16 * MiB  # …and this far after it (as mountpoint-s3); else the window resets
     tensor_order: bool = True  # also follow loaders' tensor order where a format says it (--readahead-order)
-    order_back: int = 2  # in tensor order: a read this many tensors before the last one's is in order…
-    order_forward: int = 8  # …and this many after it (a loader may skip small tensors)
+    order_back: int = 2  # in tensor order: a read touching a tensor this many before the furthest one…
+    order_forward: int = 8  # …or this many after it is in order (a loader may skip small tensors)
+    follow: bool = True  # a reader that reaches a file's end reads ahead into the next file it will open
     paging_max: int = 64  # cached chunks being paged in from disk at once
     unseal_max: int = 4  # sealed-cache chunks being decrypted ahead of readers at once
 
@@ -84,9 +89,13 @@ class Readahead:
         self.spans = spans  # the reader: how a header's bytes are read
         self.unsealer = unsealer  # a sealed cache: decrypt ahead, not page in
         self._orders: dict[tuple[str, int], ReadOrder | None] = {}  # learned (None: the file has none)
-        self._learning: set[tuple[str, int]] = set()
+        self._learning: dict[tuple[str, int], trio.Event] = {}  # being learned: set when done
+        # files a reader read ahead into before they were opened: their window, in bytes
+        self._followed: cachetools.LRUCache = cachetools.LRUCache(FOLLOWED_KEPT)
+        self._successors: cachetools.LRUCache = cachetools.LRUCache(8)  # id(manifest) → (it, path → next file)
         self._paging: set[str] = set()  # chunks being paged in (or decrypted)
         self._nursery: trio.Nursery | None = None
+        self.trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Learn orders and page chunks in, in the background, until cancelled."""
@@ -161,7 +170,7 @@ class Readahead:
         if key in self._orders:
             return self._orders[key]
         if key not in self._learning and self._nursery is not None:
-            self._learning.add(key)
+            self._learning[key] = trio.Event()
             self._nursery.start_soon(self._learn, e, key)
         return False
 
@@ -179,7 +188,51 @@ class Readahead:
             log.exception("%s: reading order not learned", e.path)
             self._orders[key] = None
         finally:
-            self._learning.discard(key)
+            self._learning.pop(key).set()
+
+    # -- the next file ---------------------------------------------------------------
+    def follow(self, e: FileEntry, budget: int) -> None:
+        """A reader is about to finish the file before ``e`` (the next one a loader opens):
+        load ``e``'s first ``budget`` bytes in its reading order (its header first), and
+        let ``e``'s stream start at that pace (``followed_by``)."""
+        self._followed[(e.sha256, e.size)] = budget
+        if self._nursery is not None and budget > 0 and e.chunks:
+            self._nursery.start_soon(self._follow, e, budget)
+
+    def successor(self, m: Manifest, e: FileEntry) -> FileEntry | None:
+        """The file a loader opens after ``e``: the next one in name order in its directory
+        with its suffix (``model-00002-of-00004.safetensors`` after ``…00001…``), as
+        transformers and the serving frameworks walk shards; None after the last."""
+        nexts = self._successors.get(id(m))
+        if nexts is None or nexts[0] is not m:
+            groups: dict[tuple[str, str], list[FileEntry]] = {}
+            for f in m.files:
+                d, _, name = f.path.rpartition("/")
+                groups.setdefault((d, name.rpartition(".")[2] if "." in name else ""), []).append(f)
+            after: dict[str, FileEntry] = {}
+            for fs in groups.values():
+                fs.sort(key=lambda f: f.path)
+                after.update((a.path, b) for a, b in zip(fs, fs[1:]))
+            nexts = self._successors[id(m)] = (m, after)
+        return nexts[1].get(e.path)
+
+    def followed_by(self, e: FileEntry) -> int | None:
+        """The window a reader read ahead into ``e`` with, if one did (once)."""
+        return self._followed.pop((e.sha256, e.size), None)
+
+    async def _follow(self, e: FileEntry, budget: int) -> None:
+        self.want(*e.chunks[0])  # the header: what a loader reads first
+        order = self.read_order(e)
+        if order is False and (learning := self._learning.get((e.sha256, e.size))) is not None:
+            await learning.wait()
+            order = self._orders.get((e.sha256, e.size))
+        ranges = order.file_ranges(0, budget) if isinstance(order, ReadOrder) else [(0, min(budget, e.size))]
+        asked = {0}
+        for lo, hi in ranges:
+            for i in range(e.chunk_index(lo), e.chunk_index(hi - 1) + 1):
+                if i not in asked:
+                    asked.add(i)
+                    self.want(*e.chunks[i])
 
 
 class ReadOrder:
@@ -222,6 +275,12 @@ class ReadOrder:
         """The reading-order index of the range holding file offset ``off``."""
         return self._pos[max(0, bisect.bisect_right(self._file_lo, off) - 1)]
 
+    def positions(self, off: int, end: int) -> list[int]:
+        """The reading-order indexes of the ranges that file bytes [off, end) touch."""
+        i = max(0, bisect.bisect_right(self._file_lo, off) - 1)
+        j = bisect.bisect_left(self._file_lo, end)
+        return self._pos[i:max(j, i + 1)]
+
     def order_offset(self, off: int) -> int:
         p = self.position(off)
         return self.ostart[p] + off - self.ranges[p][0]
@@ -241,26 +300,32 @@ class ReadOrder:
 class Stream:
     """The read state of one open file: where it is, and how far ahead to load.
 
-    Sequential readers (within ``back_bytes`` backwards / ``forward_bytes`` forwards of
-    where the last read ended) get a readahead window that starts at ``first_window``
-    chunks once ``trigger_bytes`` were read in order, and doubles at each chunk
-    boundary up to ``max_bytes``; a random access resets it. A single small read never
-    loads more than the chunks it touches.
+    Sequential readers (a read starting within ``back_bytes`` before / ``forward_bytes``
+    after the furthest in-order read's end: the kernel splits an mmap fault's read-around
+    into requests answered in any order) get a readahead window that starts at
+    ``first_window`` chunks once ``trigger_bytes`` were read in order, and doubles at each
+    chunk boundary up to ``max_bytes``; a random access resets it. A single small read
+    never loads more than the chunks it touches.
 
     Where the loaders' reading order is known (:class:`ReadOrder`), the same rules also
     apply in that order, side by side with file order (a copy reads in file order, a
-    loader in tensor order): a read is "sequential" there when it lands in the tensor the
-    reader was in or a few after it, and the window covers the next tensors in that
-    order, wherever they lie in the file. A read is placed by its middle byte: the
-    kernel's read-around for an mmap fault starts before the faulting tensor.
+    loader in tensor order): a read is "sequential" there when it touches the tensor the
+    reader was furthest in, or one a few before or after it (a read-around spans
+    neighbours in the file, which may be far apart in the loader's order), and the window
+    covers the next tensors in that order, wherever they lie in the file.
+
+    A sequential reader whose window reaches the end of its file reads ahead into the
+    file a loader opens next (``successor``: the next shard), and that file's stream
+    starts with the window this one had, so the link stays busy across the move.
     """
 
-    def __init__(self, reader: Reader, entry: FileEntry):
+    def __init__(self, reader: Reader, entry: FileEntry, manifest: Manifest | None = None):
         self.reader = reader
         self.ahead = reader.readahead
         self.config = cfg = reader.readahead.config
         self.entry = entry
-        self.next_off = 0
+        self.manifest = manifest if cfg.follow else None  # the version holding it: where its successor is
+        self.frontier = 0  # the furthest end of an in-order read
         self.run_bytes = 0  # bytes read sequentially so far
         self.window = cfg.first_window
         self.ahead_until = -1  # last chunk index already asked for
@@ -269,9 +334,17 @@ class Stream:
         self.avg_chunk = max(1, int(avg))
         self.order: ReadOrder | None = None
         self._order_known = False  # the reader said what the order is (None: there is none)
-        self.t_pos = -1  # reading-order index of the range the last read was in
+        self.t_pos = -1  # reading-order index of the furthest range an in-order read touched
+        self.t_run = 0  # bytes read in reading order so far (each predictor counts its own)
         self.t_ahead = 0  # reading-order offset up to which loads were started
         self.t_window = cfg.first_window * self.avg_chunk
+        self.followed = False  # readahead went on into ``successor``
+        if (warm := self.ahead.followed_by(entry)) is not None:
+            # an earlier file's reader read ahead into this one: go on at its pace
+            self.run_bytes = self.t_run = cfg.trigger_bytes
+            self.window = min(self.max_window, max(cfg.first_window, warm // self.avg_chunk))
+            self.t_window = max(self.t_window, min(warm, cfg.max_bytes))
+            self.t_pos = 0
 
     @property
     def path(self) -> str:
@@ -293,6 +366,9 @@ class Stream:
         self._ahead_in_file(off, end)
         if self.order is not None:
             self._ahead_in_order(self.order, off, end)
+        if self.ahead.trace is not None:
+            self.ahead.trace.event("read", path=e.path, off=off, size=end - off, run=self.run_bytes,
+                                   window=self.window, order=self._order_known)
         data = await self.reader.span(e, off, end)
         self.reader.stats.bytes_served += end - off  # what readers got (not our header reads)
         return data
@@ -300,8 +376,9 @@ class Stream:
     def _ahead_in_file(self, off: int, end: int) -> None:
         e, cfg = self.entry, self.config
         last = e.chunk_index(end - 1)
-        if -cfg.back_bytes <= off - self.next_off <= cfg.forward_bytes:
+        if self.frontier - cfg.back_bytes <= off <= self.frontier + cfg.forward_bytes:
             self.run_bytes += end - off
+            self.frontier = max(self.frontier, end)
             # keep ``window`` chunks loading ahead of the reader, growing it each time
             # the reader moves into a chunk that needs a new one loaded
             if self.run_bytes >= cfg.trigger_bytes and last + self.window > self.ahead_until:
@@ -309,18 +386,19 @@ class Stream:
                 self.window = min(self.window * 2, self.max_window)
         else:
             self.run_bytes, self.window, self.ahead_until = end - off, cfg.first_window, -1
-        self.next_off = end
+            self.frontier = end
 
     def _ahead_in_order(self, order: ReadOrder, off: int, end: int) -> None:
         cfg = self.config
-        mid = (off + end) // 2
-        q, o = order.position(mid), order.order_offset(mid)
-        if self.t_pos - cfg.order_back <= q <= self.t_pos + cfg.order_forward:
-            self.run_bytes += end - off
+        near = [q for q in order.positions(off, end) if self.t_pos - cfg.order_back <= q <= self.t_pos + cfg.order_forward]
+        if near:
+            self.t_run += end - off
+            self.t_pos = max(self.t_pos, *near)
         else:  # a jump in the loader's order: start over
-            self.run_bytes, self.t_window, self.t_ahead = end - off, cfg.first_window * self.avg_chunk, 0
-        self.t_pos = q
-        if self.run_bytes < cfg.trigger_bytes or o + self.t_window <= self.t_ahead:
+            self.t_run, self.t_window, self.t_ahead = end - off, cfg.first_window * self.avg_chunk, 0
+            self.t_pos = order.position((off + end) // 2)
+        o = order.ostart[self.t_pos]
+        if self.t_run < cfg.trigger_bytes or o + self.t_window <= self.t_ahead:
             return
         lo, hi = max(self.t_ahead, o), o + self.t_window
         e, asked = self.entry, set()
@@ -330,11 +408,23 @@ class Stream:
                     asked.add(i)
                     self.ahead.want(*e.chunks[i])
         self.t_ahead = hi
+        if hi >= order.ostart[-1]:
+            self._follow()
         self.t_window = min(self.t_window * 2, cfg.max_bytes)
 
     def _ahead(self, lo: int, hi: int) -> None:
-        hi = min(hi, len(self.entry.chunks) - 1)
-        for i in range(max(lo, self.ahead_until + 1), hi + 1):
+        last = len(self.entry.chunks) - 1
+        for i in range(max(lo, self.ahead_until + 1), min(hi, last) + 1):
             h, n = self.entry.chunks[i]
             self.ahead.want(h, n)
-        self.ahead_until = max(self.ahead_until, hi)
+        if hi >= last and self._order_known and self.order is None:  # (with an order, its window's end decides)
+            self._follow()
+        self.ahead_until = max(self.ahead_until, min(hi, last))
+
+    def _follow(self) -> None:
+        """The window reaches the end of the file: go on into the next file (once), as
+        far ahead as this reader's window is."""
+        if self.manifest is not None and not self.followed:
+            self.followed = True
+            if (after := self.ahead.successor(self.manifest, self.entry)) is not None:
+                self.ahead.follow(after, min(self.config.max_bytes, max(self.window * self.avg_chunk, self.t_window)))

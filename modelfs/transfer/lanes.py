@@ -55,6 +55,7 @@ from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Fail
                        Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
                        fd_message, received_fd)
 from .spawn import Spawned, spawn, worker_config
+from .trace import tracer
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class Lanes:
         self._recent: cachetools.TTLCache = cachetools.TTLCache(maxsize=4096, ttl=RECENT_SECONDS)
         # chunks the cache could not store: hash → read-only map of the worker's memfd
         self._spilled: cachetools.LRUCache = cachetools.LRUCache(config.spill_bytes, getsizeof=len)
+        self._trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks)
 
     # -- life ---------------------------------------------------------------------
     async def run(self, *, ready_first: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -377,6 +379,8 @@ class Lanes:
             raise flight.error
 
     def _start(self, flight: _Flight) -> _Flight:
+        if self._trace is not None:
+            self._trace.event("start", kind=flight.kind.value, h=flight.h[:12], size=flight.size, urgent=flight.urgent)
         if flight.kind is Kind.LOAD:  # one per chunk (a delivery or a peek is its own)
             self._flights[flight.h] = flight
         try:
@@ -438,6 +442,8 @@ class Lanes:
                 self._spilled[flight.h] = mmap.mmap(fd, flight.size, prot=mmap.PROT_READ)
                 self.generation += 1  # servable now (and a refetch's old entry is gone): views renew
                 flight.ready.set()
+                if self._trace is not None:
+                    self._trace.event("early", h=flight.h[:12])
         elif isinstance(msg, (Done, Peeked, Uploaded, Failed)):
             if (flight := p.pending.pop(msg.id, None)) is not None:
                 if fd is not None:
@@ -512,6 +518,10 @@ class Lanes:
             flight.error = error
         if self._flights.get(flight.h) is flight:
             del self._flights[flight.h]
+        if self._trace is not None:
+            r = flight.reply
+            self._trace.event("done", kind=flight.kind.value, h=flight.h[:12], size=flight.size, ok=error is None,
+                              fetched=isinstance(r, Done) and r.fetched, took=getattr(r, "took", None))
         flight.done.set()
         flight.ready.set()
 

@@ -1,0 +1,252 @@
+"""A model loaded from a far store: copy-then-load, pull-then-load and a cold mount, one run.
+
+    cd /tmp && /work/main/.venv/bin/python /work/main/benchmarks/far_load.py \
+        [--regimes 0:0,20:1000,20:2500] [--shards 4] [--shard-mib 512] [--runs 3] \
+        [--loader load_file|read] [--targets copy,pull,mount] [--base TREE] [--trace DIR] [--perf DIR]   # as root
+
+For each regime ``RTT_MS:MBIT`` (``0:0``: the plain link, forwarding only) it builds a
+:class:`farlink.FarLink`, starts SeaweedFS on its far side, writes ``--shards`` F16
+safetensors shards of ``--shard-mib`` MiB, uploads them as plain objects (for s5cmd) and
+publishes them as a modelfs model, then runs every target ``--runs`` times, interleaved,
+the page cache dropped before each:
+
+* **copy**: ``s5cmd cp`` of the shards into a fresh directory, then the loader on each;
+* **pull**: ``modelfs pull`` (empty cache), then the loader on each;
+* **mount**: ``modelfs mount`` (empty cache, background start) and the loader on each
+  shard through it; ``--base TREE`` adds the same with another source tree.
+
+Loaders: ``load_file`` (``safetensors.numpy.load_file``: mmap, every tensor in name order)
+or ``read`` (the file read whole, in order, then parsed). Time to first tensor: the first
+shard's first tensor, for copy measured as ``s5cmd cp`` of that one shard then that
+tensor, for a mount as mount + that tensor. Prints, per regime, medians: total seconds and
+ratio to copy, first-tensor ratio, CPU seconds of the command's processes and of the
+forwarder (what shaping costs the two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import MiB, client, drop_caches, machine, new_bucket, proc_cpu_seconds  # noqa: E402
+from farlink import FarLink  # noqa: E402
+
+from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
+from modelfs.mount.xattrs import PID  # noqa: E402
+
+ROOT = str(HERE.parent)
+
+
+def load(path: Path, loader: str, first_only: bool = False) -> None:
+    """``load_file``: safetensors' own (mmap, tensors in name order); ``read``: the whole file
+    read sequentially, then parsed (``safetensors.numpy.load``), as loaders that read first do."""
+    from safetensors import safe_open
+    from safetensors.numpy import load as parse, load_file
+    if first_only:
+        with safe_open(str(path), "numpy") as f:
+            f.get_tensor(next(iter(f.keys())))
+    elif loader == "read":
+        with open(path, "rb") as f:
+            parse(f.read())
+    else:
+        load_file(str(path))
+
+
+def cpu_of(pid: int) -> float:
+    try:
+        return proc_cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+class Run:
+    def __init__(self, d: Path, env: dict, shards: list[str], loader: str, link: FarLink):
+        self.d, self.env, self.shards, self.loader, self.link = d, env, shards, loader, link
+        self.trace_dir: Path | None = None  # --trace: each mount's timeline (benchmarks/timeline.py)
+        self.traced = 0
+        self.mount_args: list[str] = []  # --mount-args
+        self.perf_dir: Path | None = None  # --perf: `perf record -a` of each mount's load
+
+    def _fwd_cpu(self) -> float:
+        return cpu_of(self.link.proc.pid)
+
+    def _download_then_load(self, cmd: list[str], out: Path, env: dict) -> dict:
+        """``cmd`` downloads the shards into ``out``; then the loader reads each there."""
+        shutil.rmtree(out, ignore_errors=True)
+        drop_caches()
+        f0 = self._fwd_cpu()
+        r0 = os.times()
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True, cwd="/tmp")
+        t_cmd = time.perf_counter() - t
+        r1 = os.times()
+        for s in self.shards:
+            load(out / s, self.loader)
+        total = time.perf_counter() - t
+        fwd = self._fwd_cpu() - f0
+        shutil.rmtree(out)
+        return {"total": total, "command": t_cmd, "fwd_cpu": fwd,
+                "cpu": (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)}
+
+    def _s5cmd(self, src: str, out: Path) -> list[str]:
+        return [str(Path(sys.executable).parent / "s5cmd"), "--endpoint-url", self.env["AWS_ENDPOINT_URL"],
+                "cp", src, str(out) + "/"]
+
+    def copy(self, bucket: str) -> dict:
+        out = self.d / "copy"
+        r = self._download_then_load(self._s5cmd(f"s3://{bucket}/plain/*", out), out, self.env)
+        # the first tensor after a copy of its shard alone
+        drop_caches()
+        t = time.perf_counter()
+        subprocess.run(self._s5cmd(f"s3://{bucket}/plain/{self.shards[0]}", out), env=self.env, check=True,
+                       capture_output=True)
+        load(out / self.shards[0], self.loader, first_only=True)
+        r["first"] = time.perf_counter() - t
+        shutil.rmtree(out)
+        return r
+
+    def pull(self, tree: str, ref: str) -> dict:
+        out = self.d / "pulled"
+        return self._download_then_load([sys.executable, "-m", "modelfs", "pull", ref, str(out), "--no-cache", "-q"],
+                                        out, dict(self.env, PYTHONPATH=tree))
+
+    def mount(self, tree: str, ref: str) -> dict:
+        mnt, cache = self.d / "mnt", self.d / "mount-cache"
+        mnt.mkdir(exist_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        env = dict(self.env, PYTHONPATH=tree)
+        if self.trace_dir is not None:
+            self.traced += 1
+            env["MODELFS_TRACE"] = str(self.trace_dir / f"mount-{self.traced}.jsonl")
+        drop_caches()
+        perf = None
+        if self.perf_dir is not None:  # the whole machine, while this mount loads
+            perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "299", "-o",
+                                     str(self.perf_dir / f"mount-{self.traced or 1}.data")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        f0 = self._fwd_cpu()
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "modelfs", "mount", ref, str(mnt), "--cache-dir", str(cache),
+                        *self.mount_args],
+                       env=env, check=True, capture_output=True, cwd="/tmp")
+        t_mount = time.perf_counter() - t
+        pid = int(os.getxattr(mnt, PID))
+        try:
+            load(mnt / self.shards[0], self.loader, first_only=True)
+            first = time.perf_counter() - t
+            for s in self.shards:
+                load(mnt / s, self.loader)
+            total = time.perf_counter() - t
+            cpu = cpu_of(pid)
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                perf.wait()
+        finally:
+            subprocess.run([sys.executable, "-m", "modelfs", "unmount", str(mnt)], env=env, capture_output=True)
+        fwd = self._fwd_cpu() - f0
+        shutil.rmtree(cache, ignore_errors=True)
+        return {"total": total, "command": t_mount, "first": first, "cpu": cpu, "fwd_cpu": fwd}
+
+
+def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
+    with tempfile.TemporaryDirectory(prefix="modelfs-farload-", dir="/var/tmp") as d_s, FarLink(rtt, mbit) as link:
+        d = Path(d_s)
+        link.enter_client()
+        srv = link.store_server(d / "s3").start()
+        try:
+            env = dict(os.environ, **srv.env())
+            m = d / "model"
+            m.mkdir()
+            per = args.shard_mib * MiB
+            hidden = 256
+            layers = max(1, per // ((5 * hidden * hidden + hidden * hidden) * 2))
+            shards = []
+            for i in range(args.shards):
+                name = f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
+                write_safetensors(m / name, layer_tensors(layers, hidden, dtype="F16", first=i * layers), seed=i)
+                shards.append(name)
+            c = client(srv)
+            bucket = new_bucket(c, "farload")
+            for s in shards:
+                c.upload_file(str(m / s), bucket, f"plain/{s}")
+            subprocess.run([sys.executable, "-m", "modelfs", "publish", str(m), f"s3://{bucket}/reg", "--name", "m",
+                            "--tag", "prod", "-q"], env=dict(env, PYTHONPATH=ROOT), check=True, capture_output=True)
+            ref = f"s3://{bucket}/reg/m@prod"
+            run = Run(d, env, shards, args.loader, link)
+            run.trace_dir, run.perf_dir, run.mount_args = args.trace, args.perf, shlex.split(args.mount_args)
+            trees = {"mount": ROOT} | ({"mount (base)": str(args.base)} if args.base else {})
+            res: dict[str, list[dict]] = {}
+            for i in range(args.runs):
+                jobs = []
+                if "copy" in args.targets:
+                    jobs.append(("copy", lambda: run.copy(bucket)))
+                if "pull" in args.targets:
+                    jobs.append(("pull", lambda: run.pull(ROOT, ref)))
+                if "mount" in args.targets:
+                    jobs += [(n, (lambda tr=tr: run.mount(tr, ref))) for n, tr in trees.items()]
+                for name, job in (jobs if i % 2 == 0 else list(reversed(jobs))):
+                    r = job()
+                    res.setdefault(name, []).append(r)
+                    print(f"  {rtt:g} ms/{mbit:g} Mbit run {i + 1} {name:<13} " +
+                          " ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+            return res
+        finally:
+            link.leave_client()
+            srv.stop()
+            print(f"  link: {link.close()}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regimes", default="0:0,20:1000,20:2500")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shard-mib", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--loader", choices=("load_file", "read"), default="load_file")
+    ap.add_argument("--targets", default="copy,pull,mount")
+    ap.add_argument("--base", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--mount-args", default="", help="more options for `modelfs mount` (e.g. \"--concurrency 8\")")
+    ap.add_argument("--perf", type=Path, help="a directory: `perf record -a -g` of each mount's load")
+    ap.add_argument("--trace", type=Path, help="a directory: each mount's trace (benchmarks/timeline.py)")
+    args = ap.parse_args()
+    everything = {}
+    for spec in args.regimes.split(","):
+        rtt, mbit = (float(x) for x in spec.split(":"))
+        everything[spec] = regime(args, rtt, mbit)
+    med = statistics.median
+    print(f"\n{args.shards} × {args.shard_mib} MiB F16 safetensors, loader {args.loader}, medians of {args.runs}; "
+          f"{machine()}\n")
+    print("| link (RTT ms / Mbit/s) | target | total s | ÷ copy | command s | first tensor ÷ copy | "
+          "CPU-s (processes) | forwarder CPU-s |\n|---|---|---|---|---|---|---|---|")
+    for spec, res in everything.items():
+        rtt, mbit = spec.split(":")
+        link = "unshaped (forwarding only)" if spec in ("0:0",) else f"{rtt} / {mbit}"
+        copy_t = med(r["total"] for r in res["copy"]) if "copy" in res else float("nan")
+        copy_f = med(r["first"] for r in res["copy"]) if "copy" in res else float("nan")
+        for name, rs in res.items():
+            tot = med(r["total"] for r in rs)
+            first = f"{med(r['first'] for r in rs) / copy_f:.2f}" if "first" in rs[0] and name != "copy" else "–"
+            print(f"| {link} | {name} | {tot:.2f} | **{tot / copy_t:.2f}** | {med(r['command'] for r in rs):.2f} | "
+                  f"{first} | {med(r['cpu'] for r in rs):.1f} | {med(r['fwd_cpu'] for r in rs):.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: it makes network namespaces, drops the page cache and mounts")
+    main()
