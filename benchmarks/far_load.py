@@ -162,7 +162,8 @@ class Run:
 
 
 def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
-    with tempfile.TemporaryDirectory(prefix="modelfs-farload-", dir="/var/tmp") as d_s, FarLink(rtt, mbit) as link:
+    with tempfile.TemporaryDirectory(prefix="modelfs-farload-", dir="/var/tmp") as d_s, FarLink(rtt, mbit, limit=args.queue, store_sysctls=dict(
+            x.split("=", 1) for x in args.store_sysctl)) as link:
         d = Path(d_s)
         link.enter_client()
         srv = link.store_server(d / "s3").start()
@@ -220,6 +221,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--mount-args", default="", help="more options for `modelfs mount` (e.g. \"--concurrency 8\")")
+    ap.add_argument("--queue", type=int, default=1000, help="the link's queue per direction, packets (netem's default)")
+    ap.add_argument("--store-sysctl", action="append", default=[],
+                    help="KEY=VALUE set in the store's namespace (e.g. net.ipv4.tcp_slow_start_after_idle=0)")
     ap.add_argument("--perf", type=Path, help="a directory: `perf record -a -g` of each mount's load")
     ap.add_argument("--trace", type=Path, help="a directory: each mount's trace (benchmarks/timeline.py)")
     args = ap.parse_args()

@@ -54,8 +54,9 @@ def forwarder_binary() -> Path:
 class FarLink:
     """Two namespaces and the forwarder between them; ``close`` removes all of it."""
 
-    def __init__(self, rtt_ms: float, mbit: float, limit: int = 1000):
+    def __init__(self, rtt_ms: float, mbit: float, limit: int = 1000, store_sysctls: dict[str, str] | None = None):
         self.rtt_ms, self.mbit, self.limit = rtt_ms, mbit, limit
+        self.store_sysctls = dict(store_sysctls or {})  # set in the store's namespace
         self.name = "mf" + uuid.uuid4().hex[:6]
         self.client_ns, self.store_ns = f"{self.name}-c", f"{self.name}-s"
         self.proc: subprocess.Popen | None = None
@@ -77,6 +78,8 @@ class FarLink:
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "addr", "add", me, "peer", peer, "dev", dev)
                 _ip("-n", ns, "link", "set", "dev", dev, "mtu", "9000", "up")
+            for k, v in self.store_sysctls.items():  # e.g. a store's TCP tuned otherwise
+                subprocess.run(["ip", "netns", "exec", self.store_ns, "sysctl", "-qw", f"{k}={v}"], check=True)
             rate = self.mbit * 1e6 / 8
             self.proc = subprocess.Popen(
                 [str(binary), self.ns_path(self.client_ns), f"{self.name}c",

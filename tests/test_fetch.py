@@ -481,12 +481,12 @@ def test_peeks_are_made_only_where_whole_chunks_arrive_slowly(tmp_path):
     cache = BlockCache(tmp_path / "c", 1 << 30)
     lanes = Lanes(reg, cache)
     try:
-        assert lanes._whole_chunk_seconds() is None  # nothing known yet: peeks would be made
+        assert lanes.stats.whole_chunk_seconds() is None  # nothing known yet: peeks would be made
         lanes.stats.recent_latencies.extend([0.010] * 32)  # a store on this host
         assert trio.run(lanes.peek, "a" * 64, 4 * MiB, 0, 4096) is None
         assert lanes.in_flight == 0 and lanes.stats.errors == 0  # nothing was even tried
         lanes.stats.recent_latencies.extend([0.080] * 32)  # a far one
-        assert lanes._whole_chunk_seconds() == 0.080
+        assert lanes.stats.whole_chunk_seconds() == 0.080
         due = _Flight(Kind.LOAD, "b" * 64, 4 * MiB, urgent=False)
         due.started = time.monotonic() - 0.070  # due in ~10 ms: wait for it
         lanes._flights[due.h] = due
@@ -569,3 +569,27 @@ def test_a_reader_reaching_a_files_end_reads_ahead_into_the_next_shard(cache):
             assert not {h for h, _ in two.chunks} & set(src.prefetched)
             nursery.cancel_scope.cancel()
     trio.run(partial)
+
+
+def test_against_a_far_store_the_window_grows_with_the_fetch_rate(cache):
+    """Near (chunks in ms) a window stops at --readahead; against a far store (chunks take
+    tens of ms) it holds ~2 s of what the fetches bring lately, at most 4 × --readahead,
+    so a loader busy copying tensors does not leave the link idle."""
+    import time as _time
+    entry, data, chunks = make_file([MiB] * 8)
+    fetcher, src = reader(cache, chunks, max_bytes=16 * MiB)
+    stream = Stream(fetcher, entry)
+    st = src.stats
+    assert fetcher.readahead.window_cap() == 16 * MiB and stream.max_window == 16  # nothing known yet
+    now = _time.monotonic()
+    for i in range(32):  # near: 5 ms a chunk, 400 MB/s
+        st.recent_latencies.append(0.005)
+        st.recent_fetches.append((now - i * 0.01, 4 * MiB))
+    assert not st.far() and fetcher.readahead.window_cap() == 16 * MiB
+    for _ in range(32):  # far: 300 ms a chunk; 60 MiB in the last 2 s
+        st.recent_latencies.append(0.3)
+    st.recent_fetches.clear()
+    st.recent_fetches.extend((now - i * 0.1, 3 * MiB) for i in range(20))
+    assert st.far() and fetcher.readahead.window_cap() == 60 * MiB
+    st.recent_fetches.extend((now, 64 * MiB) for _ in range(8))  # very fast lately: capped
+    assert fetcher.readahead.window_cap() == 64 * MiB and stream.max_window == 64

@@ -63,7 +63,7 @@ T = TypeVar("T")
 URL_SECONDS = 900  # presigned URLs outlive any queue wait and retry series
 WORKER_START_SECONDS = 30.0
 PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
-PEEK_WORTH = 0.025  # seconds: a store whose chunks take longer gets peeks (and a chunk due later)
+FAR_SECONDS = 0.025  # a store whose chunks take longer is far: peeks pay there (and readahead goes further)
 RECENT_SECONDS = 10.0  # a chunk a worker wrote or re-checked this lately: its pages are in memory
 
 
@@ -92,6 +92,24 @@ class FetchStats:
     errors: int = 0  # chunk loads that failed (the reader got EIO)
     worker_restarts: int = 0
     recent_latencies: deque = field(default_factory=lambda: deque(maxlen=4096))  # seconds, newest last
+    recent_fetches: deque = field(default_factory=lambda: deque(maxlen=256))  # (monotonic end, bytes), newest last
+
+    def whole_chunk_seconds(self) -> float | None:
+        """How long a whole chunk takes to arrive lately (the median of the last fetches;
+        None: too few yet). A far store's chunks take a round trip plus tens of ms of
+        transfer; one on this host sends 4 MiB in ~10 ms."""
+        recent = list(itertools.islice(reversed(self.recent_latencies), PEEK_SAMPLE))
+        return statistics.median(recent) if len(recent) >= PEEK_SAMPLE // 4 else None
+
+    def far(self) -> bool:
+        """Whether the store is far: its chunks take ``FAR_SECONDS`` or more (median)."""
+        whole = self.whole_chunk_seconds()
+        return whole is not None and whole >= FAR_SECONDS
+
+    def fetch_rate(self, seconds: float = 2.0) -> float:
+        """Bytes per second the fetches that ended in the last ``seconds`` brought."""
+        now = time.monotonic()
+        return sum(n for t, n in self.recent_fetches if now - t <= seconds) / seconds
 
 
 class Kind(enum.Enum):
@@ -306,16 +324,17 @@ class Lanes:
         """Bytes [lo, hi) of chunk ``h`` for a small read, fetched and verified without the
         rest of the chunk (its block digests and the blocks that hold them), then the whole
         chunk loaded behind it (what is fetched is cached). None where that cannot be
-        done or does not pay: whole chunks arrive fast (``_whole_chunk_seconds``), this
+        done or does not pay: whole chunks arrive fast (a near store: two small requests
+        that each pay its per-object cost are no faster than the chunk), this
         one is on its way and due soon, or it cannot be read by blocks (zstd; named before
         block digests); the reader then waits for the whole chunk."""
         if self.config.sealed or self.registry is None:
             return None
-        whole = self._whole_chunk_seconds()
-        if whole is not None and whole < PEEK_WORTH:
-            return None  # a near store: two small requests are no faster than the chunk
+        whole = self.stats.whole_chunk_seconds()
+        if whole is not None and whole < FAR_SECONDS:
+            return None  # a near store
         if (loading := self._flights.get(h)) is not None and \
-                (whole is None or whole - (time.monotonic() - loading.started) < PEEK_WORTH):
+                (whole is None or whole - (time.monotonic() - loading.started) < FAR_SECONDS):
             return None  # the whole chunk is on its way, and soon here
         flight = self._start(_Flight(Kind.PEEK, h, size, span=(lo, hi)))
         try:
@@ -326,14 +345,6 @@ class Lanes:
         finally:
             self.load_ahead(h, size)
         return flight.buffer
-
-    def _whole_chunk_seconds(self) -> float | None:
-        """How long a whole chunk takes to arrive lately (the median of the last fetches;
-        None: too few yet). Peeks pay against a remote store, where a chunk takes a round
-        trip plus tens of ms of transfer, not against one on this host, which sends 4 MiB
-        in ~10 ms, no slower than two small requests that each pay its per-object cost."""
-        recent = list(itertools.islice(reversed(self.stats.recent_latencies), PEEK_SAMPLE))
-        return statistics.median(recent) if len(recent) >= PEEK_SAMPLE // 4 else None
 
     async def upload(self, fd: int, offset: int, size: int, what: str,
                      decide: Callable[[str], Go]) -> tuple[str, bool, int]:
@@ -482,6 +493,7 @@ class Lanes:
             st.bytes_fetched += flight.size
             st.fetch_seconds += r.took
             st.recent_latencies.append(r.took)
+            st.recent_fetches.append((time.monotonic(), flight.size))
         else:
             st.cache_hits += 1
         if flight.kind is Kind.LOAD:
