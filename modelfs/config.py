@@ -145,7 +145,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("cache_size", "16G", parse_size, "Cap of the block cache on disk."),
     Key("memory_cache", "256M", parse_size, "Ignored: the kernel's page cache is the memory tier now (kept so older config files load)."),
     Key("fetch_workers", 0, _int_in(0, 64), "Fetch worker processes that GET, verify and cache chunks (0: half the cores, 2 to 8)."),
-    Key("readahead", "64M", parse_size, "Largest readahead window per sequential reader."),
+    Key("readahead", "64M", parse_size, "Largest readahead window per sequential reader (against a far store, up to 4 times this: what 2 s of fetches bring)."),
     Key("readahead_trigger", "4M", parse_size, "Bytes a reader reads in order before readahead starts (a lone small read loads only the chunks it touches)."),
     Key("readahead_order", "tensors", _choice("tensors", "file"), "Read ahead in the order loaders read tensors (safetensors: sorted names), or in file order."),
     Key("fetch_timeout", 60.0, _seconds, "Seconds before a chunk fetch becomes an I/O error."),

@@ -306,3 +306,38 @@ def test_a_cold_read_does_not_wait_for_the_cache_write(env, bucket, model, mount
     finally:
         os.close(fd)
         cache.close()
+
+
+def test_shards_read_in_turn_are_fetched_once_and_the_next_one_is_read_ahead(env, bucket, tmp_path, mounts, seaweed):
+    """A loader's shards, one after another: every byte right, every chunk fetched once
+    (readahead into the next shard included), and a reader finishing one shard has the
+    next one's head loading before it opens it, not the one after."""
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for i in range(3):
+        write_safetensors(d / f"model-{i + 1:05d}-of-00003.safetensors", layer_tensors(24, 256, first=i * 24), seed=i)
+    cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m", "-q")
+    doc = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
+    chunks = {f["path"]: [c[0] for c in f["chunks"]] for f in doc["files"]}
+    mnt = mounts.mount(f"s3://{bucket}/reg/m")
+    names = sorted(chunks)
+    before = settle(seaweed, bucket) - ranged_gets(seaweed, bucket)
+
+    def whole_gets() -> int:  # not a small read's ranged GETs (its blocks, before the chunk)
+        return settle(seaweed, bucket) - ranged_gets(seaweed, bucket) - before
+
+    assert sha(mnt / names[0]) == sha(d / names[0])  # read in order, like a copy
+    fetched = whole_gets()
+    first, second = set(chunks[names[0]]), set(chunks[names[1]])
+    assert len(first) < fetched <= len(first | second)  # ahead into the next shard, not past it
+    with ThreadPoolExecutor(2) as ex:  # the rest, and a reader jumping around at the same time
+        jumps = ex.submit(lambda: [(n, o, _pread(mnt / n, o)) for n in names for o in (5 * MiB, 17, 3 * MiB)])
+        assert [sha(mnt / n) for n in names[1:]] == [sha(d / n) for n in names[1:]]
+        for n, o, got in jumps.result():
+            assert got == _pread(d / n, o)
+    assert whole_gets() == len(set().union(*map(set, chunks.values())))  # each chunk once
+
+
+def _pread(path, off: int, n: int = 100_000) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), n, off)

@@ -48,11 +48,12 @@ def _env(endpoint: str) -> dict:
 
 @pytest.fixture
 def two_files(tmp_path) -> Path:
-    """Two 16 MiB shards: one to warm, one to keep cold."""
+    """Two 16 MiB shards: one to warm, one to keep cold ("cold" sorts first: reading the
+    warm one to its end does not read ahead into it, as it would into a next shard)."""
     d = tmp_path / "two"
     d.mkdir()
-    write_safetensors(d / "a.safetensors", layer_tensors(21, 256), seed=21)
-    write_safetensors(d / "b.safetensors", layer_tensors(21, 256), seed=22)
+    write_safetensors(d / "warm.safetensors", layer_tensors(21, 256), seed=21)
+    write_safetensors(d / "cold.safetensors", layer_tensors(21, 256), seed=22)
     return d
 
 
@@ -110,14 +111,14 @@ def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_fi
     try:
         mnt = mounts.mount(f"s3://{bucket}/reg", "--metadata-ttl", "1", "--fetch-timeout", "3",
                            "--memory-cache", "8M")
-        a, b = mnt / "m" / "latest" / "a.safetensors", mnt / "m" / "latest" / "b.safetensors"
-        assert a.read_bytes() == (two_files / "a.safetensors").read_bytes()
+        a, b = mnt / "m" / "latest" / "warm.safetensors", mnt / "m" / "latest" / "cold.safetensors"
+        assert a.read_bytes() == (two_files / "warm.safetensors").read_bytes()
         listing = sorted(os.listdir(mnt / "m"))
         time.sleep(1)  # let the cache writer commit
         own.stop(grace=3)
 
         _drop_page_cache(a)  # force the read through the daemon, from the LMDB cache
-        assert a.read_bytes() == (two_files / "a.safetensors").read_bytes()
+        assert a.read_bytes() == (two_files / "warm.safetensors").read_bytes()
         err, took = _read_error(b)
         assert err == errno.EIO and took < 3 + 5, (err, took)  # EIO, bounded, not ENOENT, no hang
         time.sleep(1.5)  # listings expired: the last known ones are served
@@ -125,7 +126,7 @@ def test_store_down_cached_reads_work_uncached_fail_fast_and_recover(own, two_fi
 
         own.start()  # the store comes back: the same read succeeds, no remount
         _wait_until_serving(own, bucket)
-        assert b.read_bytes() == (two_files / "b.safetensors").read_bytes()
+        assert b.read_bytes() == (two_files / "cold.safetensors").read_bytes()
         assert "serving the last known listing" in _log(mounts, mnt)
     finally:
         mounts.cleanup()
@@ -176,8 +177,8 @@ def test_slow_store_reads_complete_and_do_not_block_cached_reads(own, two_files,
     mounts = Mounts(_env(proxy.endpoint), tmp_path)
     try:
         mnt = mounts.mount(f"s3://{bucket}/reg/m", "--fetch-timeout", "30", "--memory-cache", "8M")
-        a, b = mnt / "a.safetensors", mnt / "b.safetensors"
-        want_a, want_b = (two_files / "a.safetensors").read_bytes(), (two_files / "b.safetensors").read_bytes()
+        a, b = mnt / "warm.safetensors", mnt / "cold.safetensors"
+        want_a, want_b = (two_files / "warm.safetensors").read_bytes(), (two_files / "cold.safetensors").read_bytes()
         assert a.read_bytes() == want_a
         time.sleep(1)
         proxy.get_delay = 2.0
@@ -200,7 +201,7 @@ def test_slow_store_reads_complete_and_do_not_block_cached_reads(own, two_files,
 
         # a fetch slower than --fetch-timeout is EIO, in bounded time
         cold = mounts.mount(f"s3://{bucket}/reg/m", "--fetch-timeout", "1", cache_dir=tmp_path / "cold")
-        err, took = _read_error(cold / "a.safetensors")
+        err, took = _read_error(cold / "warm.safetensors")
         assert err == errno.EIO and took < 1 + 3, (err, took)
     finally:
         mounts.cleanup()
@@ -234,11 +235,11 @@ def test_cache_on_a_full_disk_never_fails_readers(env, bucket, two_files, tmp_pa
         mnt = mounts.mount(f"s3://{bucket}/reg/m", "--cache-size", "1G", cache_dir=tiny)
         assert tree_digest(mnt) == tree_digest(two_files)
         time.sleep(1)
-        _drop_page_cache(mnt / "a.safetensors")
-        assert (mnt / "a.safetensors").read_bytes() == (two_files / "a.safetensors").read_bytes()
+        _drop_page_cache(mnt / "warm.safetensors")
+        assert (mnt / "warm.safetensors").read_bytes() == (two_files / "warm.safetensors").read_bytes()
         st = os.statvfs(tiny)
         assert st.f_bavail * st.f_frsize < (2 << 20), "the disk never filled: the test proves nothing"
-        assert (mnt / "b.safetensors").read_bytes() == (two_files / "b.safetensors").read_bytes()
+        assert (mnt / "cold.safetensors").read_bytes() == (two_files / "cold.safetensors").read_bytes()
     finally:
         mounts.cleanup()
         subprocess.run(["umount", "-l", str(tiny)])
@@ -249,13 +250,13 @@ def test_cache_on_a_full_disk_never_fails_readers(env, bucket, two_files, tmp_pa
 def test_sigkill_fails_readers_and_a_new_mount_recovers(env, bucket, two_files, mounts):
     cli(env, "publish", str(two_files), f"s3://{bucket}/reg", "--name", "m", "-q")
     mnt = mounts.mount(f"s3://{bucket}/reg/m")
-    want = (two_files / "a.safetensors").read_bytes()
-    assert (mnt / "a.safetensors").read_bytes() == want
+    want = (two_files / "warm.safetensors").read_bytes()
+    assert (mnt / "warm.safetensors").read_bytes() == want
     outcome: dict = {}
 
     def reader():
         try:
-            fd = os.open(mnt / "b.safetensors", os.O_RDONLY)
+            fd = os.open(mnt / "cold.safetensors", os.O_RDONLY)
             for i in range(10_000):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.pread(fd, 1 << 20, (i * 7919 * 4096) % (16 << 20))
@@ -273,7 +274,7 @@ def test_sigkill_fails_readers_and_a_new_mount_recovers(env, bucket, two_files, 
         os.listdir(mnt)
     assert e.value.errno == errno.ENOTCONN  # the dead mount, as users meet it
     again = mounts.mount(f"s3://{bucket}/reg/m", mnt=mnt)  # clears the dead mount itself
-    assert (again / "a.safetensors").read_bytes() == want
+    assert (again / "warm.safetensors").read_bytes() == want
     assert "unreadable" not in _log(mounts, mnt)  # the cache survived the kill
 
 
@@ -293,7 +294,7 @@ def test_sigterm_with_reads_in_flight_unmounts_cleanly(own, two_files, tmp_path)
         while not os.path.ismount(mnt) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert os.path.ismount(mnt)
-        th = threading.Thread(target=lambda: _read_error(mnt / "b.safetensors"))
+        th = threading.Thread(target=lambda: _read_error(mnt / "cold.safetensors"))
         th.start()
         time.sleep(0.5)  # the read is now waiting on a stalled GET
         t = time.monotonic()

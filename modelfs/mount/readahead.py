@@ -338,9 +338,10 @@ class Stream:
     neighbours in the file, which may be far apart in the loader's order), and the window
     covers the next tensors in that order, wherever they lie in the file.
 
-    A sequential reader whose window reaches the end of its file reads ahead into the
-    file a loader opens next (``successor``: the next shard), and that file's stream
-    starts with the window this one had, so the link stays busy across the move.
+    A sequential reader whose window reaches the end of its file (in file order: having
+    read most of it in order) reads ahead into the file a loader opens next
+    (``Readahead.successor``: the next shard), and that file's stream starts with the
+    window this one had, so the link stays busy across the move.
     """
 
     def __init__(self, reader: Reader, entry: FileEntry, manifest: Manifest | None = None):
@@ -411,6 +412,8 @@ class Stream:
             if self.run_bytes >= cfg.trigger_bytes and last + self.window > self.ahead_until:
                 self._ahead(last + 1, last + self.window)
                 self.window = min(self.window * 2, self.max_window)
+            if self.ahead_until >= len(e.chunks) - 1 and 2 * self.run_bytes >= e.size:
+                self._follow()  # read in order, most of it: a copy, or a loader reading in file order
         else:
             self.run_bytes, self.window, self.ahead_until = end - off, cfg.first_window, -1
             self.frontier = end
@@ -444,8 +447,6 @@ class Stream:
         for i in range(max(lo, self.ahead_until + 1), min(hi, last) + 1):
             h, n = self.entry.chunks[i]
             self.ahead.want(h, n)
-        if hi >= last and self._order_known and self.order is None:  # (with an order, its window's end decides)
-            self._follow()
         self.ahead_until = max(self.ahead_until, min(hi, last))
 
     def _follow(self) -> None:
