@@ -2,7 +2,7 @@
 
     cd /tmp && /work/main/.venv/bin/python /work/main/benchmarks/far_load.py \
         [--regimes 0:0,20:1000,20:2500] [--shards 4] [--shard-mib 512] [--runs 3] \
-        [--loader load_file|read] [--targets copy,pull,mount] [--base TREE] [--trace DIR] [--perf DIR]   # as root
+        [--loader load_file|keys|read] [--targets copy,pull,mount] [--base TREE] [--trace DIR] [--perf DIR]   # as root
 
 For each regime ``RTT_MS:MBIT`` (``0:0``: the plain link, forwarding only) it builds a
 :class:`farlink.FarLink`, starts SeaweedFS on its far side, writes ``--shards`` F16
@@ -15,8 +15,9 @@ the page cache dropped before each:
 * **mount**: ``modelfs mount`` (empty cache, background start) and the loader on each
   shard through it; ``--base TREE`` adds the same with another source tree.
 
-Loaders: ``load_file`` (``safetensors.numpy.load_file``: mmap, every tensor in name order)
-or ``read`` (the file read whole, in order, then parsed). Time to first tensor: the first
+Loaders: ``load_file`` (``safetensors.numpy.load_file``: mmap, the file in offset order),
+``keys`` (``safe_open`` + ``get_tensor`` in sorted-name order) or ``read`` (the file read
+whole, in order, then parsed). Time to first tensor: the first
 shard's first tensor, for copy measured as ``s5cmd cp`` of that one shard then that
 tensor, for a mount as mount + that tensor. Prints, per regime, medians: total seconds and
 ratio to copy, first-tensor ratio, CPU seconds of the command's processes and of the
@@ -50,8 +51,10 @@ ROOT = str(HERE.parent)
 
 
 def load(path: Path, loader: str, first_only: bool = False) -> None:
-    """``load_file``: safetensors' own (mmap, tensors in name order); ``read``: the whole file
-    read sequentially, then parsed (``safetensors.numpy.load``), as loaders that read first do."""
+    """``load_file``: safetensors' own (mmap; it walks the file in offset order); ``keys``:
+    ``safe_open`` + ``get_tensor`` of each name in ``keys()`` order (sorted names, as
+    loaders that ask tensor by tensor do); ``read``: the whole file read sequentially,
+    then parsed (``safetensors.numpy.load``), as loaders that read first do."""
     from safetensors import safe_open
     from safetensors.numpy import load as parse, load_file
     if first_only:
@@ -60,6 +63,10 @@ def load(path: Path, loader: str, first_only: bool = False) -> None:
     elif loader == "read":
         with open(path, "rb") as f:
             parse(f.read())
+    elif loader == "keys":
+        with safe_open(str(path), "numpy") as f:
+            for k in f.keys():  # sorted names: layers 1, 10, 100, … far apart in the file
+                f.get_tensor(k)
     else:
         load_file(str(path))
 
@@ -216,7 +223,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--shard-mib", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--loader", choices=("load_file", "read"), default="load_file")
+    ap.add_argument("--loader", choices=("load_file", "keys", "read"), default="load_file")
     ap.add_argument("--targets", default="copy,pull,mount")
     ap.add_argument("--base", type=Path)
     ap.add_argument("--json", type=Path)
