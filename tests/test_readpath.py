@@ -341,3 +341,55 @@ def test_shards_read_in_turn_are_fetched_once_and_the_next_one_is_read_ahead(env
 def _pread(path, off: int, n: int = 100_000) -> bytes:
     with open(path, "rb") as f:
         return os.pread(f.fileno(), n, off)
+
+
+def test_a_reader_does_not_wait_behind_readahead_queued_before_it(env, bucket, tmp_path, seaweed, monkeypatch):
+    """Readahead may queue a far store's whole window in the workers; a reader that then
+    needs one of those chunks has it fetched next, not after the rest of the queue, and
+    the chunk is still GET once."""
+    import trio
+    from modelfs.cache import BlockCache
+    from modelfs.config import StoreConfig, Timeouts
+    from modelfs.format.refs import RegistryRef
+    from modelfs.registry.layout import Registry
+    from modelfs.registry.store import Store
+    from modelfs.transfer.lanes import LaneConfig, Lanes
+    from proxy import StallProxy
+
+    d = tmp_path / "m"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", layer_tensors(24, 256), seed=9)
+    cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m", "-q", "--manifest-out", str(tmp_path / "m.json"))
+    chunks = json.loads((tmp_path / "m.json").read_text())["files"][0]["chunks"][:5]
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, env[k])
+    proxy = StallProxy(seaweed.s3_port)
+    proxy.get_delay = 0.4  # each GET: a far store's round trip and more
+    cache = BlockCache(tmp_path / "cache", 1 << 30)
+    store = Store(bucket, StoreConfig(endpoint_url=proxy.endpoint, region="us-east-1"))
+    lanes = Lanes(Registry(store, RegistryRef(bucket, "reg")), cache,
+                  LaneConfig(workers=1, concurrency=1, timeouts=Timeouts(read=30, attempts=1)))
+    done: list[str] = []
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(lanes.run)
+            for h, size in chunks:  # readahead's window, in order
+                lanes.load_ahead(h, size)
+            await trio.sleep(0.1)  # the first is being fetched, the others wait in the queue
+            last, size = chunks[-1]
+            await lanes.load(last, size, early=True)  # a reader wants the last one now
+            done.append(last)
+            done.extend(h for h, _ in chunks if cache.has(h) and h != last)
+            n.cancel_scope.cancel()
+
+    before = gets(seaweed, bucket)
+    try:
+        trio.run(main)
+    finally:
+        lanes.close(grace=10)
+        proxy.close()
+    assert len(done) <= 2 + 1, done  # the reader's chunk came next: at most one was fetched before it
+    time.sleep(0.5)
+    assert gets(seaweed, bucket) - before <= len(chunks)  # and nothing twice
+    cache.close()
