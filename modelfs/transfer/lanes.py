@@ -14,9 +14,7 @@ One object, :class:`Lanes`, owns it, with its limits and timeouts:
   disk answers or the host is broken — on worker threads under their own
   ``CapacityLimiter``s.
 
-Single flight: one load per chunk per mount, whoever asks (readers, readahead; a
-reader that finds readahead's load queued asks once more, urgently, and the workers
-still GET it once);
+Single flight: one load per chunk per mount, whoever asks (readers, readahead);
 across mounts and processes on one host the workers' :class:`~modelfs.cache.FetchLock`
 does the same. A reader that gives up (timeout) does not cancel the load for
 the others. A worker that dies is replaced; what it held is sent once more to a
@@ -295,12 +293,7 @@ class Lanes:
         for a reader that found its chunk evicted right after an earlier load.
         """
         flight = self._flights.get(h)
-        # a reader waiting for a chunk readahead asked for asks again, urgently: the first
-        # request may sit behind a far store's whole window in a worker's queue (measured:
-        # a median 0.9 s at 20 ms / 1 Gbit/s). Still one GET: whichever request a worker
-        # reaches second finds the chunk cached (the FetchLock orders the two).
-        if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin) or \
-                (urgent and not flight.urgent):
+        if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
             flight = self._start(_Flight(Kind.LOAD, h, size, urgent=urgent, refetch=refetch, pin=pin,
                                          early=early and not pin and not self.config.sealed))
         await self._wait(flight, flight.ready if early else flight.done)
