@@ -39,6 +39,12 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def _setns(fd: int, what: str) -> None:
+    """Join the network namespace ``fd`` refers to (Python 3.11 has no ``os.setns``)."""
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns into {what}")
+
+
 def forwarder_binary() -> Path:
     """``farlink.c`` compiled once per version of its source."""
     src = HERE / "farlink.c"
@@ -95,27 +101,23 @@ class FarLink:
         self._made = made
         return self
 
-    def _setns(self, path: str) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns {path}")
-        finally:
-            os.close(fd)
-
     def enter_client(self) -> None:
         """Move this process (and so every child it starts after) into the client side."""
         if self._home_ns is None:
             self._home_ns = os.open("/proc/self/ns/net", os.O_RDONLY)
-        self._setns(self.ns_path(self.client_ns))
+        fd = os.open(self.ns_path(self.client_ns), os.O_RDONLY)
+        try:
+            _setns(fd, self.client_ns)
+        finally:
+            os.close(fd)
 
     def leave_client(self) -> None:
         if self._home_ns is not None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.setns(self._home_ns, CLONE_NEWNET)
-            os.close(self._home_ns)
-            self._home_ns = None
+            try:
+                _setns(self._home_ns, "this process's own namespace")
+            finally:
+                os.close(self._home_ns)
+                self._home_ns = None
 
     def store_server(self, workdir: Path) -> SeaweedServer:
         """A SeaweedFS that runs in the store's namespace and answers on its TUN address."""

@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 FOLLOWED_KEPT = 64  # files read ahead into and not opened yet, remembered
-CAP_SECONDS = 0.25  # how often the window cap is worked out again
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,11 @@ class ReadaheadConfig:
     far_factor: int = 4  # …up to this many times max_bytes
     paging_max: int = 64  # cached chunks being paged in from disk at once
     unseal_max: int = 4  # sealed-cache chunks being decrypted ahead of readers at once
+
+
+def _key(e: FileEntry) -> tuple[str, int]:
+    """What a file's learned order and followed window are kept under: its content."""
+    return e.sha256, e.size
 
 
 class Spans(Protocol):
@@ -98,8 +102,7 @@ class Readahead:
         self._successors: cachetools.LRUCache = cachetools.LRUCache(8)  # id(manifest) → (it, path → next file)
         self._paging: set[str] = set()  # chunks being paged in (or decrypted)
         self._nursery: trio.Nursery | None = None
-        self.trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks)
-        self._cap, self._cap_at = config.max_bytes, -CAP_SECONDS  # window_cap, and when it was worked out
+        self.trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks); the reader writes its waits here too
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Learn orders and page chunks in, in the background, until cancelled."""
@@ -118,14 +121,10 @@ class Readahead:
         it reads on. Against a far store the window is what keeps the link busy through
         those phases (measured at 20 ms / 1 Gbit/s: 64 MiB 1.16 × a copy, 256 MiB 1.04 ×);
         near, the CPU is the limit and a larger window buys nothing."""
-        now = trio.current_time() if self._nursery is not None else 0.0
-        if now - self._cap_at >= CAP_SECONDS or self._nursery is None:
-            cfg, st = self.config, self.source.stats
-            cap = cfg.max_bytes
-            if st.far():
-                cap = int(min(cfg.far_factor * cfg.max_bytes, max(cap, st.fetch_rate(cfg.far_seconds) * cfg.far_seconds)))
-            self._cap, self._cap_at = cap, now
-        return self._cap
+        cfg, st = self.config, self.source.stats
+        if not st.far():
+            return cfg.max_bytes
+        return int(min(cfg.far_factor * cfg.max_bytes, max(cfg.max_bytes, st.fetch_rate(cfg.far_seconds) * cfg.far_seconds)))
 
     # -- chunks ------------------------------------------------------------------
     def want(self, h: str, n: int) -> None:
@@ -189,7 +188,7 @@ class Readahead:
         other reader of the mount, the FUSE loop being one thread) must not pay."""
         if not self.config.tensor_order or e.description.get("format") != "safetensors" or e.size < 16:
             return None
-        key = (e.sha256, e.size)
+        key = _key(e)
         if key in self._orders:
             return self._orders[key]
         if key not in self._learning and self._nursery is not None:
@@ -218,7 +217,7 @@ class Readahead:
         """A reader is about to finish the file before ``e`` (the next one a loader opens):
         load ``e``'s first ``budget`` bytes in its reading order (its header first), and
         let ``e``'s stream start at that pace (``followed_by``)."""
-        self._followed[(e.sha256, e.size)] = budget
+        self._followed[_key(e)] = budget
         if self._nursery is not None and budget > 0 and e.chunks:
             self._nursery.start_soon(self._follow, e, budget)
 
@@ -241,16 +240,21 @@ class Readahead:
 
     def followed_by(self, e: FileEntry) -> int | None:
         """The window a reader read ahead into ``e`` with, if one did (once)."""
-        return self._followed.pop((e.sha256, e.size), None)
+        return self._followed.pop(_key(e), None)
 
     async def _follow(self, e: FileEntry, budget: int) -> None:
+        asked = {0}
         self.want(*e.chunks[0])  # the header: what a loader reads first
         order = self.read_order(e)
-        if order is False and (learning := self._learning.get((e.sha256, e.size))) is not None:
+        if order is False and (learning := self._learning.get(_key(e))) is not None:
             await learning.wait()
-            order = self._orders.get((e.sha256, e.size))
-        ranges = order.file_ranges(0, budget) if isinstance(order, ReadOrder) else [(0, min(budget, e.size))]
-        asked = {0}
+            order = self._orders.get(_key(e))
+        self.want_ranges(e, order.file_ranges(0, budget) if isinstance(order, ReadOrder) else [(0, min(budget, e.size))],
+                         asked)
+
+    def want_ranges(self, e: FileEntry, ranges: Iterable[tuple[int, int]], asked: set[int]) -> None:
+        """``want`` each chunk of ``e`` under the file byte ranges, once: ``asked`` holds the
+        chunk indexes wanted already, and gains these."""
         for lo, hi in ranges:
             for i in range(e.chunk_index(lo), e.chunk_index(hi - 1) + 1):
                 if i not in asked:
@@ -431,12 +435,7 @@ class Stream:
         if self.t_run < cfg.trigger_bytes or o + self.t_window <= self.t_ahead:
             return
         lo, hi = max(self.t_ahead, o), o + self.t_window
-        e, asked = self.entry, set()
-        for flo, fhi in order.file_ranges(lo, hi):
-            for i in range(e.chunk_index(flo), e.chunk_index(fhi - 1) + 1):
-                if i not in asked:
-                    asked.add(i)
-                    self.ahead.want(*e.chunks[i])
+        self.ahead.want_ranges(self.entry, order.file_ranges(lo, hi), set())
         self.t_ahead = hi
         if hi >= order.ostart[-1]:
             self._follow()

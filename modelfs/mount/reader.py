@@ -29,7 +29,6 @@ from ..errors import IntegrityError
 from ..format.codec import ChunkCodec
 from ..format.manifest import FileEntry
 from ..transfer.lanes import FetchStats
-from ..transfer.trace import tracer
 from .readahead import ReadaheadConfig, Readahead, Stream
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,6 @@ class Reader:
         self.unsealer = unsealer  # --encrypt-cache: the cache holds chunks encrypted
         self.readahead = Readahead(view, source, config, self, unsealer)
         self._join = bytearray()  # reads that span chunks are joined here (see _joined)
-        self._trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Readahead's background work (orders learned, chunks paged in) until cancelled."""
@@ -149,12 +147,13 @@ class Reader:
                 (h, n, lo, hi), = parts
                 if (buf := await self.source.peek(h, n, lo, hi)) is not None:
                     return memoryview(buf)
-            waited = trio.current_time() if self._trace is not None else 0.0
+            trace = self.readahead.trace
+            waited = trio.current_time() if trace is not None else 0.0
             for h, n in missing:
                 if (buf := await self.source.load(h, n, pin=attempt > 0, early=True)) is not None:
                     pinned[h] = buf
-            if self._trace is not None and missing:
-                self._trace.event("wait", path=e.path, off=off, size=end - off, chunks=len(missing),
+            if trace is not None and missing:
+                trace.event("wait", path=e.path, off=off, size=end - off, chunks=len(missing),
                                   secs=round(trio.current_time() - waited, 5))
             for h, n in damaged:
                 if (buf := await self.source.load(h, n, refetch=True, pin=attempt > 0, early=True)) is not None:

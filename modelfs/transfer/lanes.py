@@ -106,7 +106,7 @@ class FetchStats:
         whole = self.whole_chunk_seconds()
         return whole is not None and whole >= FAR_SECONDS
 
-    def fetch_rate(self, seconds: float = 2.0) -> float:
+    def fetch_rate(self, seconds: float) -> float:
         """Bytes per second the fetches that ended in the last ``seconds`` brought."""
         now = time.monotonic()
         return sum(n for t, n in self.recent_fetches if now - t <= seconds) / seconds
