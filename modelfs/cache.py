@@ -272,6 +272,13 @@ class BlockCache:
         except (ValueError, KeyError, TypeError):
             return None
 
+    def get_fact(self, name: str) -> str | None:
+        """A fact learned from a store that does not change once true (which key, if any,
+        a registry's encryption marker names), as recorded by :meth:`put_fact`."""
+        with self._txn() as txn:
+            data = txn.get(f"fact {name}".encode(), db=self.refs)
+        return data.decode(errors="replace") if data is not None else None
+
     def get_signature(self, version: str) -> bytes | None:
         with self._txn() as txn:
             return txn.get(version.encode(), db=self.signatures)
@@ -280,6 +287,9 @@ class BlockCache:
     def put_ref(self, ref: str, version: str, sequence: int = 0) -> None:
         doc = {"version": version, "at": time.time(), "sequence": sequence}
         self._put_record(self.refs, ref, json.dumps(doc).encode(), ref)
+
+    def put_fact(self, name: str, value: str) -> None:
+        self._put_record(self.refs, f"fact {name}", value.encode(), name)
 
     def put_signature(self, version: str, data: bytes) -> None:
         self._put_record(self.signatures, version, data, f"the signature of {version}")

@@ -149,7 +149,8 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("readahead_trigger", "4M", parse_size, "Bytes a reader reads in order before readahead starts (a lone small read loads only the chunks it touches)."),
     Key("readahead_order", "tensors", _choice("tensors", "file"), "Read ahead in the order loaders read tensors (safetensors: sorted names), or in file order."),
     Key("fetch_timeout", 60.0, _seconds, "Seconds before a chunk fetch becomes an I/O error."),
-    Key("metadata_ttl", 30.0, _seconds, "Seconds model/tag/version listings are kept before asking the store again."),
+    Key("metadata_ttl", 30.0, _seconds, "Seconds model/tag/version listings are kept before asking the store again "
+        "(also: a mount of NAME@TAG started within this time of this host's last resolution uses it)."),
     Key("kernel_readahead_kb", 1024, _int_in(0, 1 << 20), "Kernel readahead for the mount in KiB (root only; 0 keeps the kernel's)."),
     Key("allow_other", False, _bool, "Let other users (and containers) read the mount."),
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),

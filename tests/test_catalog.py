@@ -83,3 +83,19 @@ def test_offline_a_tag_resolves_to_what_this_cache_saw_last(world):
         Catalog(registry, None).resolve(ref)  # no cache: nothing to start from
     store.down = False
     assert Catalog(registry, cache).resolve(ref) == (v2.version_id, v2)
+
+
+def test_a_tag_resolved_here_within_fresh_for_is_not_asked_again(world):
+    store, registry, cache = world
+    v1 = version(registry, "llama", b"e" * 100, tag="prod")
+    ref = ModelRef(registry.ref, "llama", "prod")
+    assert Catalog(registry, cache).resolve(ref) == (v1.version_id, v1)
+    v2 = version(registry, "llama", b"f" * 100, tag="prod")  # moved since
+    asked = store.requests
+    assert Catalog(registry, cache).resolve(ref, fresh_for=30) == (v1.version_id, v1)
+    assert store.requests == asked  # tag and manifest from the cache: no request
+    assert Catalog(registry, cache).resolve(ref) == (v2.version_id, v2)  # without: the store's
+    seen = cache.get_ref(f"{store.endpoint} {ref}")
+    cache.put_ref(f"{store.endpoint} {ref}", v1.version_id)  # as if resolved to v1 ...
+    assert seen is not None
+    assert Catalog(registry, cache).resolve(ref, fresh_for=1e-9) == (v2.version_id, v2)  # ... too long ago

@@ -14,7 +14,13 @@ import pytest
 from modelfs.format import codec
 from modelfs.format.chunking import DEFAULT_PARAMS, chunk_hash, cut
 from modelfs.format.codec import ChunkCodec
+from pathlib import Path
+
+from modelfs.cache import BlockCache
+from modelfs.config import StoreConfig
 from modelfs.format.encryption import MetadataSealer, RegistryKey
+from modelfs.format.refs import RegistryRef
+from modelfs.registry.layout import open_registry
 from modelfs.errors import IntegrityError, UsageError
 
 from conftest import cli, gets, one_line_error, tree_digest
@@ -287,3 +293,28 @@ def test_encrypted_cache_keeps_no_plaintext_on_disk(env, bucket, seaweed, secret
     mnt = mounts.mount(f"{reg}/m@prod", "--encrypt-cache", *key, cache_dir=tmp_path / "c2")
     assert tree_digest(mnt) == want
     assert json.loads(cli(env, "stats", str(mnt), "--json").stdout)["fetches"] == 0
+
+
+def test_a_registry_checked_here_is_not_asked_for_its_marker_again(seaweed, bucket, tmp_path, keys, monkeypatch):
+    """The marker never changes once written: a check this host's cache passed with the same
+    key (or none) is not repeated; another key is checked, and refused, again."""
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    cfg = StoreConfig(endpoint_url=seaweed.endpoint, region="us-east-1")
+    ref = RegistryRef(bucket, "enc")
+    key = RegistryKey.load(Path(keys["key"]))
+    open_registry(ref, cfg, key, creating=True)  # writes the marker
+    cache = BlockCache(tmp_path / "cache", 1 << 30)
+    try:
+        def marker_gets() -> int:
+            c = seaweed.request_counts(bucket)
+            return c[("GET", "200")] + c[("GET", "404")]
+        open_registry(ref, cfg, key, cache=cache)
+        n = marker_gets()
+        open_registry(ref, cfg, key, cache=cache)
+        assert marker_gets() == n
+        with pytest.raises(UsageError):
+            open_registry(ref, cfg, None, cache=cache)  # no key: asked, and refused
+        assert marker_gets() == n + 1
+    finally:
+        cache.close()

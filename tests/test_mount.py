@@ -172,6 +172,33 @@ def test_second_mount_reads_from_cache_with_zero_gets(env, bucket, big, sample_m
     assert gets(seaweed, bucket) - before == 0
 
 
+def test_a_remount_within_the_ttl_starts_from_the_cache_alone(env, bucket, sample_model, tmp_path, mounts, seaweed):
+    """A warm start asks the store nothing before serving: the tag as this host resolved it
+    within --metadata-ttl, the manifest and the registry's encryption check from the cache.
+    A tag moved since is seen once the TTL is over."""
+    v1 = publish(env, bucket, sample_model, "m", "prod")
+    m2 = tmp_path / "m2"
+    shutil.copytree(sample_model, m2)
+    (m2 / "config.json").write_text('{"model_type": "llama", "version": 2}')
+    v2 = publish(env, bucket, m2, "m", "staging")
+    ref = f"s3://{bucket}/reg/m@prod"
+    mnt = mounts.mount(ref)
+    assert (mnt / "config.json").read_bytes() == (sample_model / "config.json").read_bytes()
+    mounts.unmount(mnt)
+    cli(env, "tag", f"s3://{bucket}/reg/m@{v2}", "prod")
+    before = gets(seaweed, bucket)
+    mnt = mounts.mount(ref, mnt=mnt)
+    assert os.getxattr(mnt, "user.modelfs.version").decode() == v1
+    assert (mnt / "config.json").read_bytes() == (sample_model / "config.json").read_bytes()
+    time.sleep(0.5)
+    assert gets(seaweed, bucket) == before  # no tag, manifest or chunk GET
+    mounts.unmount(mnt)
+    time.sleep(1.2)
+    mnt = mounts.mount(ref, "--metadata-ttl", "1", mnt=mnt)
+    assert os.getxattr(mnt, "user.modelfs.version").decode() == v2
+    assert (mnt / "config.json").read_bytes() == (m2 / "config.json").read_bytes()
+
+
 def test_cache_smaller_than_model_stays_under_cap(env, bucket, big, mounts, tmp_path):
     publish(env, bucket, big)
     cap = 24 << 20

@@ -79,6 +79,11 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     log = log_path(cache_dir_of(settings), mnt)
     pid = start_background(settings, log, start_timeout(Timeouts.of(settings)))
     click.echo(f"mounted {settings['source']} at {mnt} (pid {pid}; log {log})")
+    # done, and nothing of ours left to flush or close: skip the interpreter's teardown of
+    # every module imported (~0.07 s of a ~0.35 s command, measured)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()

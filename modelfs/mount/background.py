@@ -38,9 +38,9 @@ def cache_dir_of(settings: dict[str, Any]) -> Path:
 
 
 def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
-    """Start a mount daemon's fetch workers first thing, from its settings alone, so their
-    start-up (~0.13 s of imports each) overlaps the daemon's own imports and the resolution
-    of its source instead of following them. ``Lanes`` adopts those that match what it
+    """Start a mount daemon's fetch workers from its settings alone, before it resolves its
+    source, so their start-up (~0.13 s of imports each) overlaps that and the mount instead
+    of following them. ``Lanes`` adopts those that match what it
     would start (it ends the others); the daemon ends them if it fails before."""
     cache_dir = cache_root(cache_dir_of(settings), sealed=settings["encrypt_cache"])
     n, config = worker_config(str(cache_dir), settings["cache_size"], workers=settings["fetch_workers"],
@@ -107,9 +107,11 @@ def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int) -> N
         os.close(null)
         os.close(out)
         logs.setup(settings["log_level"])  # now for a log file (timestamped)
-        early = prestart_workers(settings)  # their start overlaps the daemon's imports below
         from .daemon import run_foreground
 
+        # after the daemon's imports, not before: on a small host the workers' imports would
+        # compete with them for the cores; now they overlap resolving the source and mounting
+        early = prestart_workers(settings)
         run_foreground(settings, ready_fd, early)
         code = 0
     except ModelfsError as e:  # said through the ready pipe; the log says it too

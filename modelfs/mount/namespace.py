@@ -137,6 +137,22 @@ class Namespace:
         self._by_key[(("v", name, version), "")] = 1
         return root
 
+    def needs_signature(self, version: str) -> bool:
+        """Whether an indexed version shows no model.sig yet and could (no file of its own
+        by that name)."""
+        idx = self._indexes.get(version)
+        return idx is not None and idx.signature is None and SIGNATURE_FILE not in idx.dirs \
+            and idx.manifest.file(SIGNATURE_FILE) is None
+
+    def add_signature(self, version: str, signature: bytes) -> None:
+        """Show ``signature`` as the version's model.sig from now on (one looked up after
+        the mount started serving)."""
+        if not self.needs_signature(version):
+            return
+        idx = self._indexes[version]
+        idx.signature = signature
+        idx.children[""] = sorted(idx.children[""] + [(SIGNATURE_FILE, False)])
+
     # -- lookups -----------------------------------------------------------------
     def node(self, inode: int) -> Node | None:
         return self.nodes.get(inode)

@@ -84,18 +84,34 @@ class Catalog:
         self.signed_by[version] = self.trust.verify_version(m, self.signature(m.name, version),
                                                             f"{m.name}@{version}")
 
-    def signature(self, name: str, version: str) -> bytes | None:
-        """The version's signature bundle (None: unsigned): memory → cache → store."""
+    def signature(self, name: str, version: str, *, fresh_for: float | None = None) -> bytes | None:
+        """The version's signature bundle (None: unsigned): memory → cache → store.
+
+        ``fresh_for`` (a mount's start): not the store, but an "unsigned" answer this
+        cache recorded less than that many seconds ago counts (a version may be signed
+        later); None then also means "not known here" (see :meth:`knows_signature`)."""
         if version in self._signatures:
             return self._signatures[version]
         key = self.registry.signature_key(name, version)
         data = self._cached(self.cache.get_signature, key, version) if self.cache is not None else None
+        unsigned = f"unsigned {self.registry.store.endpoint} {key}"
+        if data is None and fresh_for is not None:
+            seen = self.cache.get_fact(unsigned) if self.cache is not None else None
+            if seen is not None and 0 <= time.time() - float(seen) < fresh_for:
+                self._signatures[version] = None
+            return None
         if data is None:
             data = self.registry.get_signature(name, version)
             if data is not None:
                 self._keep(self.cache.put_signature if self.cache is not None else None, key, version, data)
+            elif self.cache is not None:
+                self.cache.put_fact(unsigned, repr(time.time()))
         self._signatures[version] = data
         return data
+
+    def knows_signature(self, version: str) -> bool:
+        """Whether the version's signature, or that it has none, is known here now."""
+        return version in self._signatures
 
     def keep_manifest(self, m: Manifest, data: bytes | None = None) -> None:
         """Record a validated manifest (its bytes ``data``) in the cache."""
@@ -153,13 +169,21 @@ class Catalog:
             out.append(v)
         return out
 
-    def resolve(self, ref: ModelRef) -> tuple[str, Manifest]:
-        """``(version, manifest)`` of a tag or version ref; offline, what this cache saw last."""
+    def resolve(self, ref: ModelRef, *, fresh_for: float = 0.0) -> tuple[str, Manifest]:
+        """``(version, manifest)`` of a tag or version ref; offline, what this cache saw last.
+        ``fresh_for``: a tag this cache resolved less than that many seconds ago is not
+        asked of the store again (a mount's start: its tag directories keep a resolution
+        that long too)."""
         record = None
         try:
             if ref.is_version:
                 version = ref.selector
             else:
+                seen = self.cache.get_ref(self._ref_key(ref)) if self.cache is not None and fresh_for > 0 else None
+                if seen is not None and 0 <= time.time() - seen[1] < fresh_for:
+                    log.info("%s: version %s, as this host resolved it %.0f s ago (within the metadata TTL)",
+                             ref, seen[0], time.time() - seen[1])
+                    return seen[0], self.manifest(ref.name, seen[0])
                 record = self.registry.tag_record(ref.name, ref.selector)
                 self._trusted_tag(ref, record)
                 version = record.version

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache import BlockCache
 from ..format.codec import ChunkCodec
 from ..format.encryption import MetadataSealer, RegistryKey, is_sealed
 from ..errors import IntegrityError, ManifestError, NotFoundError, StoreError, StoreUnavailableError, UsageError
@@ -328,13 +329,19 @@ class Registry:
 
 def open_registry(ref: RegistryRef, config: StoreConfig, key: RegistryKey | None = None, *,
                   creating: bool = False, dry_run: bool = False, check: bool = True,
-                  offline_ok: bool = False) -> Registry:
+                  offline_ok: bool = False, cache: BlockCache | None = None) -> Registry:
     """The registry at ``ref``, its encryption checked against ``key`` (one clear line
     for a missing or wrong key) unless ``check`` is false. With ``offline_ok`` (a
     mount, which may start from its cache) an unreachable store defers the check:
-    whatever then needs the store fails on its own."""
+    whatever then needs the store fails on its own. With ``cache``, a check this host
+    passed before with the same key is not asked of the store again (a registry's
+    marker is written once, before its first model, and never changes)."""
     registry = Registry(Store(ref.bucket, config), ref, key)
     if not check:
+        return registry
+    fact = f"encryption {registry.store.endpoint} {ref}"
+    passed = key.key_id if key is not None else "none"
+    if cache is not None and not creating and cache.get_fact(fact) == passed:
         return registry
     try:
         registry.check_encryption(creating=creating, dry_run=dry_run)
@@ -342,6 +349,9 @@ def open_registry(ref: RegistryRef, config: StoreConfig, key: RegistryKey | None
         if not offline_ok:
             raise
         log.warning("could not check the encryption of %s (%s)", ref, e)
+        return registry
+    if cache is not None:
+        cache.put_fact(fact, passed)
     return registry
 
 
@@ -353,12 +363,13 @@ def read_manifest_file(path: str) -> Manifest:
 
 
 def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig,
-                    key: RegistryKey | None = None, *, offline_ok: bool = False) -> Registry:
+                    key: RegistryKey | None = None, *, offline_ok: bool = False,
+                    cache: BlockCache | None = None) -> Registry:
     """Where a manifest file's chunks live: ``--registry``, else the manifest's origin."""
     url = registry_url or m.origin
     if not url:
         raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
-    registry = open_registry(parse_registry(url), config, key, offline_ok=offline_ok)
+    registry = open_registry(parse_registry(url), config, key, offline_ok=offline_ok, cache=cache)
     registry.check_chunk_names(m)
     return registry
 

@@ -43,10 +43,12 @@ class Source:
 
 def resolve(ref: str, config: StoreConfig, *, key: RegistryKey | None = None, trust: TrustedKeys | None = None,
             registry_url: str | None = None, cache: BlockCache | None = None, sealed: bool = False,
-            need_registry: bool = False, whole_registry_ok: bool = False, offline_ok: bool = False) -> Source:
+            need_registry: bool = False, whole_registry_ok: bool = False, offline_ok: bool = False,
+            fresh_for: float = 0.0) -> Source:
     """``ref`` resolved (see the module's docstring). A manifest file gets its registry only
     when ``need_registry``, trusted keys or ``registry_url`` ask for one; ``sealed``: the
-    cache's records are encrypted (``--encrypt-cache``)."""
+    cache's records are encrypted (``--encrypt-cache``); ``fresh_for``: a tag this cache
+    resolved less than that many seconds ago is taken from it (a mount's metadata TTL)."""
 
     def catalog_of(registry: Registry) -> Catalog:
         return Catalog(registry, cache, trust, sealed=sealed)
@@ -55,8 +57,8 @@ def resolve(ref: str, config: StoreConfig, *, key: RegistryKey | None = None, tr
         if whole_registry_ok and not is_model_ref(ref):
             return _registry_or_model(ref, config, key, catalog_of)
         mref = parse_model(ref)
-        catalog = catalog_of(open_registry(mref.registry, config, key, offline_ok=offline_ok))
-        version, manifest = catalog.resolve(mref)
+        catalog = catalog_of(open_registry(mref.registry, config, key, offline_ok=offline_ok, cache=cache))
+        version, manifest = catalog.resolve(mref, fresh_for=fresh_for)
         return Source(catalog, mref.name, version, manifest)
     if whole_registry_ok and Path(ref).is_dir():
         url = registry_url_for(Path(ref), registry_url)
@@ -68,7 +70,7 @@ def resolve(ref: str, config: StoreConfig, *, key: RegistryKey | None = None, tr
     manifest = read_manifest_file(ref)
     if not (need_registry or trust is not None or registry_url):
         return Source(None, manifest.name, manifest.version_id, manifest)
-    catalog = catalog_of(origin_registry(manifest, registry_url, config, key, offline_ok=offline_ok))
+    catalog = catalog_of(origin_registry(manifest, registry_url, config, key, offline_ok=offline_ok, cache=cache))
     catalog.verify(manifest, manifest.version_id)
     catalog.keep_manifest(manifest)
     return Source(catalog, manifest.name, manifest.version_id, manifest)

@@ -8,13 +8,11 @@ act on.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import boto3
-import botocore.config
-import botocore.exceptions
-import botocore.parsers
+from functools import cache
+from typing import Any
 
 from ..config import StoreConfig
 from ..errors import NotFoundError, StoreError, StoreUnavailableError
@@ -22,9 +20,17 @@ from ..errors import NotFoundError, StoreError, StoreUnavailableError
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
-# what a boto3 call raises: its own errors, S3's error answers, and answers it cannot parse
-_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-           botocore.parsers.ResponseParserError)
+
+
+@cache
+def _errors() -> tuple[type[Exception], ...]:
+    """What a boto3 call raises: its own errors, S3's error answers, and answers it
+    cannot parse (imported when first needed: boto3 costs ~0.2 s of a start)."""
+    import botocore.exceptions
+    import botocore.parsers
+
+    return (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            botocore.parsers.ResponseParserError)
 
 
 def _speaks_s3(headers: dict, code: str) -> bool:
@@ -42,16 +48,59 @@ class ObjectInfo:
 
 
 class Store:
-    """One bucket of an S3-compatible store."""
+    """One bucket of an S3-compatible store.
+
+    The boto3 client is made on first use (:meth:`connect`), not here: a mount that
+    starts from its cache serves before it needs the store, and boto3's import and
+    client (~0.3 s) would otherwise be most of its start."""
 
     def __init__(self, bucket: str, config: StoreConfig | None = None):
         self.bucket = bucket
-        self.config = config = config or StoreConfig()
+        self.config = config or StoreConfig()
+        self._client: Any = None
+        self._endpoint: str | None = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        region = self.config.region or os.environ.get("AWS_DEFAULT_REGION")
+        if self._endpoint is None and region and not self.config.profile:
+            self._endpoint = f"https://s3.{region}.amazonaws.com"
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        """The store's URL (for messages and cache records); for AWS with a region only a
+        profile names, the client is made to learn it."""
+        if self._endpoint is None:
+            self.connect()
+        assert self._endpoint is not None
+        return self._endpoint
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client was made (a request was sent, or is about to be)."""
+        return self._client is not None
+
+    @property
+    def client(self) -> Any:
+        return self._client if self._client is not None else self.connect()
+
+    def connect(self) -> Any:
+        """The shared boto3 client, made now if not yet (thread-safe; no request is sent)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        config = self.config
         try:  # a bad profile or an unparsable config/credentials file fails here
             session = boto3.session.Session(profile_name=config.profile)
             endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             region = config.region or session.region_name or "us-east-1"
-            self.endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
+            if self._endpoint is None:
+                self._endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
             bc = botocore.config.Config(
                 max_pool_connections=config.concurrency + 4,
                 connect_timeout=config.timeouts.connect,
@@ -64,13 +113,16 @@ class Store:
                 s3={"addressing_style": "path"} if endpoint else None,
                 tcp_keepalive=True,
             )
-            self.client = session.client("s3", endpoint_url=endpoint, region_name=region, config=bc)
+            return session.client("s3", endpoint_url=endpoint, region_name=region, config=bc)
         except botocore.exceptions.BotoCoreError as e:
             raise StoreError(f"cannot configure the S3 client: {e}") from None
 
     # -- error translation -------------------------------------------------
 
     def _fail(self, e: Exception, what: str) -> Exception:
+        import botocore.exceptions
+        import botocore.parsers
+
         where = f"s3://{self.bucket}/{what}"
         c = self.config.timeouts
         if isinstance(e, botocore.exceptions.ClientError):
@@ -132,7 +184,7 @@ class Store:
         try:
             return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": key},
                                                       ExpiresIn=expires, HttpMethod=method)
-        except _ERRORS as e:
+        except _errors() as e:
             raise self._fail(e, key) from None
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -143,20 +195,20 @@ class Store:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, **kw)
             return resp["Body"].read()
-        except _ERRORS as e:
+        except _errors() as e:
             raise self._fail(e, key) from None
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-        except _ERRORS as e:
+        except _errors() as e:
             raise self._fail(e, key) from None
 
     def stat(self, key: str) -> ObjectInfo | None:
         """The object's size and store-side modification time, or None if it is absent."""
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=key)
-        except _ERRORS as e:
+        except _errors() as e:
             err = self._fail(e, key)
             if isinstance(err, NotFoundError):
                 return None
@@ -166,7 +218,7 @@ class Store:
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
-        except _ERRORS as e:
+        except _errors() as e:
             raise self._fail(e, key) from None
 
     def list(self, prefix: str, delimiter: str | None = None) -> Iterator[ObjectInfo | str]:
@@ -180,14 +232,14 @@ class Store:
                     yield cp["Prefix"]
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp())
-        except _ERRORS as e:
+        except _errors() as e:
             raise self._fail(e, prefix) from None
 
     def check_bucket(self) -> None:
         """Fail early, with a clear message, on a missing bucket or bad credentials."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except _ERRORS as e:
+        except _errors() as e:
             err = self._fail(e, "")
             if isinstance(err, NotFoundError):
                 # A HEAD answer has no body to tell an S3 store from any web server: ask
@@ -195,7 +247,7 @@ class Store:
                 try:
                     self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
                     return
-                except _ERRORS as e2:
+                except _errors() as e2:
                     err = self._fail(e2, "")
                 if isinstance(err, NotFoundError):
                     err = StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")

@@ -232,13 +232,13 @@ class Lanes:
                 self._spawn()
             if not ready_first:
                 task_status.started()
-                await trio.sleep_forever()
             with trio.move_on_after(WORKER_START_SECONDS):
                 for p in list(self._procs):
                     await p.ready.wait()
             if not any(p.ready.is_set() for p in self._procs):
                 log.error("no fetch worker became ready within %g s", WORKER_START_SECONDS)
-            task_status.started()
+            if ready_first:
+                task_status.started()
             await trio.sleep_forever()
 
     def _spawn(self) -> None:
