@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .units import parse_size
@@ -120,6 +121,22 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _tier_urls(v: Any) -> tuple[str, ...]:
+    """Cache tier nodes: a URL, several separated by commas, a list (TOML), or the tuple a
+    repeated flag gives; each http[s]://HOST[:PORT] (no path: a node serves the store's)."""
+    items = [p for s in ([v] if isinstance(v, str) else v) for p in (s.split(",") if isinstance(s, str) else [s])] \
+        if isinstance(v, (str, list, tuple)) else None
+    if not items:
+        raise ValueError("expected http[s]://HOST[:PORT], or several")
+    out = []
+    for item in items:
+        u = urlsplit(_str(item).strip())
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
+            raise ValueError(f"{item!r}: expected http[s]://HOST[:PORT]")
+        out.append(f"{u.scheme}://{u.netloc}")
+    return tuple(dict.fromkeys(out))
+
+
 def _s3_url(v: Any) -> str:
     s = _str(v)
     if not s.startswith(("http://", "https://")):
@@ -156,6 +173,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("nonempty", False, _bool, "Mount over a directory that is not empty (hiding its entries)."),
     Key("encryption_key_file", None, _path, "Key file of an encrypted registry (made by `modelfs keygen`; also $MODELFS_ENCRYPTION_KEY_FILE). The file is read, never its contents logged or passed on."),
     Key("encrypt_cache", False, _bool, "Keep this mount's chunks encrypted in the block cache too (needs encryption_key_file; its own cache under <cache_dir>/sealed): a warm read then decrypts each chunk it touches (docs/security.md)."),
+    Key("cache_tier", None, _tier_urls, "Cache tier nodes (nginx from `modelfs tier-config`) asked for chunks before the store: each chunk has one node, then the next, then the store; nothing from them is trusted (docs/fleet.md). Flag repeatable; in the file a list."),
     Key("trusted_keys", None, _paths, "Public keys (PEM) whose signatures make a version servable: with any, only versions and tags signed by one of them are shown (docs/security.md). Flag repeatable; in the file a list."),
     Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
     Key("connect_timeout", Timeouts.connect, _seconds, "Seconds to wait for a connection to the store, per attempt."),

@@ -10,6 +10,8 @@ need=()
 for p in fuse3 libfuse3-dev pkg-config gcc attr rclone s3fs util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# nginx: the cache tier (`modelfs tier-config`) the fleet tests run
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # systemd-analyze verifies the unit files in the tests (the machine need not run systemd)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -113,7 +113,7 @@ def main(ctx: click.Context, endpoint_url, region, profile, concurrency, connect
 KEY_ENV = "MODELFS_ENCRYPTION_KEY_FILE"
 
 
-def shared_option(flag: str, key: str, doc: str, **kw):
+def shared_option(flag: str, key: str, doc: str, *, type=click.Path(dir_okay=False, path_type=Path), **kw):
     """An option that is a mount setting (``key``) and that other commands take too:
     ``mount`` gets it as its setting (``expose=True``); the others keep it in ctx.obj."""
     def factory(f=None, *, expose: bool = False):
@@ -123,7 +123,7 @@ def shared_option(flag: str, key: str, doc: str, **kw):
             return value or None
 
         def decorate(f):
-            return click.option(flag, key, type=click.Path(dir_okay=False, path_type=Path), expose_value=expose,
+            return click.option(flag, key, type=type, expose_value=expose,
                                 callback=None if expose else remember, help=KEYS[key].doc, **kw)(f)
         return decorate(f) if f is not None else decorate
     factory.__doc__ = doc
@@ -137,6 +137,21 @@ encryption_option = shared_option(
 trust_option = shared_option(
     "--trusted-key", "trusted_keys", "``--trusted-key PEM`` (repeatable), on every command that reads a version.",
     multiple=True)
+
+tier_option = shared_option(
+    "--cache-tier", "cache_tier", "``--cache-tier URL`` (repeatable), on every command that fetches chunks.",
+    type=str, multiple=True)
+
+
+def cache_tier(ctx: click.Context) -> tuple[str, ...]:
+    """The cache tier nodes the command was given (checked as the mount setting is)."""
+    value = ctx.obj.get("cache_tier")
+    if not value:
+        return ()
+    try:
+        return KEYS["cache_tier"].parse(value)
+    except ValueError as e:
+        raise UsageError(f"--cache-tier: {e}") from None
 
 
 def sign_key_option(what: str, *, required: bool = False):

@@ -15,7 +15,8 @@ from .. import logs
 from ..config import DEFAULTS
 from ..errors import UsageError
 from ..units import fmt_bytes
-from .app import (SIZE, cache_dir_option, encryption_option, main, registry_key, resolve_ref, setting_help, trust_option)
+from .app import (SIZE, cache_dir_option, cache_tier, encryption_option, main, registry_key, resolve_ref, setting_help,
+                  tier_option, trust_option)
 
 
 @main.command()
@@ -41,6 +42,7 @@ from .app import (SIZE, cache_dir_option, encryption_option, main, registry_key,
 @trust_option(expose=True)
 @encryption_option(expose=True)
 @click.option("--encrypt-cache/--no-encrypt-cache", default=None, help=setting_help("encrypt_cache"))
+@tier_option(expose=True)
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (systemd, debugging).")
 @click.option("--ready-fd", type=int, hidden=True)
 @click.pass_context
@@ -104,6 +106,9 @@ def stats(mountpoint: Path, as_json: bool):
     click.echo(f"  fetched     {fmt_bytes(s.bytes_fetched)} in {s.fetches} GETs "
                f"(p50 {ms(s.fetch_p50_ms)}, p99 {ms(s.fetch_p99_ms)})")
     click.echo(f"  block reads {s.peeks} (small cold reads served from a few verified blocks first)")
+    if s.tier_chunks or s.tier_fallbacks or s.tier_bad:
+        click.echo(f"  cache tier  {s.tier_chunks} chunks ({fmt_bytes(s.tier_bytes)}), {s.tier_hits} hits; "
+                   f"{s.store_chunks} from the store; {s.tier_fallbacks} fallbacks, {s.tier_bad} bad copies refused")
     click.echo(f"  chunk hits  {s.hit_ratio:.1%} ({s.memory_hits} served from the cache's map, "
                f"{s.cache_hits} re-checked by a worker; {s.paged_in} paged in ahead of readers)")
     click.echo(f"  workers     {len(s.worker_pids)} ({s.worker_restarts} replaced)")
@@ -227,6 +232,7 @@ def _is_manifest_file(path: str) -> bool:
               help="Warm the encrypted cache that mounts with --encrypt-cache read (<cache_dir>/sealed).")
 @trust_option
 @encryption_option
+@tier_option
 @click.pass_context
 def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     """Warm the cache before traffic arrives.
@@ -259,7 +265,7 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
                 bar.start(total)
                 try:
                     st = warm_cache(reg, m, c, concurrency=ctx.obj["config"].concurrency,
-                                    sealed=encrypt_cache, on_progress=bar.advance)
+                                    sealed=encrypt_cache, on_progress=bar.advance, tiers=cache_tier(ctx))
                 finally:
                     bar.close()
                 click.echo(f"prefetched {m.name}@{version} into {c.path}: {fmt_bytes(st.fetched_bytes)} "
@@ -276,3 +282,40 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
             bar.close()
         click.echo(f"prefetched {st.files} files ({fmt_bytes(st.bytes)}) through the mount")
     click.echo(f"took {time.monotonic() - t0:.1f} s")
+
+
+@main.command("tier-config")
+@click.option("--store", required=True, help="The object store's endpoint the tier forwards to, http[s]://HOST[:PORT].")
+@click.option("--listen", default="0.0.0.0:8480", show_default=True, help="Address and port the node listens on.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/var/cache/modelfs-tier"),
+              show_default=True, help="Where the node keeps chunks (and its temporary files); an absolute path.")
+@click.option("--max-size", default="100g", show_default=True, help="Cap of the node's cache (nginx sizes: 500g, 2t).")
+@click.option("--user", help="User nginx's workers run as (default: nginx's own); owns --cache-dir with --output.")
+@click.option("--check-access", is_flag=True,
+              help="Have the store check every request's signature (a 1-byte ranged GET each) before a cached "
+                   "chunk is served: for a tier shared by hosts with different rights (docs/security.md).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the configuration here (and make the cache directories) instead of printing it.")
+def tier_config(store, listen, cache_dir, max_size, user, check_access, output):
+    """Print the nginx configuration of a cache tier node (docs/fleet.md): run it with
+    `nginx -c FILE`, and point hosts at it with --cache-tier http://NODE:PORT."""
+    from ..ops.tier_config import TierConfig
+    from .app import write_atomically
+
+    try:
+        cfg = TierConfig(store=store.rstrip("/"), listen=listen, cache_dir=cache_dir, max_size=max_size, user=user,
+                         check_access=check_access)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    text = cfg.render()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    import shutil
+
+    for d in cfg.directories():
+        d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if user and os.geteuid() == 0:
+            shutil.chown(d, user)
+    write_atomically(output, text.encode())
+    click.echo(f"wrote {output}; run: nginx -c {output.absolute()}")

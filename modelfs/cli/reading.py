@@ -13,8 +13,8 @@ from ..cache import BlockCache
 from ..errors import UsageError
 from ..format.refs import parse_model, parse_registry
 from ..units import count, fmt_bytes
-from .app import (encryption_option, main, origin_of, registry_of,
-                  resolve_ref, trust_option, trusted_keys)
+from .app import (cache_tier, encryption_option, main, origin_of, registry_of,
+                  resolve_ref, tier_option, trust_option, trusted_keys)
 
 
 @main.command("ls")
@@ -170,6 +170,7 @@ def _no_chunks(h: str, n: int) -> bytes:
 @click.option("--no-cache", is_flag=True, help="Fetch every chunk from the store, even ones the host's cache holds.")
 @trust_option
 @encryption_option
+@tier_option
 @click.pass_context
 def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache_dir: Path | None,
          no_cache: bool):
@@ -187,7 +188,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
     t0 = time.monotonic()
     try:
         stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance,
-                        signature=cat.signature(m.name, version), cache=cache)
+                        signature=cat.signature(m.name, version), cache=cache, tiers=cache_tier(ctx))
     finally:
         bar.close()
         if cache is not None:

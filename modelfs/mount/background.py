@@ -46,7 +46,7 @@ def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
     n, config = worker_config(str(cache_dir), settings["cache_size"], workers=settings["fetch_workers"],
                               concurrency=settings["concurrency"], timeouts=Timeouts.of(settings),
                               encrypted=settings["encryption_key_file"] is not None,
-                              sealed=settings["encrypt_cache"])
+                              sealed=settings["encrypt_cache"], tiers=settings["cache_tier"] or ())
     return [spawn(config) for _ in range(n)]
 
 

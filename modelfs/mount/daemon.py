@@ -87,7 +87,7 @@ class MountConfig:
                                       tensor_order=s["readahead_order"] == "tensors"),
             lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
                              fetch_timeout=s["fetch_timeout"], timeouts=store.timeouts,
-                             sealed=s["encrypt_cache"]))
+                             sealed=s["encrypt_cache"], tiers=s["cache_tier"] or ()))
 
 
 

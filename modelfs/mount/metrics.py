@@ -54,6 +54,12 @@ class Snapshot:
     worker_pids: list[int]  # the fetch worker processes now
     worker_restarts: int  # workers that died and were replaced
     peeks: int = 0  # small cold reads served from a few verified blocks (ranged GETs) before their chunk
+    tier_chunks: int = 0  # fetched chunks a cache tier node answered (the rest: store_chunks)
+    tier_bytes: int = 0
+    tier_hits: int = 0  # ... from its cache
+    store_chunks: int = 0
+    tier_fallbacks: int = 0  # tier nodes that failed to answer (the next node or the store did)
+    tier_bad: int = 0  # copies from the tier that failed verification (never served)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -108,7 +114,9 @@ class Reporter:
             fetch_p50_ms=None if p50 is None else round(p50 * 1000, 3),
             fetch_p99_ms=None if p99 is None else round(p99 * 1000, 3),
             cache_used_bytes=self.cache_used, cache_cap_bytes=self.cache.cap,
-            worker_pids=self.lanes.worker_pids, worker_restarts=st.worker_restarts, peeks=st.peeks)
+            worker_pids=self.lanes.worker_pids, worker_restarts=st.worker_restarts, peeks=st.peeks,
+            tier_chunks=st.tier_chunks, tier_bytes=st.tier_bytes, tier_hits=st.tier_hits,
+            store_chunks=st.fetches - st.tier_chunks, tier_fallbacks=st.tier_fallbacks, tier_bad=st.tier_bad)
         self.latest = snap
         return snap
 
@@ -158,8 +166,16 @@ class Reporter:
                                    labels=["from"])
         hits.add_metric(["memory"], s.memory_hits)
         hits.add_metric(["cache"], s.cache_hits)
-        hits.add_metric(["store"], s.fetches)
+        hits.add_metric(["store"], s.store_chunks)
+        hits.add_metric(["tier"], s.tier_chunks)
         yield hits
+        yield CounterMetricFamily("modelfs_tier_hits", "Chunks a cache tier node answered from its cache",
+                                  value=s.tier_hits)
+        yield CounterMetricFamily("modelfs_tier_bytes", "Chunk bytes from the cache tier", value=s.tier_bytes)
+        yield CounterMetricFamily("modelfs_tier_fallbacks", "Cache tier nodes that failed to answer (the next "
+                                  "node or the store did)", value=s.tier_fallbacks)
+        yield CounterMetricFamily("modelfs_tier_bad_chunks", "Copies from the cache tier that failed "
+                                  "verification (never served)", value=s.tier_bad)
         yield CounterMetricFamily("modelfs_block_reads", "Small cold reads served from a few verified blocks "
                                   "of their chunk (ranged GETs)", value=s.peeks)
         yield CounterMetricFamily("modelfs_paged_in_chunks", "Cached chunks read from disk ahead of readers",

@@ -55,7 +55,7 @@ def chunks_to_fetch(manifest: Manifest, cache: BlockCache) -> tuple[dict[str, in
 
 def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, concurrency: int = 16,
                workers: int = 0, sealed: bool = False,
-               on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
+               on_progress: Callable[[int], None] = lambda n: None, tiers: tuple[str, ...] = ()) -> PrefetchStats:
     """Load the missing chunks through the same fetch workers a mount uses (GET, verify,
     write to LMDB in other processes; host-wide single flight with running mounts).
     At most ``2 × concurrency`` loads are pending at a time, whatever the model's size.
@@ -64,8 +64,8 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
     missing, have = chunks_to_fetch(manifest, cache)
     stats.add(bytes=have, cached_chunks=sum(len(e.chunks) for e in manifest.files) - len(missing))
     on_progress(have)
-    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed,
-                                                  timeouts=registry.store.config.timeouts))
+    lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed, tiers=tiers,
+                                              timeouts=registry.store.config.timeouts))
 
     async def one(h: str, n: int, slots: trio.Semaphore) -> None:
         try:

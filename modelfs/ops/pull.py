@@ -70,10 +70,11 @@ WRITE_BEHIND_PERIOD = 0.25  # seconds between the write-behind's fdatasync calls
 
 def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int = 16, workers: int = 0,
          on_progress: Callable[[int], None] | None = None, signature: bytes | None = None,
-         cache: BlockCache | None = None) -> PullStats:
+         cache: BlockCache | None = None, tiers: tuple[str, ...] = ()) -> PullStats:
     """Write ``manifest``'s files under ``dest`` (each verified, complete ones skipped) and,
     for a signed version, its signature as ``model.sig`` (what ``model_signing verify`` reads).
-    Chunks ``cache`` holds are copied from it, not fetched.
+    Chunks ``cache`` holds are copied from it, not fetched; others come through the cache
+    tier ``tiers``, if any, before the store.
     At most ``2 × concurrency`` chunks are being delivered at a time; this process holds
     none of their bytes."""
     on_progress = on_progress or (lambda n: None)
@@ -94,7 +95,7 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
         else:
             todo.append((entry, target))
     if todo:
-        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency,
+        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, tiers=tiers,
                                                   timeouts=registry.store.config.timeouts))
 
         async def main() -> None:

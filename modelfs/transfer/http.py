@@ -59,12 +59,19 @@ class HttpClient:
             conns[key] = c
         return c
 
-    def get(self, url: str, limit: int, span: tuple[int, int] | None = None) -> memoryview:
+    def get(self, url: str, limit: int, span: tuple[int, int] | None = None,
+            headers: dict[str, str] | None = None) -> memoryview:
         """The body (at most ``limit`` bytes; with ``span``, of bytes [start, end) of the
         object: fewer where it is shorter), retried on connection errors, 5xx and
         throttling: a view of this thread's buffer, valid until the thread's next ``get``
-        or ``buffer``."""
-        return self._retried(self._get_once, url, limit, span)
+        or ``buffer``. ``headers``: sent besides (never signed ones: a presigned URL's
+        signature covers only its host)."""
+        return self._retried(self._get_once, url, limit, span, headers)
+
+    def last_header(self, name: str) -> str | None:
+        """Header ``name`` of this thread's last GET answer (None: absent)."""
+        msg = self.local.__dict__.get("headers")
+        return msg.get(name) if msg is not None else None
 
     def exists(self, url: str) -> bool:
         """Whether a HEAD of ``url`` finds the object (200) or not (404); retried as ``get``."""
@@ -127,10 +134,15 @@ class HttpClient:
         kind = Failure.THROTTLED if r.status in (429, 503) else Failure.UNAVAILABLE if r.status >= 500 else Failure.HTTP
         return FetchFailed(kind, f"HTTP {r.status} {code}".strip(), r.status, code)
 
-    def _get_once(self, url: str, limit: int, span: tuple[int, int] | None) -> memoryview:
+    def _get_once(self, url: str, limit: int, span: tuple[int, int] | None,
+                  headers: dict[str, str] | None = None) -> memoryview:
         with self._exchange(url) as (c, target):
-            c.request("GET", target, headers={"Range": f"bytes={span[0]}-{span[1] - 1}"} if span else {})
+            sent = dict(headers or {})
+            if span:
+                sent["Range"] = f"bytes={span[0]}-{span[1] - 1}"
+            c.request("GET", target, headers=sent)
             r = c.getresponse()
+            self.local.headers = r.msg
             if r.status not in ((206,) if span else (200, 206)):  # a server that ignores Range: refused
                 raise self._refused(r)
             n = int(r.getheader("Content-Length") or -1)

@@ -76,6 +76,7 @@ class LaneConfig:
     timeouts: Timeouts = Timeouts()  # each store request's (the workers' and boto3's)
     spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
     sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (no early hand-over)
+    tiers: tuple[str, ...] = ()  # --cache-tier: nodes the workers ask for chunks before the store
 
 
 @dataclass
@@ -91,6 +92,11 @@ class FetchStats:
     fetch_seconds: float = 0.0  # sum of GET durations (decode and verification included)
     errors: int = 0  # chunk loads that failed (the reader got EIO)
     worker_restarts: int = 0
+    tier_chunks: int = 0  # of the fetches (and peeks), those a cache tier node answered
+    tier_bytes: int = 0
+    tier_hits: int = 0  # ... from its cache
+    tier_fallbacks: int = 0  # tier nodes that failed to answer (the next node or the store did)
+    tier_bad: int = 0  # copies from the tier that failed verification (never served)
     recent_latencies: deque = field(default_factory=lambda: deque(maxlen=4096))  # seconds, newest last
     recent_fetches: deque = field(default_factory=lambda: deque(maxlen=256))  # (monotonic end, bytes), newest last
 
@@ -195,7 +201,7 @@ class Lanes:
         self.n_workers, self.worker_config = worker_config(
             str(cache.path.parent) if cache is not None else "", cache.cap if cache else 0,
             workers=config.workers, concurrency=config.concurrency, timeouts=config.timeouts,
-            encrypted=registry is not None and registry.key is not None, sealed=config.sealed)
+            encrypted=registry is not None and registry.key is not None, sealed=config.sealed, tiers=config.tiers)
         self._early = [s for s in spawned or () if s.config == self.worker_config]
         for s in spawned or ():
             if s not in self._early:
@@ -482,6 +488,7 @@ class Lanes:
         flight.reply = r
         if isinstance(r, Peeked):
             self.stats.peeks += not r.none
+            self._count_tier(r, 0)
             flight.done.set()
             return
         if isinstance(r, Uploaded):
@@ -494,6 +501,7 @@ class Lanes:
             st.fetch_seconds += r.took
             st.recent_latencies.append(r.took)
             st.recent_fetches.append((time.monotonic(), flight.size))
+            self._count_tier(r, flight.size)
         else:
             st.cache_hits += 1
         if flight.kind is Kind.LOAD:
@@ -502,6 +510,14 @@ class Lanes:
             if flight.early and not r.spill:  # committed: readers find it in the cache now
                 self._spilled.pop(flight.h, None)
         self._finish(flight, None)
+
+    def _count_tier(self, r: Done | Peeked, size: int) -> None:
+        st = self.stats
+        st.tier_chunks += r.tier and size > 0
+        st.tier_bytes += size if r.tier else 0
+        st.tier_hits += r.hit and size > 0
+        st.tier_fallbacks += r.fallbacks
+        st.tier_bad += r.bad
 
     def _error(self, flight: _Flight, r: Failed) -> ModelfsError:
         # the full chunk id, once: it is what finds the object in the store (the worker's

@@ -78,6 +78,7 @@ class WorkerConfig:
     timeouts: Timeouts = Timeouts()
     encrypted: bool = False  # the registry key comes as the first message (Key)
     sealed: bool = False  # --encrypt-cache: cache the chunk's stored (encrypted) form, not plaintext
+    tiers: tuple[str, ...] = ()  # cache tier nodes chunks are asked of first (transfer/tier.py)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -85,7 +86,7 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, text: str) -> WorkerConfig:
         d = json.loads(text)
-        return cls(**{**d, "timeouts": Timeouts(**d["timeouts"])})
+        return cls(**{**d, "timeouts": Timeouts(**d["timeouts"]), "tiers": tuple(d.get("tiers", ()))})
 
 
 # -- daemon → worker ------------------------------------------------------------------
@@ -155,15 +156,23 @@ class Early:  # comes with a memfd of the verified chunk; the Done follows the c
 @dataclass(frozen=True, slots=True)
 class Done:  # Load or Deliver; a memfd comes with it when ``spill``
     id: int
-    fetched: bool  # GET from the store (else: the cache had it)
+    fetched: bool  # GET from the store or the tier (else: the cache had it)
     took: float  # seconds of the GET, decode and verification
     spill: bool = False
+    tier: bool = False  # the bytes came from a cache tier node (else the store)
+    hit: bool = False  # ... which had them
+    fallbacks: int = 0  # tier nodes that failed to answer on the way
+    bad: int = 0  # copies from the tier that failed verification (never used)
 
 @dataclass(frozen=True, slots=True)
 class Peeked:  # a memfd with bytes [lo, hi) comes with it unless ``none``
     id: int
     took: float = 0.0
     none: bool = False  # the chunk cannot be read by blocks (zstd; named before block digests)
+    tier: bool = False  # as Done's
+    hit: bool = False
+    fallbacks: int = 0
+    bad: int = 0
 
 @dataclass(frozen=True, slots=True)
 class Named:

@@ -21,12 +21,12 @@ def default_workers() -> int:
 
 
 def worker_config(cache_dir: str, cache_cap: int, *, workers: int, concurrency: int, timeouts: Timeouts,
-                  encrypted: bool, sealed: bool) -> tuple[int, WorkerConfig]:
+                  encrypted: bool, sealed: bool, tiers: tuple[str, ...] = ()) -> tuple[int, WorkerConfig]:
     """How many workers (``workers`` 0: the default) and the configuration each starts with:
     ``concurrency`` GETs shared out among them."""
     n = workers or default_workers()
     return n, WorkerConfig(cache_dir=cache_dir, cache_cap=cache_cap, threads=max(1, -(-concurrency // n)),
-                           timeouts=timeouts, encrypted=encrypted, sealed=sealed)
+                           timeouts=timeouts, encrypted=encrypted, sealed=sealed, tiers=tiers)
 
 
 @dataclass(eq=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import gc
 import logging
 import os
@@ -28,7 +29,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .. import malloc
 from ..cache import BlockCache, FetchLock
@@ -37,10 +40,13 @@ from ..format.chunking import BLOCK
 from ..format.codec import ChunkCodec, block_span, check_blocks, check_head, head_size
 from ..format.encryption import RegistryKey
 from .http import FetchFailed, HttpClient
+from .tier import Tier, Via
 from .protocol import (Deliver, Done, Early, Failed, Failure, Go, Key, Load, Named, Peek, Peeked, ProtocolError,
                        Ready, Reply, Upload, Uploaded, WorkerConfig, receive, send)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IDLE_SECONDS = 10.0  # a thread without work this long frees its chunk buffer
 PEEK_JOIN = 256 << 10  # blocks this close to a chunk's start come in one GET with its digests
@@ -62,6 +68,7 @@ class Worker:
         self.cache = BlockCache(Path(cfg.cache_dir), cfg.cache_cap) if cfg.cache_dir else None
         self.codec = ChunkCodec(_receive_key(sock) if cfg.encrypted else None)
         self.http = HttpClient(cfg.timeouts)
+        self.tier = Tier.of(cfg.tiers)  # None: every GET to the store
         # a peek's second GET (its chunk's digests), beside the first: threads with their own connections
         self.side = concurrent.futures.ThreadPoolExecutor(cfg.threads, thread_name_prefix="side")
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
@@ -113,7 +120,7 @@ class Worker:
             try:
                 _, _, job = self.jobs.get(timeout=IDLE_SECONDS)
             except queue.Empty:  # idle: hand the chunk buffer back (a mount may idle for days)
-                if self.http.drop_buffer():
+                if self.http.drop_buffer() | (self.tier is not None and self.tier.http.drop_buffer()):
                     malloc.trim()
                 continue
             if job is None:
@@ -170,16 +177,51 @@ class Worker:
         if not req.url:
             raise FetchFailed(Failure.OTHER, "no object store configured for this delivery")
         t0 = time.monotonic()
-        raw = self.codec.decode(self.http.get(req.url, self.codec.max_stored_size(n)), h, n)
+        _, raw, via = self._get(h, req.url, self.codec.max_stored_size(n), lambda blob: self.codec.decode(blob, h, n))
         took = time.monotonic() - t0
         _write_out(fd, raw, req.at)
-        return Done(req.id, fetched=True, took=took)
+        return Done(req.id, fetched=True, took=took, **_via(via))
+
+    def _get(self, h: str, url: str, limit: int, check: Callable[[memoryview], T],
+             span: tuple[int, int] | None = None) -> tuple[memoryview, T, Via]:
+        """GET ``url`` — through the cache tier first, if there is one — and ``check`` the
+        body (it raises IntegrityError on bad bytes): (body, what check made of it, where
+        it came from)."""
+        if self.tier is not None:
+            return self.tier.fetch(h, url, limit, check, self.http, span)
+        body = self.http.get(url, limit, span)
+        return body, check(body), Via()
 
     def _peek(self, req: Peek) -> tuple[Peeked, int | None]:
-        """Bytes [lo, hi) of chunk ``h`` without the rest of it: GET its header and block
-        digests and the blocks that hold them (one GET when they lie near the start),
-        check the digests against the id and the blocks against the digests, and hand
-        the bytes over as a memfd. ``none``: the chunk cannot be read so (zstd, or named
+        """Bytes [lo, hi) of chunk ``h`` without the rest of it (see :meth:`_peek_by`):
+        through the cache tier if there is one (its node then holds the whole chunk), from
+        the store directly if what the tier gave does not check out."""
+        tier = self.tier
+        if tier is None:
+            return self._peek_by(req, self.http.get)
+        vias: list[Via] = []
+
+        def through(url: str, limit: int, span: tuple[int, int]) -> memoryview:
+            body, _, via = tier.fetch(req.h, url, limit, lambda b: b, self.http, span)
+            vias.append(via)
+            return body
+        try:
+            reply, fd = self._peek_by(req, through)
+            bad = 0
+        except IntegrityError as e:
+            log.warning("a bad range of chunk %s from the cache tier (%s): from the store", req.h[:16], e)
+            reply, fd = self._peek_by(req, self.http.get)
+            vias, bad = [v for v in vias if not v.tier], 1
+        merged = Via(tier=any(v.tier for v in vias), hit=any(v.hit for v in vias),
+                     fallbacks=sum(v.fallbacks for v in vias), bad=bad)
+        return dataclasses.replace(reply, **_via(merged)), fd
+
+    def _peek_by(self, req: Peek, get: Callable[[str, int, tuple[int, int]], memoryview]
+                 ) -> tuple[Peeked, int | None]:
+        """Bytes [lo, hi) of chunk ``h`` without the rest of it: GET (with ``get``) its header
+        and block digests and the blocks that hold them (one GET when they lie near the
+        start), check the digests against the id and the blocks against the digests, and
+        hand the bytes over as a memfd. ``none``: the chunk cannot be read so (zstd, or named
         before block digests); nothing is cached (the daemon loads the whole chunk)."""
         h, n, lo, hi, url = req.h, req.n, req.lo, req.hi, req.url
         if not url:
@@ -188,13 +230,13 @@ class Worker:
         head_n = head_size(n)
         first, a, b = block_span(lo, hi, n)
         if a - head_n <= PEEK_JOIN:
-            body = self.http.get(url, b, (0, b))
+            body = get(url, b, (0, b))
             digests = check_head(body[:head_n], h, n)
             blocks = body[a:b]
         else:  # the digests and the blocks side by side: a store's latency once, not twice
-            head = self.side.submit(lambda: bytes(self.http.get(url, head_n, (0, head_n))))
+            head = self.side.submit(lambda: bytes(get(url, head_n, (0, head_n))))
             try:
-                blocks, failed = self.http.get(url, b - a, (a, b)), None
+                blocks, failed = get(url, b - a, (a, b)), None
             except FetchFailed as e:  # e.g. past the end of a zstd chunk: the head says
                 blocks, failed = b"", e
             digests = check_head(head.result(), h, n)
@@ -279,18 +321,23 @@ class Worker:
             if self.cache.has(h) and not keep:  # another process fetched it while we waited
                 return Done(req.id, fetched=False, took=0.0), None
             t0 = time.monotonic()
-            blob = self.http.get(req.url, self.codec.max_stored_size(n))
-            raw = self.codec.decode(blob, h, n)
+            blob, raw, via = self._get(h, req.url, self.codec.max_stored_size(n),
+                                       lambda b: self.codec.decode(b, h, n))
             took = time.monotonic() - t0
             if req.early:  # a reader waits for these bytes: not for the commit too
                 self._send(Early(req.id), _memfd(raw))
             if not self.cache.write([(h, memoryview(blob) if self.cfg.sealed else raw)]) or keep:
                 # a full or failing cache disk must not fail the reader (nor may a cache
                 # too small to keep it): hand the verified bytes over in memory, a memfd
-                return Done(req.id, fetched=True, took=took, spill=True), _memfd(raw)
-            return Done(req.id, fetched=True, took=took), None
+                return Done(req.id, fetched=True, took=took, spill=True, **_via(via)), _memfd(raw)
+            return Done(req.id, fetched=True, took=took, **_via(via)), None
         finally:
             lock.release(h)
+
+
+def _via(via: Via) -> dict:
+    """A reply's fields that say where its bytes came from."""
+    return {"tier": via.tier, "hit": via.hit, "fallbacks": via.fallbacks, "bad": via.bad}
 
 
 def _receive_key(sock: socket.socket) -> RegistryKey:
