@@ -367,8 +367,9 @@ def test_credentials_errors_are_one_clear_line(tmp_path, sample_model):
 
 @pytest.mark.fuse  # its own server and mount
 def test_hung_or_non_s3_endpoint_fails_in_bounded_time_naming_it(tmp_path):
-    """Issue 13 (1, 2): a store that accepts and never answers fails each command, and a
-    mount's start, within attempts × read timeout + backoff, with a line naming the endpoint
+    """Issue 13 (1, 2), 28: a store that accepts and never answers fails each command, and a
+    mount's start, within attempts × read timeout + backoff — the whole command, however many
+    requests it would make — with a line naming the endpoint
     (the mount's log says it too); a web server that is not S3 is called that, not "not found"."""
     silent, web = Silent(), NotS3(str(tmp_path))
     env = _env(silent.endpoint)
@@ -378,13 +379,15 @@ def test_hung_or_non_s3_endpoint_fails_in_bounded_time_naming_it(tmp_path):
             t0 = time.monotonic()
             r = cli(env, *timeouts, *args, check=False, timeout=60)
             one_line_error(r, silent.endpoint, "did not answer within 1 s (2 attempts)")
-            assert time.monotonic() - t0 < 15
+            assert time.monotonic() - t0 < 6  # one request's bound (3 s) and the start
         mnt, cache = tmp_path / "mnt", tmp_path / "cache"
         mnt.mkdir()
         t0 = time.monotonic()
         r = cli(env, *timeouts, "mount", "s3://bkt/reg/m@prod", str(mnt), "--cache-dir", str(cache),
                 check=False, timeout=60)
-        assert time.monotonic() - t0 < 20 and not os.path.ismount(mnt)
+        # the whole start within one request's bound, not one per request it makes (the
+        # registry's marker, whose failure a mount may start without, then the tag: 7.3 s before)
+        assert time.monotonic() - t0 < 6 and not os.path.ismount(mnt)
         one_line_error(r, silent.endpoint, "did not answer")
         (log,) = (cache / "logs").iterdir()
         assert silent.endpoint in log.read_text() and "did not answer" in log.read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -63,6 +64,7 @@ class Store:
         if self._endpoint is None and region and not self.config.profile:
             self._endpoint = f"https://s3.{region}.amazonaws.com"
         self._lock = threading.Lock()
+        self._hung: tuple[float, StoreUnavailableError] | None = None  # (until, the error it gave)
 
     @property
     def endpoint(self) -> str:
@@ -120,6 +122,29 @@ class Store:
     # -- error translation -------------------------------------------------
 
     def _fail(self, e: Exception, what: str) -> Exception:
+        err = self._translate(e, what)
+        if isinstance(err, StoreUnavailableError) and self._timed_out(e):
+            # a store that let a request run out of time is not asked again for as long as a
+            # request may take: a command's requests in sequence then fail at once, so the
+            # whole command keeps the bound one request has (docs/reliability.md)
+            self._hung = (time.monotonic() + self.config.timeouts.request_bound(), err)
+        return err
+
+    def _check_hung(self) -> None:
+        """Fail at once while the store is known not to answer (see :meth:`_fail`)."""
+        hung = self._hung
+        if hung is not None:
+            if time.monotonic() < hung[0]:
+                raise StoreUnavailableError(str(hung[1]))
+            self._hung = None
+
+    @staticmethod
+    def _timed_out(e: Exception) -> bool:
+        import botocore.exceptions
+
+        return isinstance(e, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError))
+
+    def _translate(self, e: Exception, what: str) -> Exception:
         import botocore.exceptions
         import botocore.parsers
 
@@ -189,6 +214,7 @@ class Store:
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes, or bytes [start, end) of it."""
+        self._check_hung()
         kw = {}
         if start is not None:
             kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -199,6 +225,7 @@ class Store:
             raise self._fail(e, key) from None
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._check_hung()
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except _errors() as e:
@@ -206,6 +233,7 @@ class Store:
 
     def stat(self, key: str) -> ObjectInfo | None:
         """The object's size and store-side modification time, or None if it is absent."""
+        self._check_hung()
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=key)
         except _errors() as e:
@@ -216,6 +244,7 @@ class Store:
         return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
+        self._check_hung()
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except _errors() as e:
@@ -223,6 +252,7 @@ class Store:
 
     def list(self, prefix: str, delimiter: str | None = None) -> Iterator[ObjectInfo | str]:
         """Objects under ``prefix``; with a delimiter, common prefixes come as ``str``."""
+        self._check_hung()
         kw = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             kw["Delimiter"] = delimiter
@@ -237,6 +267,7 @@ class Store:
 
     def check_bucket(self) -> None:
         """Fail early, with a clear message, on a missing bucket or bad credentials."""
+        self._check_hung()
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except _errors() as e:
