@@ -60,6 +60,21 @@ def save(name: str, data: dict) -> Path:
     return p
 
 
+def write_shards(d: Path, shards: int, shard_mib: int, hidden: int = 256) -> list[str]:
+    """``shards`` F16 safetensors shards of about ``shard_mib`` MiB each in a new directory
+    ``d`` (``model-0000N-of-0000M.safetensors``, as Hugging Face names them); their names."""
+    from modelfs.dev.sample import layer_tensors, write_safetensors
+
+    d.mkdir()
+    layers = max(1, shard_mib * MiB // ((5 * hidden * hidden + hidden * hidden) * 2))
+    names = []
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors(d / name, layer_tensors(layers, hidden, dtype="F16", first=i * layers), seed=i)
+        names.append(name)
+    return names
+
+
 def drop_caches() -> None:
     """Drop the kernel page cache (root only), so the next read is cold."""
     os.sync()

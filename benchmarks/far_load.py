@@ -35,16 +35,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MiB, client, drop_caches, machine, new_bucket, proc_cpu_seconds  # noqa: E402
-from farlink import FarLink  # noqa: E402
+from common import client, drop_caches, machine, new_bucket, proc_cpu_seconds, write_shards  # noqa: E402
+from farlink import FarLink, far_store  # noqa: E402
 
-from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 from modelfs.mount.xattrs import PID  # noqa: E402
 
 ROOT = str(HERE.parent)
@@ -169,52 +167,35 @@ class Run:
 
 
 def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
-    with tempfile.TemporaryDirectory(prefix="modelfs-farload-", dir="/var/tmp") as d_s, FarLink(rtt, mbit, limit=args.queue, store_sysctls=dict(
-            x.split("=", 1) for x in args.store_sysctl)) as link:
-        d = Path(d_s)
-        link.enter_client()
-        srv = link.store_server(d / "s3").start()
-        try:
-            env = dict(os.environ, **srv.env())
-            m = d / "model"
-            m.mkdir()
-            per = args.shard_mib * MiB
-            hidden = 256
-            layers = max(1, per // ((5 * hidden * hidden + hidden * hidden) * 2))
-            shards = []
-            for i in range(args.shards):
-                name = f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
-                write_safetensors(m / name, layer_tensors(layers, hidden, dtype="F16", first=i * layers), seed=i)
-                shards.append(name)
-            c = client(srv)
-            bucket = new_bucket(c, "farload")
-            for s in shards:
-                c.upload_file(str(m / s), bucket, f"plain/{s}")
-            subprocess.run([sys.executable, "-m", "modelfs", "publish", str(m), f"s3://{bucket}/reg", "--name", "m",
-                            "--tag", "prod", "-q"], env=dict(env, PYTHONPATH=ROOT), check=True, capture_output=True)
-            ref = f"s3://{bucket}/reg/m@prod"
-            run = Run(d, env, shards, args.loader, link)
-            run.trace_dir, run.perf_dir, run.mount_args = args.trace, args.perf, shlex.split(args.mount_args)
-            trees = {"mount": ROOT} | ({"mount (base)": str(args.base)} if args.base else {})
-            res: dict[str, list[dict]] = {}
-            for i in range(args.runs):
-                jobs = []
-                if "copy" in args.targets:
-                    jobs.append(("copy", lambda: run.copy(bucket)))
-                if "pull" in args.targets:
-                    jobs.append(("pull", lambda: run.pull(ROOT, ref)))
-                if "mount" in args.targets:
-                    jobs += [(n, (lambda tr=tr: run.mount(tr, ref))) for n, tr in trees.items()]
-                for name, job in (jobs if i % 2 == 0 else list(reversed(jobs))):
-                    r = job()
-                    res.setdefault(name, []).append(r)
-                    print(f"  {rtt:g} ms/{mbit:g} Mbit run {i + 1} {name:<13} " +
-                          " ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
-            return res
-        finally:
-            link.leave_client()
-            srv.stop()
-            print(f"  link: {link.close()}", flush=True)
+    with far_store(rtt, mbit, "farload", limit=args.queue,
+                   store_sysctls=dict(x.split("=", 1) for x in args.store_sysctl)) as (d, link, srv, env):
+        m = d / "model"
+        shards = write_shards(m, args.shards, args.shard_mib)
+        c = client(srv)
+        bucket = new_bucket(c, "farload")
+        for s in shards:
+            c.upload_file(str(m / s), bucket, f"plain/{s}")
+        subprocess.run([sys.executable, "-m", "modelfs", "publish", str(m), f"s3://{bucket}/reg", "--name", "m",
+                        "--tag", "prod", "-q"], env=dict(env, PYTHONPATH=ROOT), check=True, capture_output=True)
+        ref = f"s3://{bucket}/reg/m@prod"
+        run = Run(d, env, shards, args.loader, link)
+        run.trace_dir, run.perf_dir, run.mount_args = args.trace, args.perf, shlex.split(args.mount_args)
+        trees = {"mount": ROOT} | ({"mount (base)": str(args.base)} if args.base else {})
+        res: dict[str, list[dict]] = {}
+        for i in range(args.runs):
+            jobs = []
+            if "copy" in args.targets:
+                jobs.append(("copy", lambda: run.copy(bucket)))
+            if "pull" in args.targets:
+                jobs.append(("pull", lambda: run.pull(ROOT, ref)))
+            if "mount" in args.targets:
+                jobs += [(n, (lambda tr=tr: run.mount(tr, ref))) for n, tr in trees.items()]
+            for name, job in (jobs if i % 2 == 0 else list(reversed(jobs))):
+                r = job()
+                res.setdefault(name, []).append(r)
+                print(f"  {rtt:g} ms/{mbit:g} Mbit run {i + 1} {name:<13} " +
+                      " ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+        return res
 
 
 def main() -> None:

@@ -36,11 +36,12 @@ struct queue {
     int64_t *due;            /* ns, CLOCK_MONOTONIC */
     int head, count, limit;
     int64_t last;            /* previous time_to_send */
-    long long sent, dropped;
+    long long sent, dropped, bytes;
 };
 
-static volatile sig_atomic_t stop;
+static volatile sig_atomic_t stop, report;
 static void on_signal(int s) { (void)s; stop = 1; }
+static void on_report(int s) { (void)s; report = 1; }
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -101,6 +102,7 @@ static void send_due(struct queue *q, int64_t now) {
         ssize_t n = write(q->out, q->buf + (size_t)q->head * SLOT, q->len[q->head]);
         if (n < 0 && errno == EAGAIN) return;
         q->sent++;
+        q->bytes += q->len[q->head];
         q->head = (q->head + 1) % q->limit;
         q->count--;
     }
@@ -121,6 +123,7 @@ int main(int argc, char **argv) {
     if (sched_setscheduler(0, SCHED_FIFO, &sp) < 0) perror("sched_setscheduler (timing may drift)");
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
+    signal(SIGUSR1, on_report); /* counters so far, one line on stdout */
     struct queue q[2];
     init(&q[0], a, b, limit);
     init(&q[1], b, a, limit);
@@ -144,8 +147,13 @@ int main(int argc, char **argv) {
         now = now_ns();
         send_due(&q[0], now);
         send_due(&q[1], now);
+        if (report) {
+            report = 0;
+            printf("bytes %lld %lld\n", q[0].bytes, q[1].bytes);
+            fflush(stdout);
+        }
     }
-    fprintf(stderr, "farlink: a->b %lld sent %lld dropped; b->a %lld sent %lld dropped\n",
-            q[0].sent, q[0].dropped, q[1].sent, q[1].dropped);
+    fprintf(stderr, "farlink: a->b %lld sent %lld dropped %lld bytes; b->a %lld sent %lld dropped %lld bytes\n",
+            q[0].sent, q[0].dropped, q[0].bytes, q[1].sent, q[1].dropped, q[1].bytes);
     return 0;
 }

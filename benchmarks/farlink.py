@@ -18,14 +18,17 @@ should take about the RTT, and one stream against eight shows the cap.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from modelfs.dev.devserver import SeaweedServer
@@ -124,6 +127,15 @@ class FarLink:
         return SeaweedServer(workdir, host=STORE_IP,
                              launcher=["nsenter", f"--net={self.ns_path(self.store_ns)}"])
 
+    def forwarded(self) -> tuple[int, int]:
+        """Bytes forwarded so far (IP packets): client → store, store → client."""
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 3 or line[0] != "bytes":
+            raise RuntimeError(f"farlink did not report its counters: {line}")
+        return int(line[1]), int(line[2])
+
     def close(self) -> str:
         """Stop the forwarder (by its PID) and remove the namespaces; returns its counters."""
         self.leave_client()
@@ -145,6 +157,24 @@ class FarLink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def far_store(rtt_ms: float, mbit: float, name: str, **link_kw) -> Iterator[tuple[Path, FarLink, SeaweedServer, dict]]:
+    """A scratch directory under /var/tmp, a link, and SeaweedFS on its far side with this
+    process on the near one: (the directory, the link, the server, the environment for
+    modelfs commands). Everything is undone after, and the forwarder's counters printed."""
+    with tempfile.TemporaryDirectory(prefix=f"modelfs-{name}-", dir="/var/tmp") as d_s, \
+            FarLink(rtt_ms, mbit, **link_kw) as link:
+        d = Path(d_s)
+        link.enter_client()
+        srv = link.store_server(d / "s3").start()
+        try:
+            yield d, link, srv, dict(os.environ, **srv.env())
+        finally:
+            link.leave_client()
+            srv.stop()
+            print(f"  link: {link.close()}", flush=True)
 
 
 def check(rtt_ms: float, mbit: float, mib: int = 256) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,8 +22,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import Mounts, cli, gets, tree_digest
+from conftest import Mounts, cli, gets, one_line_error, tree_digest
 from modelfs.dev.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
+from modelfs.dev.tiernode import NGINX, TierNode
 from modelfs.errors import IntegrityError
 from modelfs.ops.tier_config import TierConfig
 from modelfs.transfer import tier as tier_mod
@@ -34,9 +33,6 @@ from modelfs.transfer.protocol import Failure
 from modelfs.transfer.tier import Node, Tier, node_url
 from proxy import Silent
 from modelfs.dev.sample import layer_tensors, write_safetensors
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
 
 # -- unit: routing over fakes ------------------------------------------------------------
 
@@ -143,71 +139,17 @@ def test_tier_config_refuses_what_would_change_its_meaning(kw):
 
 # -- real tier: nginx in front of SeaweedFS --------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TierNode:
-    """One nginx started from ``modelfs tier-config`` output; stopped by its PID."""
-
-    def __init__(self, env: dict, store: str, root: Path, *extra: str):
-        self.port = _free_port()
-        self.dir = root
-        conf = root / "nginx.conf"
-        cli(env, "tier-config", "--store", store, "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(root),
-            "--max-size", "1g", "--user", "root", "--output", str(conf), *extra)
-        # a session of its own: a node is its master and its workers (SIGKILL of the master alone
-        # leaves the workers serving), ended together by the group's id, which is its PID
-        self.proc = subprocess.Popen([NGINX, "-c", str(conf)], stdin=subprocess.DEVNULL, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=open(root / "error.log", "ab"))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not start: {(root / 'error.log').read_text()}")
-                time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def cached(self) -> list[Path]:
-        return [p for p in (self.dir / "cache").rglob("*") if p.is_file()]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """End the node, master and workers (SIGKILL: all at once, as a machine that dies)."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        for _ in range(100):  # the workers, after the master
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def tier_nodes(env, seaweed, tmp_path):
+    """Start tier nodes (nginx) in front of the test store (or ``store``); all stopped after."""
     if not os.path.exists(NGINX):
         if os.environ.get("CI"):
-            pytest.fail("nginx is not installed (.ci/run installs it)")
+            pytest.fail("nginx is not installed (scripts/setup.sh installs it)")
         pytest.skip("nginx is not installed")
     started: list[TierNode] = []
 
-    def start(*extra: str, store: str | None = None) -> TierNode:
-        n = TierNode(env, store or seaweed.endpoint, tmp_path / f"tier{len(started) + 1}", *extra)
+    def start(*, check_access: bool = False, store: str | None = None) -> TierNode:
+        n = TierNode(store or seaweed.endpoint, tmp_path / f"tier{len(started) + 1}", check_access=check_access)
         started.append(n)
         return n
     try:
@@ -215,6 +157,18 @@ def tier_nodes(env, seaweed, tmp_path):
     finally:
         for n in started:
             n.stop()
+
+
+def test_tier_config_writes_a_configuration_nginx_accepts(env, tmp_path):
+    conf, cache = tmp_path / "tier.conf", tmp_path / "tier-cache"
+    r = cli(env, "tier-config", "--store", "http://127.0.0.1:9000", "--cache-dir", str(cache), "--output", str(conf))
+    assert "nginx -c" in r.stdout and (cache / "tmp").is_dir() and (cache / "cache").is_dir()
+    if os.path.exists(NGINX):
+        t = subprocess.run([NGINX, "-t", "-q", "-c", str(conf)], capture_output=True, text=True)
+        assert t.returncode == 0, t.stderr
+    printed = cli(env, "tier-config", "--store", "http://127.0.0.1:9000", "--cache-dir", str(cache)).stdout
+    assert printed == conf.read_text()
+    one_line_error(cli(env, "tier-config", "--store", "s3://bucket", check=False), "http[s]://HOST")
 
 
 @pytest.fixture
@@ -327,7 +281,7 @@ def test_a_hung_tier_costs_a_bounded_wait_then_the_store_serves(env, bucket, sea
     ref, n_chunks = _publish(env, bucket, shards)
     hung = Silent()
     try:
-        mnt = mounts.mount(ref, "--cache-tier", hung.endpoint, "--fetch-workers", "2", cache_dir=tmp_path / "host")
+        mnt = mounts.mount(ref, "--cache-tier", hung.endpoint, "--fetch-workers", "1", cache_dir=tmp_path / "host")
         t0 = time.monotonic()
         assert tree_digest(mnt) == tree_digest(shards)
         took = time.monotonic() - t0
@@ -335,10 +289,10 @@ def test_a_hung_tier_costs_a_bounded_wait_then_the_store_serves(env, bucket, sea
     finally:
         hung.close()
     assert s["store_chunks"] == n_chunks and s["tier_fallbacks"] >= 1
-    # each worker process learns on its own: at most one wait for the tier's bound each, and
-    # never the store's (3 tries of 5 + 10 s); two workers here
+    # one wait for the tier's bound per worker process (one here), then the store for the
+    # back-off; never the store's own bound (3 tries of 5 + 10 s)
     t = tier_mod.TIER_TIMEOUTS
-    assert took < 2 * (t.connect + t.read) + 6, took
+    assert took < t.connect + t.read + 6, took
 
 
 def test_the_tier_serves_chunks_only(env, bucket, seaweed, shards, tier_nodes):
@@ -377,7 +331,7 @@ def test_a_cached_chunk_needs_a_valid_signature_only_with_check_access(tier_node
         boto3.client("s3", endpoint_url=srv.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
                      aws_secret_access_key=SECRET_KEY).create_bucket(Bucket="secured")
         ref, n_chunks = _publish(env, "secured", shards)
-        open_node, checked = tier_nodes(store=srv.endpoint), tier_nodes("--check-access", store=srv.endpoint)
+        open_node, checked = tier_nodes(store=srv.endpoint), tier_nodes(check_access=True, store=srv.endpoint)
         hosts = Mounts(env, tmp_path)
         try:
             for node in (open_node, checked):
@@ -395,3 +349,55 @@ def test_a_cached_chunk_needs_a_valid_signature_only_with_check_access(tier_node
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(checked.url + path, timeout=10)
         assert e.value.code == 403  # the store was asked, and said no
+
+
+def test_prefetch_tier_only_warms_the_tier_and_keeps_nothing_here(env, bucket, seaweed, shards, mounts, tier_nodes,
+                                                                   tmp_path):
+    ref, n_chunks = _publish(env, bucket, shards)
+    node = tier_nodes()
+    here = tmp_path / "here"
+    r = cli(env, "prefetch", ref, "--tier-only", "--cache-tier", node.url, "--cache-dir", str(here), "-q")
+    assert f"{n_chunks} chunks" in r.stdout and "0 already there" in r.stdout, r.stdout
+    assert len(node.cached()) == n_chunks and not here.exists()  # the tier holds it all, this host nothing
+    host = mounts.mount(ref, "--cache-tier", node.url, cache_dir=tmp_path / "host")
+    before = gets(seaweed, bucket)
+    assert tree_digest(host) == tree_digest(shards)
+    assert gets(seaweed, bucket) == before and _stats(env, host)["tier_hits"] == n_chunks
+    one_line_error(cli(env, "prefetch", ref, "--tier-only", check=False), "--cache-tier")
+
+
+# -- the Kubernetes layout in docs/fleet.md ----------------------------------------------
+
+def _yaml_docs(md: Path) -> list[dict]:
+    import yaml
+
+    fence = "`" * 3
+    blocks = [b.split(fence, 1)[0] for b in md.read_text().split(fence + "yaml\n")[1:]]
+    return [d for b in blocks for d in yaml.safe_load_all(b) if d]
+
+
+def test_the_kubernetes_layout_is_valid_and_its_tier_config_is_the_commands(tmp_path):
+    import kubernetes_validate
+
+    from modelfs.config import resolve
+
+    docs = _yaml_docs(Path(__file__).parent.parent / "docs" / "fleet.md")
+    kinds = Counter(d["kind"] for d in docs)
+    assert kinds == {"ConfigMap": 2, "Service": 1, "StatefulSet": 1}
+    for d in docs:
+        kubernetes_validate.validate(d, "1.30", strict=True)  # raises on anything the schema refuses
+    tier = next(d for d in docs if d["kind"] == "ConfigMap" and "tier.conf" in d["data"])
+    want = TierConfig(store="https://s3.internal:9000", listen="0.0.0.0:8480",
+                      cache_dir=Path("/var/cache/modelfs-tier"), max_size="400g").render()
+    assert tier["data"]["tier.conf"] == want  # regenerate the doc's block if this fails
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    mounts = {m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert {"/etc/modelfs", "/var/cache/modelfs-tier"} <= mounts
+    hosts = next(d for d in docs if d["kind"] == "ConfigMap" and "models.toml" in d["data"])
+    (tmp_path / "models.toml").write_text(hosts["data"]["models.toml"])
+    settings = resolve(tmp_path / "models.toml", {})
+    names = [f"http://{sts['metadata']['name']}-{i}.{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:8480"
+             for i in range(sts["spec"]["replicas"])]
+    assert list(settings["cache_tier"]) == names  # every node, by its own name

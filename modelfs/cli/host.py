@@ -230,11 +230,14 @@ def _is_manifest_file(path: str) -> bool:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--encrypt-cache", is_flag=True,
               help="Warm the encrypted cache that mounts with --encrypt-cache read (<cache_dir>/sealed).")
+@click.option("--tier-only", is_flag=True,
+              help="Warm the cache tier (--cache-tier) for a rollout: every chunk passes through it, verified, "
+                   "and nothing is kept on this host.")
 @trust_option
 @encryption_option
 @tier_option
 @click.pass_context
-def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
+def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache, tier_only):
     """Warm the cache before traffic arrives.
 
     TARGETS are either model refs (s3://…/NAME@TAG, or manifest files), whose
@@ -248,6 +251,9 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
     refs = [t for t in targets if t.startswith("s3://") or _is_manifest_file(t)]
     paths = [Path(t) for t in targets if t not in refs]
     t0 = time.monotonic()
+    if tier_only:
+        _warm_tier(ctx, refs, paths, registry_url, quiet)
+        return
     if encrypt_cache and registry_key(ctx) is None:
         raise UsageError("--encrypt-cache needs the registry's key: pass --encryption-key FILE too")
     if refs:
@@ -282,6 +288,31 @@ def prefetch(ctx, targets, cache_dir, cap, registry_url, quiet, encrypt_cache):
             bar.close()
         click.echo(f"prefetched {st.files} files ({fmt_bytes(st.bytes)}) through the mount")
     click.echo(f"took {time.monotonic() - t0:.1f} s")
+
+
+def _warm_tier(ctx, refs: list[str], paths: list[Path], registry_url: str | None, quiet: bool) -> None:
+    """``prefetch --tier-only``: each ref's chunks through the cache tier, none kept here."""
+    from ..ops.prefetch import warm_tier
+    from ..progress import Progress
+
+    if paths:
+        raise UsageError(f"--tier-only takes model refs, not paths ({paths[0]})")
+    tiers = cache_tier(ctx)
+    if not tiers:
+        raise UsageError("--tier-only warms the cache tier: pass --cache-tier URL (repeatable)")
+    for ref in refs:
+        cat, version, m = resolve_ref(ctx, ref, registry_url, need_registry=True)
+        assert cat is not None
+        total = sum({h: n for e in m.files for h, n in e.chunks}.values())
+        bar = Progress(f"tier {m.name}", enabled=False if quiet else None)
+        bar.start(total)
+        try:
+            st = warm_tier(cat.registry, m, tiers, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance)
+        finally:
+            bar.close()
+        click.echo(f"warmed the cache tier with {m.name}@{version}: {st.fetched_chunks} chunks "
+                   f"({fmt_bytes(st.fetched_bytes)}), {st.tier_hits} already there, {st.from_store} from the "
+                   "store directly (a node did not answer or gave a bad copy)")
 
 
 @main.command("tier-config")

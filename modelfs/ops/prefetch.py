@@ -9,12 +9,15 @@ Two ways, for two situations:
   that version reads with zero GETs.
 * ``read_through`` — paths on a running mount: read the files through it, so the
   daemon fetches and caches them and the kernel's page cache holds them too.
+* ``warm_tier`` — by ref, for a fleet: every chunk passes through the cache tier
+  (``--cache-tier``, ``docs/fleet.md``) into its nodes' caches, verified on the way, and
+  nowhere else on this host, before a rollout sends every host to it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,8 @@ class PrefetchStats(Counters):
     fetched_bytes: int = 0
     fetched_chunks: int = 0
     cached_chunks: int = 0  # already in the cache
+    tier_hits: int = 0  # warm_tier: chunks a node held already
+    from_store: int = 0  # warm_tier: chunks no node gave (fallbacks, bad copies): taken from the store
 
 
 def chunks_to_fetch(manifest: Manifest, cache: BlockCache) -> tuple[dict[str, int], int]:
@@ -67,9 +72,40 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
     lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, sealed=sealed, tiers=tiers,
                                               timeouts=registry.store.config.timeouts))
 
+    _each_chunk(lanes, missing, lanes.load, concurrency, stats, on_progress)
+    stats.add(fetched_bytes=lanes.stats.bytes_fetched, fetched_chunks=lanes.stats.fetches)
+    return stats
+
+
+def warm_tier(registry: Registry, manifest: Manifest, tiers: tuple[str, ...], *, concurrency: int = 16,
+              workers: int = 0, on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
+    """Pass every chunk of ``manifest`` through the cache tier ``tiers`` so its nodes hold it:
+    workers without a cache GET each through its node (a bad copy is refreshed there) and
+    verify it, then drop it (written into /dev/null). Nothing is kept on this host."""
+    if not tiers:
+        raise ModelfsError("warming the tier needs the tier: pass --cache-tier URL")
+    chunks = {h: n for e in manifest.files for h, n in e.chunks}
+    stats = PrefetchStats(files=len(manifest.files))
+    lanes = Lanes(registry, None, LaneConfig(workers=workers, concurrency=concurrency, tiers=tiers,
+                                             timeouts=registry.store.config.timeouts))
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        _each_chunk(lanes, chunks, lambda h, n: lanes.deliver(h, n, sink, 0), concurrency, stats, on_progress)
+    finally:
+        os.close(sink)
+    st = lanes.stats
+    stats.add(fetched_bytes=st.bytes_fetched, fetched_chunks=st.fetches, tier_hits=st.tier_hits,
+              from_store=st.fetches - st.tier_chunks)
+    return stats
+
+
+def _each_chunk(lanes: Lanes, chunks: dict[str, int], fn: Callable[[str, int], Awaitable[object]], concurrency: int,
+                stats: PrefetchStats, on_progress: Callable[[int], None]) -> None:
+    """``fn(h, n)`` for every chunk beside ``lanes``' workers, at most ``2 × concurrency``
+    pending at a time, whatever the model's size; progress as each ends."""
     async def one(h: str, n: int, slots: trio.Semaphore) -> None:
         try:
-            await lanes.load(h, n)
+            await fn(h, n)
         finally:
             slots.release()
         stats.add(bytes=n)
@@ -78,13 +114,11 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
     async def main() -> None:
         slots = trio.Semaphore(2 * concurrency)
         async with trio.open_nursery() as jobs:
-            for h, n in missing.items():
+            for h, n in chunks.items():
                 await slots.acquire()
                 jobs.start_soon(one, h, n, slots)
 
     run_with(lanes, main)
-    stats.add(fetched_bytes=lanes.stats.bytes_fetched, fetched_chunks=lanes.stats.fetches)
-    return stats
 
 
 def files_under(paths: Iterable[Path]) -> list[tuple[Path, int]]:

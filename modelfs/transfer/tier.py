@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # a tier node's own bound: one try, a short connect, and a read timeout above one chunk's
-# fetch from the store (a miss, or a wait on another host's miss of the same chunk)
-TIER_TIMEOUTS = Timeouts(connect=1.0, read=5.0, attempts=1)
+# fetch from the store — a miss, or a wait on another host's miss of the same chunk, which
+# nginx answers only once the whole chunk is in, and which a rollout's many concurrent
+# misses share the store's link for (fleet.py: 5 s let 16 hosts on one node fall back for
+# 10% of their chunks, 2.65 copies from the store)
+TIER_TIMEOUTS = Timeouts(connect=1.0, read=10.0, attempts=1)
 BACKOFF_MIN = 30.0  # seconds a node that failed is skipped (a rollout goes on from the store); doubled
 BACKOFF_MAX = 300.0  # ... at each failure in a row, up to this
 REFRESH = "X-Modelfs-Refresh"  # nginx's proxy_cache_bypass: fetch again, replace the copy
