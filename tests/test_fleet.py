@@ -306,6 +306,10 @@ def test_the_tier_serves_chunks_only(env, bucket, seaweed, shards, tier_nodes):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{node.url}/{bucket}/reg/chunks/{'0' * 64}", timeout=10)
     assert e.value.code in (403, 404)
+    with pytest.raises(urllib.error.HTTPError) as e:  # GET alone: a HEAD would reach the store as a GET
+        urllib.request.urlopen(urllib.request.Request(f"{node.url}/{bucket}/reg/chunks/{'0' * 64}", method="HEAD"),
+                               timeout=10)
+    assert e.value.code == 405
     assert node.cached() == []
 
 

@@ -3,7 +3,7 @@
 The tier is stock nginx: this module only writes its configuration. What the
 configuration does, and why:
 
-* only chunk objects (``…/chunks/<64 hex>``, GET and HEAD) are served; anything else is
+* only chunk objects (``…/chunks/<64 hex>``, GET alone) are served; anything else is
   refused (403), so manifests, tags and leases — mutable, or small and private — always
   come from the store itself;
 * a miss forwards the host's presigned GET as it came (same path and query, ``Host`` set
@@ -108,6 +108,9 @@ http {{
         listen {self.listen};
         location ~ "{CHUNK_PATH}" {{
             limit_except GET {{ deny all; }}
+            # GET alone: nginx would turn a HEAD into a GET towards the store, which breaks a
+            # presigned HEAD's signature (hosts send only GETs through a tier)
+            if ($request_method = HEAD) {{ return 405; }}
 {auth_use}            proxy_pass {u.scheme}://modelfs_store;
             proxy_set_header Host {host};
             proxy_http_version 1.1;
