@@ -60,6 +60,7 @@ class Node:
     url: str
     down_until: float = 0.0  # monotonic; skipped until then
     backoff: float = 0.0  # the next back-off's length (0: answering)
+    bad_seen: bool = False  # it gave a bad copy once (logged then; later ones are only counted)
 
 
 @dataclass
@@ -112,9 +113,12 @@ class Tier:
                 try:
                     result = check(body)
                 except IntegrityError as e:
-                    via.bad += 1
-                    log.warning("a bad copy of chunk %s from cache tier node %s%s: %s", h[:16], node.url,
-                                "" if not refresh else " again after a refresh; from the store", e)
+                    via.bad += 1  # counted every time (modelfs stats), logged once per node
+                    log.log(logging.DEBUG if node.bad_seen else logging.WARNING,
+                            "a bad copy of chunk %s from cache tier node %s%s: %s (never served; further "
+                            "ones are counted in modelfs stats)", h[:16], node.url,
+                            "" if not refresh else " again after a refresh; from the store", e)
+                    node.bad_seen = True
                     if refresh:
                         return self._from_store(url, limit, check, store, span, via)
                     continue

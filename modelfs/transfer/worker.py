@@ -58,8 +58,9 @@ class Worker:
     Invariants: a chunk is written only after its id check (with ``sealed``, its
     stored, encrypted form is what is written, after the check of what it decrypts
     to); a ``Done`` is sent only after the commit (an ``Early``, only after the id
-    check); memory is bounded by ``threads`` chunk buffers (and an idle thread frees
-    its own); every descriptor that came with a request is closed once it is served.
+    check); memory is bounded by ``threads`` chunk buffers, twice that with a cache tier (its
+    client's and the store's; an idle thread frees its own); every descriptor that came
+    with a request is closed once it is served.
     """
 
     def __init__(self, cfg: WorkerConfig, sock: socket.socket):
