@@ -65,10 +65,9 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     logs.setup(settings["log_level"])  # the config file may name one
     if foreground:
         from ..mount.background import prestart_workers
-
-        early = prestart_workers(settings)  # their start overlaps the daemon's imports below
         from ..mount.daemon import run_foreground
 
+        early = prestart_workers(settings)  # after the imports (see background._become_daemon)
         run_foreground(settings, ready_fd, early)
         return
     # the waiting parent: what the daemon refuses (a bad key file, a bad ref) it says through

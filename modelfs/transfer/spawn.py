@@ -1,6 +1,7 @@
 """Starting fetch worker processes: the one place their command line, environment and
 configuration are made. Light on purpose (no trio, no boto3), so a mount daemon can
-start its workers before its own heavy imports and let the two overlap.
+start its workers as soon as its own imports are done and let their start overlap
+resolving its source and mounting.
 """
 
 from __future__ import annotations
