@@ -121,20 +121,23 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def origin_url(url: str, what: str = "it") -> str:
+    """``http[s]://HOST[:PORT]`` of ``url`` (a cache tier node, the store a node forwards to:
+    no path, no query), or ValueError naming ``what`` it should have been."""
+    u = urlsplit(url.strip())
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
+        raise ValueError(f"{url!r}: {what} is http[s]://HOST[:PORT]")
+    return f"{u.scheme}://{u.netloc}"
+
+
 def _tier_urls(v: Any) -> tuple[str, ...]:
     """Cache tier nodes: a URL, several separated by commas, a list (TOML), or the tuple a
     repeated flag gives; each http[s]://HOST[:PORT] (no path: a node serves the store's)."""
-    items = [p for s in ([v] if isinstance(v, str) else v) for p in (s.split(",") if isinstance(s, str) else [s])] \
-        if isinstance(v, (str, list, tuple)) else None
+    given = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else []
+    items = [part for s in given for part in (s.split(",") if isinstance(s, str) else [s])]
     if not items:
         raise ValueError("expected http[s]://HOST[:PORT], or several")
-    out = []
-    for item in items:
-        u = urlsplit(_str(item).strip())
-        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
-            raise ValueError(f"{item!r}: expected http[s]://HOST[:PORT]")
-        out.append(f"{u.scheme}://{u.netloc}")
-    return tuple(dict.fromkeys(out))
+    return tuple(dict.fromkeys(origin_url(_str(item), "a cache tier node") for item in items))
 
 
 def _s3_url(v: Any) -> str:

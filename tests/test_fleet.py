@@ -25,12 +25,13 @@ import pytest
 from conftest import Mounts, cli, gets, one_line_error, tree_digest
 from modelfs.dev.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
 from modelfs.dev.tiernode import NGINX, TierNode
+from modelfs.config import origin_url
 from modelfs.errors import IntegrityError
 from modelfs.ops.tier_config import TierConfig
 from modelfs.transfer import tier as tier_mod
 from modelfs.transfer.http import FetchFailed
 from modelfs.transfer.protocol import Failure
-from modelfs.transfer.tier import Node, Tier, node_url
+from modelfs.transfer.tier import Node, Tier
 from proxy import Silent
 from modelfs.dev.sample import layer_tensors, write_safetensors
 
@@ -126,7 +127,7 @@ def test_a_bad_copy_is_refreshed_once_then_taken_from_the_store_never_returned()
 @pytest.mark.parametrize("url", ["ftp://x", "http://", "http://h:1/path", "http://h:1/?q", "h:1"])
 def test_a_tier_node_url_is_scheme_host_and_port_only(url):
     with pytest.raises(ValueError):
-        node_url(url)
+        origin_url(url)
 
 
 @pytest.mark.parametrize("kw", [{"store": "s3://b"}, {"store": "http://h/p"}, {"cache_dir": Path("rel")},

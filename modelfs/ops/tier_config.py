@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..config import origin_url
+
 CHUNK_PATH = r"^/(.+/)?chunks/[0-9a-f]{64}$"  # registry/layout.py's chunk keys, path style or not
 
 
@@ -41,9 +43,7 @@ class TierConfig:
     lock_seconds: int = 120  # above a chunk's fetch from the store, however far
 
     def __post_init__(self) -> None:
-        u = urlsplit(self.store)
-        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
-            raise ValueError(f"{self.store!r}: the store is http[s]://HOST[:PORT]")
+        origin_url(self.store, "the store")
         if not self.cache_dir.is_absolute():
             raise ValueError(f"{self.cache_dir}: the cache directory must be an absolute path")
         for bad in (";", "{", "}", "\n", "'", '"', " "):

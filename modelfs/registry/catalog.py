@@ -97,7 +97,7 @@ class Catalog:
         unsigned = f"unsigned {self.registry.store.endpoint} {key}"
         if data is None and fresh_for is not None:
             seen = self.cache.get_fact(unsigned) if self.cache is not None else None
-            if seen is not None and 0 <= time.time() - float(seen) < fresh_for:
+            if seen is not None and _fresh(float(seen), fresh_for):
                 self._signatures[version] = None
             return None
         if data is None:
@@ -180,7 +180,7 @@ class Catalog:
                 version = ref.selector
             else:
                 seen = self.cache.get_ref(self._ref_key(ref)) if self.cache is not None and fresh_for > 0 else None
-                if seen is not None and 0 <= time.time() - seen[1] < fresh_for:
+                if seen is not None and _fresh(seen[1], fresh_for):
                     log.info("%s: version %s, as this host resolved it %.0f s ago (within the metadata TTL)",
                              ref, seen[0], time.time() - seen[1])
                     return seen[0], self.manifest(ref.name, seen[0])
@@ -227,3 +227,9 @@ class Catalog:
 
     def _ref_key(self, ref: ModelRef) -> str:
         return f"{self.registry.store.endpoint} {ref}"
+
+
+def _fresh(at: float, fresh_for: float) -> bool:
+    """Whether a record made at ``at`` (POSIX seconds) is younger than ``fresh_for`` (a clock
+    that went back makes it stale)."""
+    return 0 <= time.time() - at < fresh_for

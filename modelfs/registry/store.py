@@ -59,7 +59,9 @@ class Store:
         self.bucket = bucket
         self.config = config or StoreConfig()
         self._client: Any = None
-        self._endpoint: str | None = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        # a custom endpoint (path-style addressing), else AWS's for the region
+        self._custom: str | None = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self._endpoint = self._custom
         region = self.config.region or os.environ.get("AWS_DEFAULT_REGION")
         if self._endpoint is None and region and not self.config.profile:
             self._endpoint = f"https://s3.{region}.amazonaws.com"
@@ -99,10 +101,9 @@ class Store:
         config = self.config
         try:  # a bad profile or an unparsable config/credentials file fails here
             session = boto3.session.Session(profile_name=config.profile)
-            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             region = config.region or session.region_name or "us-east-1"
             if self._endpoint is None:
-                self._endpoint = endpoint or f"https://s3.{region}.amazonaws.com"
+                self._endpoint = f"https://s3.{region}.amazonaws.com"
             bc = botocore.config.Config(
                 max_pool_connections=config.concurrency + 4,
                 connect_timeout=config.timeouts.connect,
@@ -112,10 +113,10 @@ class Store:
                 # CRC that newer botocore adds to every request is pure CPU cost.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                s3={"addressing_style": "path"} if endpoint else None,
+                s3={"addressing_style": "path"} if self._custom else None,
                 tcp_keepalive=True,
             )
-            return session.client("s3", endpoint_url=endpoint, region_name=region, config=bc)
+            return session.client("s3", endpoint_url=self._custom, region_name=region, config=bc)
         except botocore.exceptions.BotoCoreError as e:
             raise StoreError(f"cannot configure the S3 client: {e}") from None
 

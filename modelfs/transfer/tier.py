@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..config import Timeouts
+from ..config import Timeouts, origin_url
 from ..errors import IntegrityError
 from .http import FetchFailed, HttpClient
 from .protocol import Failure
@@ -45,14 +45,6 @@ BACKOFF_MIN = 30.0  # seconds a node that failed is skipped (a rollout goes on f
 BACKOFF_MAX = 300.0  # ... at each failure in a row, up to this
 REFRESH = "X-Modelfs-Refresh"  # nginx's proxy_cache_bypass: fetch again, replace the copy
 CACHE_STATUS = "X-Cache-Status"  # the node's $upstream_cache_status (HIT, MISS, …)
-
-
-def node_url(url: str) -> str:
-    """``http[s]://host[:port]`` of a tier node, or ValueError."""
-    u = urlsplit(url.strip())
-    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
-        raise ValueError(f"{url!r}: a cache tier node is http[s]://HOST[:PORT]")
-    return urlunsplit((u.scheme, u.netloc, "", "", ""))
 
 
 @dataclass
@@ -84,7 +76,7 @@ class Tier:
 
     @classmethod
     def of(cls, urls: tuple[str, ...]) -> Tier | None:
-        return cls([Node(node_url(u)) for u in urls]) if urls else None
+        return cls([Node(origin_url(u, "a cache tier node")) for u in urls]) if urls else None
 
     def order(self, h: str) -> list[Node]:
         """The nodes for chunk ``h``, its own first (highest rendezvous weight)."""
