@@ -31,10 +31,11 @@ class TierNode:
     the master alone leaves the workers serving), ended together through the group, whose
     id is the master's PID."""
 
-    def __init__(self, store: str, root: Path, *, check_access: bool = False, max_size: str = "1g"):
+    def __init__(self, store: str, root: Path, *, check_access: bool = False, max_size: str = "1g",
+                 config: type[TierConfig] = TierConfig):
         self.port = free_port()
         self.dir = root
-        cfg = TierConfig(store=store, listen=f"127.0.0.1:{self.port}", cache_dir=root.absolute(), max_size=max_size,
+        cfg = config(store=store, listen=f"127.0.0.1:{self.port}", cache_dir=root.absolute(), max_size=max_size,
                          user="root" if os.geteuid() == 0 else None, check_access=check_access)
         for d in cfg.directories():
             d.mkdir(parents=True, exist_ok=True)
