@@ -10,6 +10,8 @@ need=()
 for p in fuse3 libfuse3-dev pkg-config gcc attr rclone s3fs util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# git-lfs: pointer files in the adoption tests
+command -v git-lfs >/dev/null || need+=(git-lfs)
 # nginx: the cache tier (`modelfs tier-config`) the fleet tests run
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # systemd-analyze verifies the unit files in the tests (the machine need not run systemd)
@@ -30,3 +32,11 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 \
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -c 'import modelfs, pyfuse3, lmdb, trio' # fail here, loudly, if the install did not work
+
+# dvc + dvc-s3 for the adoption tests (tests/test_adopt.py), in a virtualenv of their own:
+# their aiobotocore pins a botocore that modelfs's boto3 does not take
+[ -x .venv-dvc/bin/dvc ] || {
+  python3 -m venv .venv-dvc
+  .venv-dvc/bin/python -m pip install -q --disable-pip-version-check dvc dvc-s3 2>&1 | grep -v "^WARNING: Location" || true
+}
+.venv-dvc/bin/dvc --version >/dev/null

@@ -82,8 +82,13 @@ def inspect(ctx, ref: str, as_json: bool):
         click.echo(f"  signed by trusted key {cat.signed_by[version][:16]}")
     click.echo(f"  {t['files']} files, {fmt_bytes(t['bytes'])}, {t['chunks']} chunks "
                f"({t['unique_chunks']} unique, {fmt_bytes(t['unique_chunk_bytes'])})")
+    for i, src in enumerate(m.sources):
+        n = sum(1 for f in m.files if f.foreign is not None and f.foreign.source == i)
+        click.echo(f"  adopted: {n} file(s) read in place from {src.url}"
+                   + (f" at {src.endpoint}" if src.endpoint else "") + f" ({src.kind}; marked [{i}])")
     for f in m.files:
-        click.echo(f"  {f.mode:04o} {fmt_bytes(f.size):>11}  {f.path}  {_summary(f.description)}")
+        where = f"  [{f.foreign.source}] {f.foreign.key}" if f.foreign is not None else ""
+        click.echo(f"  {f.mode:04o} {fmt_bytes(f.size):>11}  {f.path}  {_summary(f.description)}{where}")
     for d in m.directories:
         click.echo(f"  {d.mode:04o} {'dir':>11}  {d.path}/")
 

@@ -1,4 +1,4 @@
-"""Commands that write a registry: publish, tag, sign, rm, gc, and keygen for an encrypted one."""
+"""Commands that write a registry: publish, adopt, tag, sign, rm, gc, and keygen for an encrypted one."""
 
 from __future__ import annotations
 
@@ -93,6 +93,61 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
             click.echo(f"              {f.path} -> {f.outside}")
     if manifest_out and dry_run:
         click.echo(f"  manifest  not written (dry run): {manifest_out}")
+    click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
+
+
+@main.command()
+@click.argument("checkout", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("registry")
+@click.option("--name", required=True, help="Model name.")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable); 'latest' always moves.")
+@click.option("--path", "subdir", help="Only what lies under this directory of the checkout (it becomes the root).")
+@click.option("--remote", help="The DVC remote to read (default: the checkout's core.remote).")
+@click.option("--lfs-store", metavar="s3://BUCKET/PREFIX", help="Where the Git LFS server keeps the objects.")
+@click.option("--lfs-layout", type=click.Choice(["sharded", "flat"]), default="sharded", show_default=True,
+              help="sharded: PREFIX/oid[0:2]/oid[2:4]/oid[4:] (Gitea, Forgejo, GitLab); flat: PREFIX/oid (giftless, "
+                   "with the organisation and repository in PREFIX).")
+@click.option("--lfs-endpoint", metavar="URL", help="The LFS store's S3 endpoint, when not the registry's.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where objects are spooled while they are cut (default: the system's temporary directory).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, lfs_store, lfs_endpoint, lfs_layout,
+          work_dir, quiet):
+    """Make a version of NAME in REGISTRY from what a DVC or Git LFS CHECKOUT names, in place.
+
+    Each object its .dvc files, dvc.lock and LFS pointers name is read once and cut into
+    chunks as publish does, but no chunk is uploaded: mounts and pulls read the chunks
+    as ranges of the DVC remote's or LFS store's objects, each verified (docs/adopt.md).
+    Objects adopted before are not read again."""
+    from ..ops.adopt import Adopter, plan
+    from ..progress import Progress
+
+    reg = registry_of(ctx, parse_registry(registry), creating=True)
+    wanted = plan(reg, checkout, subdir=subdir, remote=remote, lfs_store=lfs_store, lfs_layout=lfs_layout,
+                  lfs_endpoint=lfs_endpoint)
+    tag_list = list(dict.fromkeys(["latest", *tags]))
+    bar = Progress("adopt", enabled=False if quiet else None)
+    bar.start(sum(w.size or 0 for w in wanted))
+    adopter = Adopter(reg, concurrency=ctx.obj["config"].concurrency, work_dir=work_dir,
+                      on_progress=lambda n, s: bar.advance(n, f"read {s.read_objects} objects"))
+    try:
+        result = adopter.run(wanted, name, tag_list)
+    finally:
+        bar.close()
+    s, m = result.stats, result.manifest
+    click.echo(f"adopted {name}@{result.version} (tags: {', '.join(result.tags)})")
+    click.echo(f"  files     {s.files} ({fmt_bytes(s.bytes)}), {m.totals()['chunks']} chunks")
+    for src in m.sources:
+        n = sum(1 for f in m.files if f.foreign is not None and m.sources[f.foreign.source] == src)
+        click.echo(f"  from      {src.url}" + (f" at {src.endpoint}" if src.endpoint else "") +
+                   f" ({src.kind}, {count(n, 'file')}, read in place)")
+    if s.native_files:
+        click.echo(f"  native    {count(s.native_files, 'file')} whose chunks the registry holds")
+    click.echo(f"  read      {count(s.read_objects, 'object')} ({fmt_bytes(s.read_bytes)}); "
+               f"{s.known_objects} known from earlier adoptions")
+    click.echo(f"  uploaded  {fmt_bytes(s.uploaded_bytes)} (manifest and adoption table)")
+    click.echo(f"  took      {s.seconds:.1f} s")
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
 
 
@@ -218,6 +273,8 @@ def gc_cmd(ctx, registry: str, delete: bool, grace: str, quiet: bool):
                f"{r.referenced} referenced by {count(sum(u.versions for u in r.models.values()), 'version')}")
     for name, u in sorted(r.models.items()):
         click.echo(f"  {name}: {count(u.versions, 'version')}, {count(u.chunks, 'chunk')}, {fmt_bytes(u.bytes)}")
+    for version, urls in sorted(r.adopted.items()):
+        click.echo(f"  adopted {version}: reads {', '.join(urls)} in place (never touched by gc)")
     click.echo(f"  unreferenced: {count(r.unreferenced, 'chunk')} ({fmt_bytes(r.unreferenced_bytes)}); "
                f"{r.young} of them written within the grace period ({grace}): kept")
     if not delete:

@@ -128,6 +128,15 @@ def decode(blob: bytes | bytearray | memoryview, expected_hash: str, expected_si
     return raw
 
 
+def check_raw(raw: bytes | memoryview, expected_hash: str, expected_size: int) -> bytes | memoryview:
+    """``raw`` itself if it is chunk ``expected_hash`` (named by its blocks' digests):
+    an adopted chunk, read as raw bytes of another store's object, which carries no
+    header; anything else (the object changed) is an :class:`IntegrityError`."""
+    if len(raw) != expected_size or root_of(block_digests(raw)) != expected_hash:
+        raise IntegrityError(f"chunk {expected_hash[:16]}: content does not match its hash")
+    return raw
+
+
 def check_head(head: bytes | memoryview, h: str, size: int) -> bytes | None:
     """From the first :func:`head_size` bytes of stored chunk ``h``: its block digests,
     checked against ``h``, if its payload is raw and its blocks can be read one by one;

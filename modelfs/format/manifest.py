@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -37,6 +38,46 @@ MAX_PATH = 4096
 MAX_COMPONENT = 255
 MTIME_NS_RANGE = (-(1 << 63), (1 << 63) - 1)  # what a filesystem's 64-bit nanosecond time holds
 _HEX = set("0123456789abcdef")
+SOURCE_KINDS = ("dvc", "git-lfs")  # the stores whose objects a version may be adopted from
+MAX_SOURCES = 64
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class ForeignStore:
+    """A store an adopted version reads some files from, in place (``modelfs adopt``): a
+    DVC remote or a Git LFS server's bucket. Its objects are read, never written."""
+    kind: str  # SOURCE_KINDS
+    url: str  # s3://BUCKET[/PREFIX]
+    endpoint: str | None = None  # its S3 endpoint, when not the registry's own
+
+    @property
+    def bucket(self) -> str:
+        return self.url[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        rest = self.url[5:].split("/", 1)
+        return rest[1] if len(rest) > 1 else ""
+
+    def key(self, rel: str) -> str:
+        """The object key of ``rel`` (a path under the prefix: never outside it)."""
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def as_json(self) -> dict:
+        return {"kind": self.kind, "url": self.url, **({"endpoint": self.endpoint} if self.endpoint else {})}
+
+
+@dataclass(frozen=True)
+class ForeignObject:
+    """Where an adopted file's bytes are: the whole object ``key`` under source ``source``
+    (byte *i* of the file is byte *i* of the object), with its own id in that store."""
+    source: int  # index into Manifest.sources
+    key: str  # relative to the source's prefix
+    md5: str | None = None  # a DVC object's md5 (a Git LFS object's oid is the file's sha256)
+
+    def as_json(self) -> dict:
+        return {"source": self.source, "key": self.key, **({"md5": self.md5} if self.md5 else {})}
 
 
 @dataclass(frozen=True)
@@ -51,6 +92,7 @@ class FileEntry:
     # its chunks are named with block digests (the manifest's chunk hash): a small read
     # may fetch and check just the blocks it needs
     by_blocks: bool = field(default=False, compare=False)
+    foreign: ForeignObject | None = None  # adopted: read from another store's object, in place
 
     @cached_property
     def offsets(self) -> list[int]:
@@ -68,7 +110,8 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "mode": f"{self.mode:04o}",
                 "sha256": self.sha256, "chunks": [[h, n] for h, n in self.chunks],
                 "description": self.description,
-                **({"mtime_ns": self.mtime_ns} if self.mtime_ns is not None else {})}
+                **({"mtime_ns": self.mtime_ns} if self.mtime_ns is not None else {}),
+                **({"source": self.foreign.as_json()} if self.foreign is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -90,6 +133,20 @@ class Manifest:
     chunk_hash: str = BLOCK_HASH  # "blake3-keyed": the chunks of an encrypted registry
     file_hash: str = "sha256"
     origin: str | None = None  # the registry it was published to: where its chunks are
+    sources: tuple[ForeignStore, ...] = ()  # adopted: the stores its foreign files are read from
+
+    @cached_property
+    def foreign_chunks(self) -> dict[str, tuple[FileEntry, int]]:
+        """Chunks that only adopted files hold: hash → (a file holding it, its offset there).
+        Every other chunk is an object of the registry."""
+        native = {h for f in self.files if f.foreign is None for h, _ in f.chunks}
+        out: dict[str, tuple[FileEntry, int]] = {}
+        for f in self.files:
+            if f.foreign is not None:
+                for (h, _), at in zip(f.chunks, f.offsets):
+                    if h not in native:
+                        out.setdefault(h, (f, at))
+        return out
 
     @cached_property
     def unique_chunks(self) -> dict[str, int]:
@@ -109,6 +166,7 @@ class Manifest:
                 "hashes": {"chunk": self.chunk_hash, "file": self.file_hash},
                 "chunking": self.chunking, "totals": self.totals(),
                 **({"origin": self.origin} if self.origin else {}),
+                **({"sources": [x.as_json() for x in self.sources]} if self.sources else {}),
                 "directories": [d.as_json() for d in self.directories],
                 "files": [f.as_json() for f in self.files]}
 
@@ -253,6 +311,10 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
                                or len(origin) > 1024 or "\x00" in origin):
         raise ManifestError("origin must be an s3:// registry URL")
 
+    sources = _sources(doc.get("sources", []))
+    if sources and hashes["chunk"] != BLOCK_HASH:
+        raise ManifestError(f"an adopted version names its chunks with {BLOCK_HASH}, not {hashes['chunk']}")
+
     raw_files = _list(doc.get("files"), "files")
     raw_dirs = _list(doc.get("directories", []), "directories")
     if len(raw_files) + len(raw_dirs) > MAX_FILES:
@@ -286,10 +348,52 @@ def _loads(data: bytes, expected_version: str | None) -> Manifest:
                                _hex(f.get("sha256"), 64, f"{path}: sha256"), tuple(chunks),
                                _obj(desc, f"{path}: description"),
                                None if mtime is None else _int(mtime, f"{path}: mtime_ns", *MTIME_NS_RANGE),
-                               by_blocks=hashes["chunk"] == BLOCK_HASH))
+                               by_blocks=hashes["chunk"] == BLOCK_HASH,
+                               foreign=_foreign(f.get("source"), path, len(sources))))
     _check_tree(files, dirs)
     return Manifest(name=name, created=created, files=tuple(files), directories=tuple(dirs),
-                    chunking=chunking, chunk_hash=hashes["chunk"], origin=origin)
+                    chunking=chunking, chunk_hash=hashes["chunk"], origin=origin, sources=sources)
+
+
+def _sources(raw: object) -> tuple[ForeignStore, ...]:
+    """``sources``: the foreign stores an adopted version declares (none for a published one)."""
+    out = []
+    for i, x in enumerate(_list(raw, "sources")[:MAX_SOURCES + 1]):
+        if i == MAX_SOURCES:
+            raise ManifestError(f"more than {MAX_SOURCES} sources")
+        x = _obj(x, f"sources[{i}]")
+        if set(x) - {"kind", "url", "endpoint"}:
+            raise ManifestError(f"sources[{i}]: unknown fields {sorted(set(x) - {'kind', 'url', 'endpoint'})}"[:300])
+        if x.get("kind") not in SOURCE_KINDS:
+            raise ManifestError(f"sources[{i}].kind must be one of {', '.join(SOURCE_KINDS)}, got {x.get('kind')!r}"[:300])
+        url, endpoint = x.get("url"), x.get("endpoint")
+        if not isinstance(url, str) or not url.startswith("s3://") or len(url) > 1024:
+            raise ManifestError(f"sources[{i}].url must be s3://BUCKET[/PREFIX], got {url!r}"[:300])
+        bucket, _, prefix = url[5:].partition("/")
+        if not _BUCKET.fullmatch(bucket):
+            raise ManifestError(f"sources[{i}].url: {bucket!r} is not a bucket name"[:300])
+        if prefix:
+            check_path(prefix, f"sources[{i}].url's prefix")
+        if endpoint is not None and (not isinstance(endpoint, str) or len(endpoint) > 1024
+                                     or not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[!-~]*)?", endpoint)):
+            raise ManifestError(f"sources[{i}].endpoint must be an http(s) URL, got {endpoint!r}"[:300])
+        out.append(ForeignStore(x["kind"], url.rstrip("/"), endpoint))
+    return tuple(out)
+
+
+def _foreign(raw: object, path: str, n_sources: int) -> ForeignObject | None:
+    """A file's ``source``: an object under one of the declared sources, never outside them."""
+    if raw is None:
+        return None
+    x = _obj(raw, f"{path}: source")
+    if set(x) - {"source", "key", "md5"}:
+        raise ManifestError(f"{path}: source has unknown fields {sorted(set(x) - {'source', 'key', 'md5'})}"[:300])
+    if not n_sources:
+        raise ManifestError(f"{path}: a source, but the manifest declares no sources")
+    i = _int(x.get("source"), f"{path}: source.source (an index into sources)", 0, n_sources - 1)
+    md5 = x.get("md5")
+    return ForeignObject(i, check_path(x.get("key"), f"{path}: source.key"),
+                         None if md5 is None else _hex(md5, 32, f"{path}: source.md5"))
 
 
 def _check_tree(files: list[FileEntry], dirs: list[DirEntry]) -> None:

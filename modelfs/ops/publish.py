@@ -139,8 +139,9 @@ class Publisher:
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,
                  concurrency: int = 16, workers: int = 0, dry_run: bool = False, compress: bool = True,
                  on_progress: Callable[[int, PublishStats], None] | None = None,
-                 signer: SigningKey | None = None):
+                 signer: SigningKey | None = None, names_only: bool = False):
         self.registry = registry
+        self.names_only = names_only  # chunks are named, never sent (adopt: they stay in another store)
         self.signer = signer  # signs the version and the tag records
         self.params = params
         self.concurrency = concurrency
@@ -173,7 +174,7 @@ class Publisher:
         previous = self.registry.latest_manifest(name)
         if previous is not None:
             self._known = {h for f in previous.files for h, _ in f.chunks}
-        entries = self._files(files)
+        entries = self.files(files)
         manifest = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             files=tuple(entries), directories=tuple(dirs),
                             chunking=self.params.as_json(), chunk_hash=self.registry.codec.hash_algorithm,
@@ -189,7 +190,7 @@ class Publisher:
         self.stats.seconds = time.monotonic() - t0
         return PublishResult(manifest, version, self.stats, tags)
 
-    def _files(self, files: list[SourceFile]) -> list[FileEntry]:
+    def files(self, files: list[SourceFile]) -> list[FileEntry]:
         """Every file's entry, its chunks in the store; several files side by side."""
         entries: list[FileEntry | None] = [None] * len(files)
         if not files:
@@ -268,7 +269,7 @@ class Publisher:
     def _decide(self, h: str) -> Go:
         """What a worker does with chunk ``h`` it read: nothing (this run sent it, or the
         previous version has it), or HEAD it and PUT it if the store lacks it."""
-        if h in self._seen or h in self._known:
+        if h in self._seen or h in self._known or self.names_only:
             return Go(0, skip=True)
         self._seen.add(h)
         store, key = self.registry.store, self.registry.chunk_key(h)

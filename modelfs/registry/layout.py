@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import BlockCache
-from ..format.codec import ChunkCodec
+from ..format.codec import ChunkCodec, check_raw
 from ..format.encryption import MetadataSealer, RegistryKey, is_sealed
 from ..errors import IntegrityError, ManifestError, NotFoundError, StoreError, StoreUnavailableError, UsageError
 from ..config import StoreConfig
-from ..format.manifest import Manifest, loads
+from ..format.manifest import ForeignStore, Manifest, loads
 from ..format.refs import VERSION_RE, RegistryRef, check_name, check_tag, parse_registry
 from .store import ObjectInfo, Store
 from ..format.trust import SigningKey
@@ -58,12 +58,27 @@ class VersionInfo:
     manifest_bytes: int
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where an adopted version's chunk is read from: raw bytes [at, at + size) of a foreign
+    object (a DVC or Git LFS store's), not an object of the registry."""
+    store: Store
+    key: str
+    at: int
+    version: str  # NAME@VERSION that named it (for the one line a missing object gives)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.store.bucket}/{self.key}"
+
+
 class Registry:
     """One registry under an S3 prefix: its chunks, manifests and tags.
 
     Invariants: with a key, everything read is opened (decrypted and authenticated)
     before it is parsed, and plain manifests, tags or chunks are refused; without
-    one, encrypted objects are refused with a line that asks for the key.
+    one, encrypted objects are refused with a line that asks for the key. A chunk is
+    read from a foreign store only where a manifest parsed here said so (``locate``).
     """
 
     def __init__(self, store: Store, ref: RegistryRef, key: RegistryKey | None = None):
@@ -72,6 +87,32 @@ class Registry:
         self.key = key
         self.codec = ChunkCodec(key)
         self._sealer = MetadataSealer(key) if key is not None else None
+        self._located: dict[str, Location] = {}  # adopted versions' foreign chunks
+        self._foreign_stores: dict[tuple[str | None, str], Store] = {}
+
+    # -- adopted versions' chunks, in other stores ------------------------------------
+    def learn(self, m: Manifest) -> None:
+        """Remember where ``m``'s foreign chunks are (an adopted version), for ``locate``."""
+        for h, (f, at) in m.foreign_chunks.items():
+            if h not in self._located:
+                assert f.foreign is not None
+                src = m.sources[f.foreign.source]
+                self._located[h] = Location(self.foreign_store(src), src.key(f.foreign.key), at,
+                                            f"{m.name}@{m.version_id}")
+
+    def locate(self, h: str) -> Location | None:
+        """Where chunk ``h`` is read from if not from this registry's ``chunks/``."""
+        return self._located.get(h)
+
+    def foreign_store(self, src: ForeignStore) -> Store:
+        """The bucket of a foreign store, reached with this host's credentials (read only)."""
+        k = (src.endpoint, src.bucket)
+        s = self._foreign_stores.get(k)
+        if s is None:
+            c = self.store.config
+            s = self._foreign_stores[k] = Store(src.bucket, StoreConfig(
+                src.endpoint or c.endpoint_url, c.region, c.profile, c.concurrency, c.timeouts))
+        return s
 
     # -- keys ----------------------------------------------------------------
     def chunk_key(self, h: str) -> str:
@@ -99,6 +140,12 @@ class Registry:
 
     def get_chunk(self, h: str, size: int) -> bytes:
         """The chunk's verified raw bytes (IntegrityError when the store's copy is bad)."""
+        at = self.locate(h)
+        if at is not None:  # an adopted chunk: raw bytes of a foreign object
+            try:
+                return check_raw(at.store.get(at.key, at.at, at.at + size), h, size)
+            except (NotFoundError, IntegrityError) as e:
+                raise type(e)(f"{at.version} reads {at.url}, changed or deleted after adoption: {e}") from None
         try:
             blob = self.store.get(self.chunk_key(h))
         except NotFoundError:
@@ -201,6 +248,7 @@ class Registry:
         if m.name != name:
             raise IntegrityError(f"manifest {version} names model {m.name!r}, not {name!r}")
         self.check_chunk_names(m)
+        self.learn(m)
         return m
 
     def check_chunk_names(self, m: Manifest) -> None:
@@ -371,6 +419,7 @@ def origin_registry(m: Manifest, registry_url: str | None, config: StoreConfig,
         raise UsageError("this manifest names no origin registry: pass --registry s3://BUCKET/PREFIX")
     registry = open_registry(parse_registry(url), config, key, offline_ok=offline_ok, cache=cache)
     registry.check_chunk_names(m)
+    registry.learn(m)
     return registry
 
 

@@ -154,6 +154,8 @@ class GcReport:
     kept_on_recheck: int = 0  # referenced, rewritten or gone by the time of deletion
     stopped_by_lease: str | None = None  # a publish was running: the rest waits for a later gc
     models: dict[str, ModelUse] = field(default_factory=dict)
+    # adopted versions (NAME@VERSION) and the foreign stores they read: never touched here
+    adopted: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def candidate_bytes(self) -> int:
@@ -169,6 +171,7 @@ class _Marks:
         self.models: dict[str, ModelUse] = {}
         self._seen: set[tuple[str, str]] = set()
         self._mine: dict[str, set[str]] = {}
+        self.adopted: dict[str, list[str]] = {}
 
     def update(self) -> None:
         """Mark from every manifest not read yet. Any manifest that cannot be read stops
@@ -187,6 +190,8 @@ class _Marks:
                     raise ModelfsError(f"gc stopped, nothing deleted after this point: cannot read "
                                        f"{name}@{v.version}: {e}") from None
                 self._seen.add((name, v.version))
+                if m.sources:
+                    self.adopted[f"{name}@{v.version}"] = [src.url for src in m.sources]
                 use.versions += 1
                 for h, n in m.unique_chunks.items():
                     if h not in mine:
@@ -232,6 +237,7 @@ def collect(registry: Registry, *, grace: float = DEFAULT_GRACE, delete: bool = 
     marks = _Marks(registry)
     marks.update()
     report.models = marks.models
+    report.adopted = marks.adopted
     t_listed = now()
     for o in listed:
         h = registry.chunk_of(o.key)

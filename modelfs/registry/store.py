@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -46,6 +46,7 @@ class ObjectInfo:
     key: str
     size: int
     last_modified: float  # POSIX seconds
+    etag: str | None = None  # from a HEAD (stat): an object written in one PUT has its MD5 here
 
 
 class Store:
@@ -225,6 +226,20 @@ class Store:
         except _errors() as e:
             raise self._fail(e, key) from None
 
+    def download(self, key: str, sink: Callable[[bytes], None], piece: int = 1 << 20) -> int:
+        """Stream the object into ``sink``, ``piece`` bytes at a time (never whole in
+        memory): the bytes it had."""
+        self._check_hung()
+        n = 0
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            for data in body.iter_chunks(piece):
+                sink(data)
+                n += len(data)
+        except _errors() as e:
+            raise self._fail(e, key) from None
+        return n
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._check_hung()
         try:
@@ -242,7 +257,7 @@ class Store:
             if isinstance(err, NotFoundError):
                 return None
             raise err from None
-        return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp())
+        return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp(), r.get("ETag", "").strip('"') or None)
 
     def delete(self, key: str) -> None:
         self._check_hung()

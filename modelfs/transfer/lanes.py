@@ -133,7 +133,7 @@ class _Flight:
     in ``reply``; ``ready`` is set by then too (or earlier: an early hand-over); only a
     LOAD is in ``Lanes._flights`` (one per chunk), and only until it is done."""
     __slots__ = ("kind", "h", "size", "urgent", "refetch", "pin", "early", "out", "span", "decide", "go",
-                 "what", "url", "retried", "started", "done", "ready", "error", "reply", "buffer")
+                 "what", "url", "foreign_at", "retried", "started", "done", "ready", "error", "reply", "buffer")
 
     def __init__(self, kind: Kind, h: str, size: int, *, urgent: bool = True, refetch: bool = False,
                  pin: bool = False, early: bool = False, out: tuple[int, int] | None = None,
@@ -148,6 +148,7 @@ class _Flight:
         self.go: Go | None = None
         self.what = ""  # an UPLOAD's piece of its file, for errors ("model.safetensors at byte 0")
         self.url: str | None = None
+        self.foreign_at: int | None = None  # an adopted chunk: raw bytes of a foreign object from here
         self.retried = False
         self.started = time.monotonic()
         self.done = trio.Event()
@@ -159,13 +160,14 @@ class _Flight:
     def request(self, rid: int) -> Request:
         """This flight as the protocol's request ``rid``."""
         if self.kind is Kind.LOAD:
-            return Load(rid, self.h, self.size, self.url, self.urgent, self.refetch, self.pin, self.early)
+            return Load(rid, self.h, self.size, self.url, self.urgent, self.refetch, self.pin, self.early,
+                        self.foreign_at)
         if self.kind is Kind.PEEK:
             assert self.span is not None
-            return Peek(rid, self.h, self.size, self.url, *self.span)
+            return Peek(rid, self.h, self.size, self.url, *self.span, self.foreign_at)
         assert self.out is not None
         if self.kind is Kind.DELIVER:
-            return Deliver(rid, self.h, self.size, self.url, self.out[1])
+            return Deliver(rid, self.h, self.size, self.url, self.out[1], self.foreign_at)
         return Upload(rid, self.size, self.out[1])
 
 
@@ -221,6 +223,7 @@ class Lanes:
         # chunks the cache could not store: hash → read-only map of the worker's memfd
         self._spilled: cachetools.LRUCache = cachetools.LRUCache(config.spill_bytes, getsizeof=len)
         self._trace = tracer()  # None unless MODELFS_TRACE is set (benchmarks)
+        self._foreign_failed: set[str] = set()  # adopted objects that failed (logged once each)
 
     # -- life ---------------------------------------------------------------------
     async def run(self, *, ready_first: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -401,7 +404,9 @@ class Lanes:
         if flight.kind is Kind.LOAD:  # one per chunk (a delivery or a peek is its own)
             self._flights[flight.h] = flight
         try:
-            if self.registry is not None:
+            if self.registry is not None and (at := self.registry.locate(flight.h)) is not None:
+                flight.url, flight.foreign_at = at.store.presign(at.key, URL_SECONDS), at.at
+            elif self.registry is not None:
                 flight.url = self.registry.store.presign(self.registry.chunk_key(flight.h), URL_SECONDS)
         except ModelfsError as e:
             self._finish(flight, e)
@@ -538,6 +543,8 @@ class Lanes:
         return StoreError(f"{label}: {msg}")
 
     def _finish(self, flight: _Flight, error: ModelfsError | None) -> None:
+        if error is not None and flight.foreign_at is not None:
+            error = self._foreign_error(flight, error)
         if error is not None:
             self.stats.errors += 1
             # an awaited load's failure is reported by whoever awaits it (a reader's EIO
@@ -552,6 +559,21 @@ class Lanes:
                               fetched=isinstance(r, Done) and r.fetched, took=getattr(r, "took", None))
         flight.done.set()
         flight.ready.set()
+
+    def _foreign_error(self, flight: _Flight, error: ModelfsError) -> ModelfsError:
+        """An adopted chunk's failure names the foreign object and the version (its store
+        deleted or overwrote it after adoption: ``dvc gc``, ``git lfs prune``): logged once
+        per object, whoever waits."""
+        at = self.registry.locate(flight.h) if self.registry is not None else None
+        if at is None:
+            return error
+        gone = "is gone" if "404" in str(error) or "NoSuchKey" in str(error) else "no longer holds the adopted bytes"
+        error = type(error)(f"{at.version} reads {at.url}, which {gone} (changed or deleted after adoption: "
+                            f"`modelfs verify --deep` lists what moved): {error}")
+        if at.url not in self._foreign_failed:
+            self._foreign_failed.add(at.url)
+            log.error("%s", error)
+        return error
 
     async def _on_death(self, p: _Proc) -> None:
         p.dead = True

@@ -20,6 +20,10 @@ A conversation::
   ``Done`` once committed, with a memfd of the verified bytes when the cache could not
   store them (a full disk) or ``pin`` asked for them. ``urgent`` requests (a reader
   waits) jump ahead of readahead in the worker's queue.
+* ``foreign_at`` (Load, Peek, Deliver): the URL names an object of another store (an
+  adopted version's DVC or Git LFS object) whose bytes [foreign_at, foreign_at + n) are
+  the raw chunk, checked against its id as a whole (no block digests there: a Peek of
+  one is ``none``).
 * ``Peek``: bytes [lo, hi) of chunk ``h`` alone (its block digests and the blocks that
   hold them, ranged GETs, checked against the id), as a memfd; ``none`` when the chunk
   cannot be read by blocks. Nothing is cached.
@@ -105,6 +109,7 @@ class Load:
     refetch: bool = False  # the cached entry is damaged: drop it and GET again
     pin: bool = False  # hand the verified bytes over too (a memfd), whatever the cache does
     early: bool = False  # send them first (Early), then commit
+    foreign_at: int | None = None  # url is an adopted file's foreign object: the chunk is its raw bytes from here
 
 @dataclass(frozen=True, slots=True)
 class Peek:
@@ -114,6 +119,7 @@ class Peek:
     url: str | None
     lo: int  # bytes [lo, hi) of the chunk
     hi: int
+    foreign_at: int | None = None
     urgent: ClassVar[bool] = True
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,7 @@ class Deliver:  # comes with the destination's descriptor
     n: int
     url: str | None
     at: int  # offset in the destination
+    foreign_at: int | None = None
     urgent: ClassVar[bool] = True
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from .. import malloc
 from ..cache import BlockCache, FetchLock
 from ..errors import IntegrityError, UsageError
 from ..format.chunking import BLOCK
-from ..format.codec import ChunkCodec, block_span, check_blocks, check_head, head_size
+from ..format.codec import ChunkCodec, block_span, check_blocks, check_head, check_raw, head_size
 from ..format.encryption import RegistryKey
 from .http import FetchFailed, HttpClient
 from .tier import Tier, Via
@@ -178,10 +178,20 @@ class Worker:
         if not req.url:
             raise FetchFailed(Failure.OTHER, "no object store configured for this delivery")
         t0 = time.monotonic()
-        _, raw, via = self._get(h, req.url, self.codec.max_stored_size(n), lambda blob: self.codec.decode(blob, h, n))
+        _, raw, via = self._get_chunk(req)
         took = time.monotonic() - t0
         _write_out(fd, raw, req.at)
         return Done(req.id, fetched=True, took=took, **_via(via))
+
+    def _get_chunk(self, req: Load | Deliver) -> tuple[memoryview, memoryview | bytes, Via]:
+        """GET chunk ``req.h`` (the store's object; an adopted chunk's foreign range) and
+        verify it: (the body, the raw chunk, where it came from)."""
+        h, n, url = req.h, req.n, req.url
+        assert url is not None
+        if req.foreign_at is not None:  # not through the tier: it keeps chunk objects alone
+            body = self.http.get(url, n, (req.foreign_at, req.foreign_at + n))
+            return body, check_raw(body, h, n), Via()
+        return self._get(h, url, self.codec.max_stored_size(n), lambda blob: self.codec.decode(blob, h, n))
 
     def _get(self, h: str, url: str, limit: int, check: Callable[[memoryview], T],
              span: tuple[int, int] | None = None) -> tuple[memoryview, T, Via]:
@@ -227,6 +237,8 @@ class Worker:
         h, n, lo, hi, url = req.h, req.n, req.lo, req.hi, req.url
         if not url:
             raise FetchFailed(Failure.OTHER, "no object store configured for this mount")
+        if req.foreign_at is not None:  # no block digests in another store's object: load it whole
+            return Peeked(req.id, none=True), None
         t0 = time.monotonic()
         head_n = head_size(n)
         first, a, b = block_span(lo, hi, n)
@@ -322,8 +334,7 @@ class Worker:
             if self.cache.has(h) and not keep:  # another process fetched it while we waited
                 return Done(req.id, fetched=False, took=0.0), None
             t0 = time.monotonic()
-            blob, raw, via = self._get(h, req.url, self.codec.max_stored_size(n),
-                                       lambda b: self.codec.decode(b, h, n))
+            blob, raw, via = self._get_chunk(req)
             took = time.monotonic() - t0
             if req.early:  # a reader waits for these bytes: not for the commit too
                 self._send(Early(req.id), _memfd(raw))

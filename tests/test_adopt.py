@@ -1,0 +1,227 @@
+"""``modelfs adopt``: versions read in place from DVC remotes and Git LFS stores.
+
+Real parts: ``dvc`` + ``dvc-s3`` (their own virtualenv, ``.venv-dvc``: their aiobotocore
+pins botocore) pushing to the test SeaweedFS, Debian's ``git-lfs`` writing pointers, FUSE
+mounts reading through them. The hostile inputs are checked in process.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, gets, objects, one_line_error, ranged_gets, tree_digest
+from modelfs.errors import ManifestError, UsageError
+from modelfs.format import foreign
+from modelfs.format.manifest import loads
+
+ROOT = Path(__file__).resolve().parent.parent
+DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
+
+
+# -- in process: what a checkout may say ------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "a/../../b", "nul\x00byte", ""])
+def test_a_dvc_output_path_outside_the_checkout_is_refused(tmp_path, path):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "m.dvc").write_text(json.dumps({"outs": [{"md5": "0" * 32, "size": 1, "hash": "md5",
+                                                          "path": path}]}))
+    with pytest.raises(UsageError, match="m.dvc"):
+        foreign.dvc_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("out, needle", [
+    ({"md5": "xyz", "size": 1, "path": "a"}, "32 hex"),
+    ({"md5": "0" * 32, "size": -1, "path": "a"}, "byte count"),
+    ({"md5": "0" * 32, "size": 1, "path": "a", "hash": "sha1"}, "md5"),
+    ({"size": 1, "path": "a"}, "no md5"),
+])
+def test_a_malformed_dvc_output_is_refused(tmp_path, out, needle):
+    (tmp_path / "x.dvc").write_text(json.dumps({"outs": [out]}))
+    with pytest.raises(UsageError, match=needle):
+        foreign.dvc_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b'{"md5": "x"}', "not a list"),
+    (b"[{\"relpath\": \"a\"}]", "md5"),
+    (b'[{"md5": "' + b"0" * 32 + b'", "relpath": "../up"}]', "'..'"),
+    (b"not json", "not JSON"),
+])
+def test_a_dir_listing_that_is_not_a_list_of_safe_entries_is_refused(data, needle):
+    with pytest.raises(UsageError, match=needle):
+        foreign.dir_listing(data, "d")
+
+
+def test_lfs_pointers_are_read_and_a_bad_oid_or_size_refused():
+    ok = f"version {foreign.LFS_SPEC}\noid sha256:{'ab' * 32}\nsize 12\n".encode()
+    assert foreign.lfs_pointer(ok, "w.bin") == foreign.LfsPointer("w.bin", "ab" * 32, 12)
+    assert foreign.lfs_pointer(b"just a small file", "x") is None
+    with pytest.raises(UsageError, match="oid"):
+        foreign.lfs_pointer(ok.replace(b"ab" * 32, b"zz" * 32), "w.bin")
+    with pytest.raises(UsageError, match="size"):
+        foreign.lfs_pointer(ok.replace(b"size 12", b"size -3"), "w.bin")
+    assert foreign.lfs_key("abcdef" + "0" * 58, "sharded") == f"ab/cd/ef{'0' * 58}"
+
+
+def _adopted_manifest(**changes) -> bytes:
+    doc = {"format": "modelfs-manifest", "format_version": 1, "name": "m", "created": "2026-12-07T00:00:00Z",
+           "hashes": {"chunk": "blake3-blocks", "file": "sha256"}, "chunking": {},
+           "sources": [{"kind": "dvc", "url": "s3://dvc-bucket/store"}],
+           "files": [{"path": "w.bin", "size": 3, "mode": "0644", "sha256": "0" * 64, "chunks": [["1" * 64, 3]],
+                      "description": {}, "source": {"source": 0, "key": "files/md5/00/" + "0" * 30}}]}
+    for k, v in changes.items():
+        if k == "source":
+            doc["files"][0]["source"] = v
+        else:
+            doc[k] = v
+    return json.dumps(doc).encode()
+
+
+def test_an_adopted_manifest_names_where_each_chunk_is():
+    m = loads(_adopted_manifest())
+    assert m.sources[0].bucket == "dvc-bucket" and m.sources[0].key("a/b") == "store/a/b"
+    assert m.foreign_chunks == {"1" * 64: (m.files[0], 0)}
+    assert loads(m.to_bytes()) == m  # the canonical form keeps the sources
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"source": {"source": 1, "key": "k"}}, "source.source"),
+    ({"source": {"source": 0, "key": "../other-bucket/k"}}, "'..'"),
+    ({"source": {"source": 0, "key": "/abs"}}, "absolute"),
+    ({"source": {"source": 0, "key": "k", "extra": 1}}, "unknown"),
+    ({"sources": [{"kind": "ftp", "url": "s3://bkt/p"}]}, "kind"),
+    ({"sources": [{"kind": "dvc", "url": "https://bkt/p"}]}, "s3://"),
+    ({"sources": [{"kind": "dvc", "url": "s3://bkt/../p"}]}, "'..'"),
+    ({"sources": []}, "declares no sources"),
+    ({"hashes": {"chunk": "blake3-keyed", "file": "sha256"}}, "adopted"),
+])
+def test_a_location_outside_the_declared_sources_is_refused(changes, needle):
+    with pytest.raises(ManifestError, match=needle):
+        loads(_adopted_manifest(**changes))
+
+
+# -- real DVC, SeaweedFS, FUSE --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dvc_bin() -> Path:
+    if not DVC.exists():
+        pytest.fail(f"{DVC} is missing: scripts/setup.sh installs dvc and dvc-s3 there")
+    return DVC
+
+
+def _run(cmd: list, cwd: Path, env: dict) -> str:
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+class DvcRepo:
+    """A git + DVC checkout whose remote is a bucket of the test SeaweedFS."""
+
+    def __init__(self, dvc: Path, root: Path, env: dict, endpoint: str, bucket: str):
+        self.dvc, self.root, self.bucket = dvc, root, bucket
+        self.env = dict(env, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+        root.mkdir()
+        _run(["git", "init", "-q"], root, self.env)
+        self.run("init", "-q")
+        self.run("remote", "add", "-d", "storage", f"s3://{bucket}/dvcstore")
+        self.run("remote", "modify", "storage", "endpointurl", endpoint)
+
+    def run(self, *args: str) -> str:
+        return _run([self.dvc, *args], self.root, self.env)
+
+    def add_push(self, *paths: str) -> None:
+        self.run("add", "-q", *paths)
+        self.run("push", "-q")
+
+
+@pytest.fixture
+def dvc_repo(dvc_bin, env, seaweed, s3, tmp_path, sample_model):
+    b = f"dvc-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=b)
+    repo = DvcRepo(dvc_bin, tmp_path / "repo", env, seaweed.endpoint, b)
+    shutil.copytree(sample_model, repo.root / "model")
+    (repo.root / "single.bin").write_bytes(os.urandom(3 << 20) + b"tail")
+    repo.add_push("model", "single.bin")
+    return repo
+
+
+def _expected(repo: DvcRepo) -> dict:
+    d = {f"model/{k}": v[0] for k, v in tree_digest(repo.root / "model").items() if v[0] != "dir"}
+    d["single.bin"] = hashlib.sha256((repo.root / "single.bin").read_bytes()).hexdigest()
+    return d
+
+
+def test_a_dvc_checkout_is_adopted_and_mounted_without_a_byte_uploaded_or_written_there(
+        env, bucket, seaweed, s3, dvc_repo, mounts, tmp_path):
+    before = objects(s3, dvc_repo.bucket)
+    assert any("/files/md5/" in k and k.endswith(".dir") for k in before)  # DVC 3's layout, a directory
+    out = cli(env, "adopt", str(dvc_repo.root), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod", "-q").stdout
+    assert "from      s3://" + dvc_repo.bucket in out
+    assert objects(s3, dvc_repo.bucket) == before  # nothing written in the DVC remote
+    ours = objects(s3, bucket)
+    assert not [k for k in ours if "/chunks/" in k]  # no chunk uploaded
+    model_bytes = sum(v for k, v in before.items() if not k.endswith(".dir"))
+    assert sum(ours.values()) < 0.02 * model_bytes  # manifest + table only (tiny model: 2% here)
+
+    mnt = mounts.mount(f"s3://{bucket}/reg/m@prod")
+    # a small read fetches a range of the DVC object, not the object
+    g, r = gets(seaweed, dvc_repo.bucket), ranged_gets(seaweed, dvc_repo.bucket)
+    with open(mnt / "single.bin", "rb") as f:
+        f.seek(2 << 20)
+        assert f.read(100) == (dvc_repo.root / "single.bin").read_bytes()[2 << 20:(2 << 20) + 100]
+    assert gets(seaweed, dvc_repo.bucket) - g == ranged_gets(seaweed, dvc_repo.bucket) - r >= 1
+    got = {k: v[0] for k, v in tree_digest(mnt).items() if v[0] != "dir"}
+    assert got == _expected(dvc_repo)  # every byte, verified
+    info = cli(env, "inspect", f"s3://{bucket}/reg/m@prod").stdout
+    assert "adopted" in info and dvc_repo.bucket in info
+
+
+def test_a_deleted_dvc_object_gives_eio_never_wrong_bytes(env, bucket, s3, dvc_repo, mounts, tmp_path):
+    cli(env, "adopt", str(dvc_repo.root), f"s3://{bucket}/reg", "--name", "m", "-q")
+    md5 = hashlib.md5((dvc_repo.root / "single.bin").read_bytes()).hexdigest()
+    s3.delete_object(Bucket=dvc_repo.bucket, Key=f"dvcstore/files/md5/{md5[:2]}/{md5[2:]}")
+    mnt = mounts.mount(f"s3://{bucket}/reg/m@latest")
+    with pytest.raises(OSError) as e:
+        (mnt / "single.bin").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert (mnt / "model" / "config.json").read_bytes() == (dvc_repo.root / "model" / "config.json").read_bytes()
+    log = next((mounts.cache_dir / "logs").glob(f"*_{mnt.name}.log")).read_text()
+    named = [line for line in log.splitlines() if f"files/md5/{md5[:2]}/{md5[2:]}" in line]
+    assert named and all("m@" in line for line in named), log[-3000:]
+
+
+def test_re_adopting_reads_only_what_changed_and_gc_touches_nothing_foreign(env, bucket, s3, dvc_repo, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    first = cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q").stdout
+    assert "known from earlier adoptions" in first and " 0 known" in first
+    (dvc_repo.root / "single.bin").write_bytes(os.urandom(1 << 20))
+    dvc_repo.add_push("single.bin")
+    again = cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q").stdout
+    assert "read      1 object " in again, again
+    before = objects(s3, dvc_repo.bucket)
+    report = cli(env, "gc", reg, "--grace", "0s", "--delete").stdout
+    assert report.count(f"reads s3://{dvc_repo.bucket}/dvcstore in place") == 2, report  # both versions
+    assert objects(s3, dvc_repo.bucket) == before
+    pulled = tmp_path / "pulled"
+    cli(env, "pull", f"{reg}/m@latest", str(pulled))
+    assert (pulled / "single.bin").read_bytes() == (dvc_repo.root / "single.bin").read_bytes()
+
+
+def test_a_size_that_lies_is_refused_and_nothing_is_written(env, bucket, s3, dvc_repo):
+    dvcfile = dvc_repo.root / "single.bin.dvc"
+    dvcfile.write_text(dvcfile.read_text().replace("size: ", "size: 1"))
+    r = cli(env, "adopt", str(dvc_repo.root), f"s3://{bucket}/reg", "--name", "m", "-q", check=False)
+    one_line_error(r, "single.bin", "bytes")
+    assert not [k for k in objects(s3, bucket) if "/models/" in k]
