@@ -225,3 +225,79 @@ def test_a_size_that_lies_is_refused_and_nothing_is_written(env, bucket, s3, dvc
     r = cli(env, "adopt", str(dvc_repo.root), f"s3://{bucket}/reg", "--name", "m", "-q", check=False)
     one_line_error(r, "single.bin", "bytes")
     assert not [k for k in objects(s3, bucket) if "/models/" in k]
+
+
+def test_verify_deep_reports_a_deleted_and_an_overwritten_object(env, bucket, s3, dvc_repo):
+    reg = f"s3://{bucket}/reg"
+    cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q")
+    assert "all in place" in cli(env, "verify", "--deep", f"{reg}/m@latest").stdout
+    md5 = hashlib.md5((dvc_repo.root / "single.bin").read_bytes()).hexdigest()
+    key = f"dvcstore/files/md5/{md5[:2]}/{md5[2:]}"
+    s3.put_object(Bucket=dvc_repo.bucket, Key=key, Body=os.urandom((3 << 20) + 4))  # same size, other bytes
+    cfg = next(k for k in objects(s3, dvc_repo.bucket) if k.endswith("files/md5/" + hashlib.md5(
+        (dvc_repo.root / "model" / "config.json").read_bytes()).hexdigest()[:2] + "/" + hashlib.md5(
+        (dvc_repo.root / "model" / "config.json").read_bytes()).hexdigest()[2:]))
+    s3.delete_object(Bucket=dvc_repo.bucket, Key=cfg)
+    r = cli(env, "verify", "--deep", f"{reg}/m@latest", check=False)
+    one_line_error(r, "2 of", "moved")
+    assert f"single.bin: s3://{dvc_repo.bucket}/{key} overwritten" in r.stdout
+    assert f"model/config.json: s3://{dvc_repo.bucket}/{cfg} deleted" in r.stdout
+
+
+# -- Git LFS: pointers written by git-lfs, objects where a server keeps them --------------------------
+
+@pytest.fixture
+def lfs_checkout(env, tmp_path, sample_model):
+    """A repository whose safetensors are in Git LFS, and a clone of it without the objects
+    (pointer files, as a CI checkout without `git lfs pull` has): (clone, {oid: object file})."""
+    e = dict(env, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+             HOME=str(tmp_path))
+    src = tmp_path / "origin"
+    shutil.copytree(sample_model, src)
+    _run(["git", "init", "-q"], src, e)
+    _run(["git", "lfs", "install", "--local"], src, e)
+    _run(["git", "lfs", "track", "*.safetensors"], src, e)
+    _run(["git", "add", "."], src, e)
+    _run(["git", "commit", "-qm", "model"], src, e)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(src), str(clone)], tmp_path, dict(e, GIT_LFS_SKIP_SMUDGE="1"))
+    store = {p.name: p for p in (src / ".git" / "lfs" / "objects").rglob("*") if p.is_file()}
+    assert store and all(len(k) == 64 for k in store)
+    return clone, src, store
+
+
+@pytest.mark.parametrize("layout", ["sharded", "flat"])
+def test_a_git_lfs_checkout_is_adopted_from_its_servers_layout(env, bucket, s3, lfs_checkout, mounts, layout):
+    clone, src, store = lfs_checkout
+    b = f"lfs-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=b)
+    prefix = "lfs" if layout == "sharded" else "org/repo"  # Gitea's, giftless's
+    for oid, p in store.items():
+        key = f"{prefix}/{oid[:2]}/{oid[2:4]}/{oid[4:]}" if layout == "sharded" else f"{prefix}/{oid}"
+        s3.upload_file(str(p), b, key)
+    before = objects(s3, b)
+    out = cli(env, "adopt", str(clone), f"s3://{bucket}/reg", "--name", "m", "--lfs-store", f"s3://{b}/{prefix}",
+              "--lfs-layout", layout, "--with-files", "-q").stdout
+    assert f"s3://{b}/{prefix} (git-lfs, {len(store)} files" in out
+    assert objects(s3, b) == before
+    mnt = mounts.mount(f"s3://{bucket}/reg/m@latest")
+    # the pointers read as the files they stand for; Git's own files published beside them
+    want = {k: v for k, v in tree_digest(src).items() if not k.startswith(".git") and v[0] != "dir"}
+    assert {k: v for k, v in tree_digest(mnt).items() if v[0] != "dir"} == want
+    m = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m@latest").stdout)
+    assert sorted(f["path"] for f in m["files"] if "source" in f) == sorted(
+        k for k in want if k.endswith(".safetensors"))
+
+
+def test_an_lfs_object_that_is_not_what_its_pointer_says_is_refused(env, bucket, s3, lfs_checkout):
+    clone, _, store = lfs_checkout
+    b = f"lfs-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=b)
+    oids = sorted(store)
+    for oid in oids:  # the first object's place holds the second's bytes
+        s3.upload_file(str(store[oids[1] if oid == oids[0] else oid]), b, oid)
+    r = cli(env, "adopt", str(clone), f"s3://{bucket}/reg", "--name", "m", "--lfs-store", f"s3://{b}",
+            "--lfs-layout", "flat", "-q", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert oids[0] in r.stderr or "bytes" in r.stderr, r.stderr
+    assert not [k for k in objects(s3, bucket) if "/models/" in k]

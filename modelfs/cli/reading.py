@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..cache import BlockCache
-from ..errors import UsageError
+from ..errors import ModelfsError, UsageError
 from ..format.refs import parse_model, parse_registry
 from ..units import count, fmt_bytes
 from .app import (cache_tier, encryption_option, main, origin_of, registry_of,
@@ -47,17 +47,32 @@ def ls_cmd(ctx, registry: str):
 @main.command()
 @click.argument("ref")
 @click.option("--registry", "registry_url", help="Registry holding the signature, when REF is a manifest file.")
+@click.option("--deep", is_flag=True, help="Also check that the foreign objects an adopted version reads are still "
+                                           "there, unchanged (a HEAD and its first chunk each).")
 @trust_option
 @encryption_option
 @click.pass_context
-def verify(ctx, ref: str, registry_url: str | None):
-    """Check that a trusted key signed version REF (and tag, if REF names one), reading no data.
+def verify(ctx, ref: str, registry_url: str | None, deep: bool):
+    """Check that a trusted key signed version REF (and tag, if REF names one), reading no data;
+    with --deep, that an adopted version's DVC or Git LFS objects have not moved.
 
-    Exit 0 and one line when it verifies; one error line and a non-zero exit otherwise."""
-    if trusted_keys(ctx) is None:
-        raise UsageError("verify needs --trusted-key PEM (repeatable)")
+    Exit 0 when all holds; one error line (and, with --deep, what moved) and a non-zero exit otherwise."""
+    if trusted_keys(ctx) is None and not deep:
+        raise UsageError("verify needs --trusted-key PEM (repeatable), or --deep")
     cat, version, m = resolve_ref(ctx, ref, registry_url, need_registry=True)
     assert cat is not None
+    if deep:
+        from ..ops.adopt import check_sources
+
+        checked, moved = check_sources(cat.registry, m)
+        for x in moved:
+            click.echo(f"  moved: {x.path}: {x.url} {x.why}")
+        if moved:
+            raise ModelfsError(f"{m.name}@{version}: {len(moved)} of {count(checked, 'adopted object')} moved since "
+                               "adoption: reads of those files fail (EIO); adopt the checkout again")
+        click.echo(f"sources of {m.name}@{version}: {count(checked, 'adopted object')}, all in place")
+        if trusted_keys(ctx) is None:
+            return
     what = f"{m.name}@{version}"
     if ref.startswith("s3://") and not parse_model(ref).is_version:
         what = f"{m.name}@{parse_model(ref).selector} -> {version} (tag signed)"

@@ -110,29 +110,33 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
 @click.option("--lfs-endpoint", metavar="URL", help="The LFS store's S3 endpoint, when not the registry's.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where objects are spooled while they are cut (default: the system's temporary directory).")
+@click.option("--with-files", is_flag=True,
+              help="Also publish the checkout's other files (configs, tokenizers Git keeps itself) as native files "
+                   "of the version (uploaded; usually small).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, lfs_store, lfs_endpoint, lfs_layout,
-          work_dir, quiet):
+          work_dir, with_files, quiet):
     """Make a version of NAME in REGISTRY from what a DVC or Git LFS CHECKOUT names, in place.
 
     Each object its .dvc files, dvc.lock and LFS pointers name is read once and cut into
     chunks as publish does, but no chunk is uploaded: mounts and pulls read the chunks
     as ranges of the DVC remote's or LFS store's objects, each verified (docs/adopt.md).
     Objects adopted before are not read again."""
-    from ..ops.adopt import Adopter, plan
+    from ..ops.adopt import Adopter, plain_files, plan
     from ..progress import Progress
 
     reg = registry_of(ctx, parse_registry(registry), creating=True)
     wanted = plan(reg, checkout, subdir=subdir, remote=remote, lfs_store=lfs_store, lfs_layout=lfs_layout,
                   lfs_endpoint=lfs_endpoint)
+    plain = plain_files(checkout, wanted, subdir) if with_files else []
     tag_list = list(dict.fromkeys(["latest", *tags]))
     bar = Progress("adopt", enabled=False if quiet else None)
     bar.start(sum(w.size or 0 for w in wanted))
     adopter = Adopter(reg, concurrency=ctx.obj["config"].concurrency, work_dir=work_dir,
                       on_progress=lambda n, s: bar.advance(n, f"read {s.read_objects} objects"))
     try:
-        result = adopter.run(wanted, name, tag_list)
+        result = adopter.run(wanted, name, tag_list, plain)
     finally:
         bar.close()
     s, m = result.stats, result.manifest
@@ -143,10 +147,12 @@ def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, l
         click.echo(f"  from      {src.url}" + (f" at {src.endpoint}" if src.endpoint else "") +
                    f" ({src.kind}, {count(n, 'file')}, read in place)")
     if s.native_files:
-        click.echo(f"  native    {count(s.native_files, 'file')} whose chunks the registry holds")
+        click.echo(f"  native    {count(s.native_files, 'file')} in the registry itself "
+                   "(published with --with-files, or every chunk already there)")
     click.echo(f"  read      {count(s.read_objects, 'object')} ({fmt_bytes(s.read_bytes)}); "
                f"{s.known_objects} known from earlier adoptions")
-    click.echo(f"  uploaded  {fmt_bytes(s.uploaded_bytes)} (manifest and adoption table)")
+    click.echo(f"  uploaded  {fmt_bytes(s.uploaded_bytes)} (manifest, adoption table"
+               + (", the checkout's other files)" if with_files else ")"))
     click.echo(f"  took      {s.seconds:.1f} s")
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
 

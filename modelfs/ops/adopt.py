@@ -35,12 +35,14 @@ from pathlib import Path
 
 from ..errors import IntegrityError, ManifestError, NotFoundError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
+from ..format.codec import check_raw
 from ..format.foreign import (LFS_LAYOUTS, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers)
 from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads
 from ..format.refs import check_name, check_tag
 from ..progress import Counters
 from ..registry.layout import Registry
-from .publish import Publisher, SourceFile
+from ..registry.lifecycle import Lease
+from .publish import Publisher, SourceFile, scan
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,29 @@ def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remot
     return sorted(wanted, key=lambda w: w.path)
 
 
+GIT_AND_DVC_FILES = {".gitattributes", ".gitignore", ".gitmodules", ".dvcignore", "dvc.lock", "dvc.yaml"}
+
+
+def plain_files(checkout: Path, wanted: list[Wanted], subdir: str | None = None) -> list[SourceFile]:
+    """The checkout's files that are neither adopted nor Git's or DVC's own (configs,
+    tokenizers, READMEs that Git keeps itself), paths relative to ``subdir``."""
+    root = checkout / subdir.strip("/") if subdir else checkout
+    if not root.is_dir():
+        return []
+    taken = {w.path for w in wanted}
+    dvc_dirs = [o.path for o in (dvc_outputs(checkout) if (checkout / ".dvc").is_dir() else []) if o.is_dir]
+    if subdir:
+        dvc_dirs = [d[len(subdir.strip("/")) + 1:] for d in dvc_dirs if d.startswith(subdir.strip("/") + "/")]
+    out = []
+    for f in scan(root)[0]:
+        top = f.path.split("/", 1)[0]
+        if top in (".git", ".dvc") or f.path in taken or f.path.rsplit("/", 1)[-1] in GIT_AND_DVC_FILES \
+                or f.path.endswith(".dvc") or any(f.path.startswith(d + "/") for d in dvc_dirs):
+            continue
+        out.append(f)
+    return out
+
+
 class Adopter:
     """One adoption run into ``registry`` (never an encrypted one: a foreign object is
     plaintext in its own store, and a mount reads it there)."""
@@ -152,12 +177,25 @@ class Adopter:
         self.on_progress = on_progress or (lambda n, s: None)
         self.stats = AdoptStats()
 
-    def run(self, wanted: list[Wanted], name: str, tags: list[str]) -> AdoptResult:
+    def run(self, wanted: list[Wanted], name: str, tags: list[str], plain: list[SourceFile] | None = None
+            ) -> AdoptResult:
+        """Adopt ``wanted``; ``plain``: the checkout's other files, published (uploaded) as
+        native files of the same version (``--with-files``)."""
         check_name(name)
         for t in tags:
             check_tag(t)
         t0 = time.monotonic()
         self.registry.store.check_bucket()
+        if not plain:
+            return self._run(wanted, name, tags, [], t0)
+        with Lease(self.registry, f"adopt {name}"):  # its uploads are safe from gc until the manifest is in
+            pub = Publisher(self.registry, concurrency=self.concurrency)
+            entries = pub.files(plain)
+            self.stats.add(uploaded_bytes=pub.stats.uploaded_bytes, native_files=len(entries))
+            return self._run(wanted, name, tags, entries, t0)
+
+    def _run(self, wanted: list[Wanted], name: str, tags: list[str], plain: list[FileEntry], t0: float
+             ) -> AdoptResult:
         known = self._known({w.table_id: w for w in wanted})
         todo = list({w.table_id: w for w in wanted if w.table_id not in known}.values())
         self.stats.known_objects = len(known)
@@ -184,6 +222,8 @@ class Adopter:
             files.append(FileEntry(w.path, e.size, 0o644, e.sha256, e.chunks, e.description, None,
                                    by_blocks=True, foreign=foreign))
             self.stats.add(files=1, bytes=e.size)
+        files = sorted(files + plain, key=lambda f: f.path)
+        self.stats.add(files=len(plain), bytes=sum(f.size for f in plain))
         m = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), files=tuple(files),
                      directories=(), chunking=DEFAULT_PARAMS.as_json(), origin=str(self.registry.ref),
                      sources=tuple(sources))
@@ -292,3 +332,44 @@ class Adopter:
             return h if store.stat(self.registry.chunk_key(h)) is not None else None
         with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
             return {h for h in pool.map(one, sorted(chunks)) if h is not None}
+
+
+# -- checking an adopted version's sources -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Moved:
+    path: str
+    url: str
+    why: str
+
+
+def check_sources(registry: Registry, m: Manifest) -> tuple[int, list[Moved]]:
+    """HEAD every foreign object ``m`` reads, and read its first chunk (verified): (objects
+    checked, those that moved — deleted, resized, or holding other bytes). A change the
+    HEAD cannot show (same size; an ETag that is not the md5) is still never served: every
+    chunk a mount or pull reads is verified."""
+    files = [f for f in m.files if f.foreign is not None]
+
+    def one(f: FileEntry) -> Moved | None:
+        assert f.foreign is not None
+        src = m.sources[f.foreign.source]
+        store, key = registry.foreign_store(src), src.key(f.foreign.key)
+        url = f"s3://{src.bucket}/{key}"
+        info = store.stat(key)
+        if info is None:
+            return Moved(f.path, url, "deleted")
+        if info.size != f.size:
+            return Moved(f.path, url, f"now {info.size} bytes, adopted {f.size}")
+        etag = info.etag or ""
+        if f.foreign.md5 and len(etag) == 32 and "-" not in etag and etag != f.foreign.md5:
+            return Moved(f.path, url, f"overwritten (its md5 is now {etag})")
+        if f.chunks:
+            h, n = f.chunks[0]
+            try:
+                check_raw(store.get(key, 0, n), h, n)
+            except IntegrityError:
+                return Moved(f.path, url, "overwritten (its first chunk no longer matches)")
+        return None
+    with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
+        moved = [x for x in pool.map(one, files) if x is not None]
+    return len(files), moved
