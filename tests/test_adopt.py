@@ -287,6 +287,10 @@ def test_a_git_lfs_checkout_is_adopted_from_its_servers_layout(env, bucket, s3, 
     m = json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m@latest").stdout)
     assert sorted(f["path"] for f in m["files"] if "source" in f) == sorted(
         k for k in want if k.endswith(".safetensors"))
+    # the clone itself mounts too, its pointers resolved through the adoption table
+    direct = mounts.mount(str(clone), "--registry", f"s3://{bucket}/reg")
+    assert {k: v for k, v in tree_digest(direct).items() if v[0] != "dir"} == {
+        k: v for k, v in want.items() if k.endswith(".safetensors")}
 
 
 def test_an_lfs_object_that_is_not_what_its_pointer_says_is_refused(env, bucket, s3, lfs_checkout):
@@ -301,3 +305,15 @@ def test_an_lfs_object_that_is_not_what_its_pointer_says_is_refused(env, bucket,
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert oids[0] in r.stderr or "bytes" in r.stderr, r.stderr
     assert not [k for k in objects(s3, bucket) if "/models/" in k]
+
+
+def test_an_adopted_checkout_mounts_directly_each_output_at_its_path(env, bucket, s3, dvc_repo, mounts):
+    reg = f"s3://{bucket}/reg"
+    r = mounts.mount(str(dvc_repo.root), "--registry", reg, check=False)
+    one_line_error(r, "never adopted", "modelfs adopt")
+    cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q")
+    before = objects(s3, bucket)
+    mnt = mounts.mount(str(dvc_repo.root), "--registry", reg)
+    got = {k: v[0] for k, v in tree_digest(mnt).items() if v[0] != "dir"}
+    assert got == _expected(dvc_repo)
+    assert objects(s3, bucket) == before  # a version made on the fly: nothing written

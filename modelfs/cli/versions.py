@@ -123,7 +123,8 @@ def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, l
     chunks as publish does, but no chunk is uploaded: mounts and pulls read the chunks
     as ranges of the DVC remote's or LFS store's objects, each verified (docs/adopt.md).
     Objects adopted before are not read again."""
-    from ..ops.adopt import Adopter, plain_files, plan
+    from ..ops.adopt import Adopter, plain_files
+    from ..registry.adoption import plan
     from ..progress import Progress
 
     reg = registry_of(ctx, parse_registry(registry), creating=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -33,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, ManifestError, NotFoundError, UsageError
+from ..errors import IntegrityError, NotFoundError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
 from ..format.codec import check_raw
-from ..format.foreign import (LFS_LAYOUTS, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers)
-from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads
+from ..format.foreign import dvc_outputs
+from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, loads
 from ..format.refs import check_name, check_tag
 from ..progress import Counters
+from ..registry.adoption import LOOKUPS_AT_ONCE, Wanted, remember, table_entries
 from ..registry.layout import Registry
 from ..registry.lifecycle import Lease
 from .publish import Publisher, SourceFile, scan
@@ -48,28 +48,6 @@ log = logging.getLogger(__name__)
 
 SPOOL_BYTES = 4 << 30  # objects spooled at once (one larger object alone)
 OBJECTS_AT_ONCE = 4  # objects streamed side by side
-LOOKUPS_AT_ONCE = 16  # table entries and chunk HEADs asked side by side
-TABLE = "adopted"
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """One file of the version to be: where its object is, and what it must hash to."""
-    path: str  # in the version
-    source: ForeignStore
-    key: str  # under the source's prefix
-    md5: str | None = None  # DVC: the object's md5
-    sha256: str | None = None  # Git LFS: its oid
-    size: int | None = None  # what the checkout says (None: a DVC directory's files say none)
-    legacy: bool = False  # a DVC 2 output (md5-dos2unix)
-
-    @property
-    def table_id(self) -> str:
-        return f"md5/{self.md5}" if self.md5 else f"sha256/{self.sha256}"
-
-    @property
-    def what(self) -> str:
-        return f"{self.path} ({self.source.kind} object s3://{self.source.bucket}/{self.source.key(self.key)})"
 
 
 @dataclass
@@ -90,53 +68,6 @@ class AdoptResult:
     version: str
     stats: AdoptStats
     tags: list[str]
-
-
-def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remote: str | None = None,
-         lfs_store: str | None = None, lfs_layout: str = "sharded", lfs_endpoint: str | None = None) -> list[Wanted]:
-    """The files a checkout's DVC outputs and Git LFS pointers make (paths relative to
-    ``subdir``, when given), each with its object; a DVC directory's listing is read here."""
-    if not checkout.is_dir():
-        raise UsageError(f"{checkout} is not a directory")
-    wanted: list[Wanted] = []
-    outs = dvc_outputs(checkout) if (checkout / ".dvc").is_dir() else []
-    if outs:
-        r = dvc_remote(checkout, remote)
-        src = ForeignStore("dvc", r.url, r.endpoint)
-        for o in outs:
-            if not o.is_dir:
-                wanted.append(Wanted(o.path, src, o.key(), md5=o.md5, size=o.size, legacy=o.legacy))
-                continue
-            key = src.key(o.key())
-            try:
-                listing = registry.foreign_store(src).get(key)
-            except NotFoundError:
-                raise UsageError(f"{o.declared_in}: directory {o.path!r} was not pushed: s3://{src.bucket}/{key} "
-                                 "is missing (dvc push first)") from None
-            for rel, md5 in dir_listing(listing, f"{o.path} (s3://{src.bucket}/{key})"):
-                wanted.append(Wanted(f"{o.path}/{rel}", src, dvc_key(md5, o.legacy), md5=md5, legacy=o.legacy))
-    pointers = lfs_pointers(checkout)
-    if pointers:
-        if lfs_store is None:
-            raise UsageError(f"{checkout} has {len(pointers)} Git LFS pointer file(s) ({pointers[0].path}, ...): "
-                             "pass --lfs-store s3://BUCKET/PREFIX where the LFS server keeps its objects")
-        if lfs_layout not in LFS_LAYOUTS:
-            raise UsageError(f"--lfs-layout {lfs_layout!r}: one of {', '.join(LFS_LAYOUTS)}")
-        src = ForeignStore("git-lfs", lfs_store.rstrip("/"), lfs_endpoint)
-        wanted += [Wanted(p.path, src, lfs_key(p.oid, lfs_layout), sha256=p.oid, size=p.size) for p in pointers]
-    if subdir:
-        subdir = check_path(subdir.strip("/"), "--path")
-        wanted = [Wanted(**{**w.__dict__, "path": w.path[len(subdir) + 1:]}) for w in wanted
-                  if w.path.startswith(subdir + "/")]
-    if not wanted:
-        raise UsageError(f"{checkout}{'/' + subdir if subdir else ''} has no DVC outputs and no Git LFS pointers: "
-                         "nothing to adopt")
-    seen: dict[str, Wanted] = {}
-    for w in wanted:
-        if w.path in seen:
-            raise UsageError(f"{w.path} is named twice ({seen[w.path].source.kind} and {w.source.kind})")
-        seen[w.path] = w
-    return sorted(wanted, key=lambda w: w.path)
 
 
 GIT_AND_DVC_FILES = {".gitattributes", ".gitignore", ".gitmodules", ".dvcignore", "dvc.lock", "dvc.yaml"}
@@ -160,6 +91,7 @@ def plain_files(checkout: Path, wanted: list[Wanted], subdir: str | None = None)
             continue
         out.append(f)
     return out
+
 
 
 class Adopter:
@@ -236,34 +168,11 @@ class Adopter:
         self.stats.seconds = time.monotonic() - t0
         return AdoptResult(m, version, self.stats, tags)
 
-    # -- the adoption table: objects read before -------------------------------------------
-    def _table_key(self, table_id: str) -> str:
-        return self.registry.ref.key(TABLE, f"{table_id}.json")
-
     def _known(self, by_id: dict[str, Wanted]) -> dict[str, FileEntry]:
-        """Table entries of the objects read before (by this registry's adoptions)."""
-        def one(table_id: str) -> tuple[str, FileEntry | None]:
-            key = self._table_key(table_id)
-            try:
-                data = self.registry.store.get(key)
-            except NotFoundError:
-                return table_id, None
-            try:
-                return table_id, loads(data, source=key).files[0]
-            except (ManifestError, IndexError) as e:
-                log.warning("adoption table entry %s is damaged (%s): reading the object again", key, e)
-                return table_id, None
-        with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
-            return {k: e for k, e in pool.map(one, by_id) if e is not None}
+        return {k: entry.files[0] for k, entry in table_entries(self.registry, list(by_id)).items()}
 
     def _remember(self, w: Wanted, e: FileEntry) -> None:
-        """One table entry: a one-file manifest (validated as one when read back)."""
-        entry = Manifest(name="adopted", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         files=(FileEntry("object", e.size, 0o644, e.sha256, e.chunks, e.description),),
-                         directories=(), chunking=DEFAULT_PARAMS.as_json())
-        data = entry.to_bytes()
-        self.registry.store.put(self._table_key(w.table_id), data, "application/json")
-        self.stats.add(uploaded_bytes=len(data))
+        self.stats.add(uploaded_bytes=remember(self.registry, w, e))
 
     # -- reading objects --------------------------------------------------------------------
     def _read(self, todo: list[Wanted]) -> dict[str, FileEntry]:

@@ -7,7 +7,9 @@ The one resolver every command uses (``inspect``, ``diff``, ``pull``, ``prefetch
 * a manifest file (a ``*.modelfs.json`` pointer), whose chunks live in its origin
   registry or ``registry_url``;
 * for a mount also a whole registry, ``s3://BUCKET/PREFIX`` (every model, tag and
-  version), or a directory of pointer files (a git checkout).
+  version), or a directory of pointer files (a git checkout);
+* a DVC or Git LFS checkout whose objects were adopted into ``registry_url``: a version
+  made from the checkout and the adoption table, never stored (``registry/adoption.py``).
 
 With trusted keys a version, and a tag a ref names, resolves only if it verifies.
 With a cache, what was resolved is recorded there, so a mount can start while the
@@ -25,9 +27,10 @@ from ..config import StoreConfig
 from ..errors import NotFoundError, UsageError
 from ..format.encryption import RegistryKey
 from ..format.manifest import Manifest
-from ..format.pointers import PointerDir, registry_url_for
+from ..format.pointers import SUFFIX, PointerDir, registry_url_for
 from ..format.refs import is_model_ref, parse_model, parse_registry
 from ..format.trust import TrustedKeys
+from .adoption import checkout_manifest, is_checkout
 from .catalog import Catalog
 from .layout import Registry, open_registry, origin_registry, read_manifest_file
 
@@ -60,6 +63,16 @@ def resolve(ref: str, config: StoreConfig, *, key: RegistryKey | None = None, tr
         catalog = catalog_of(open_registry(mref.registry, config, key, offline_ok=offline_ok, cache=cache))
         version, manifest = catalog.resolve(mref, fresh_for=fresh_for)
         return Source(catalog, mref.name, version, manifest)
+    if Path(ref).is_dir() and is_checkout(Path(ref)) and not any(Path(ref).glob(f"**/*{SUFFIX}")):
+        if not registry_url:
+            raise UsageError(f"{ref} is a DVC or Git LFS checkout: pass --registry s3://BUCKET/PREFIX, the "
+                             "registry it was adopted into")
+        registry = open_registry(parse_registry(registry_url), config, key, offline_ok=offline_ok, cache=cache)
+        manifest = checkout_manifest(registry, Path(ref))
+        registry.learn(manifest)
+        catalog = catalog_of(registry)
+        catalog.keep_manifest(manifest)
+        return Source(catalog, manifest.name, manifest.version_id, manifest)
     if whole_registry_ok and Path(ref).is_dir():
         url = registry_url_for(Path(ref), registry_url)
         registry = open_registry(parse_registry(url), config, key, offline_ok=offline_ok)

@@ -1,0 +1,188 @@
+"""The adoption table, and what a DVC or Git LFS checkout names, resolved against it.
+
+``PREFIX/adopted/<md5|sha256>/<hex>.json``: one entry per foreign object this registry's
+adoptions read (keyed by the object's own id: a DVC md5, a Git LFS oid), a one-file
+adopted manifest — the object's chunks, its description and where it was read. Written
+by ``modelfs adopt`` (:mod:`modelfs.ops.adopt`) after it cut an object; read by it to
+skip objects read before, and by a mount of a checkout (``modelfs mount ./repo /models
+--registry …``), which becomes a version with no store write at all (:func:`checkout_manifest`).
+Entries are content-addressed: never changed, never needed by a reader of a version
+(whose manifest holds everything), so ``gc`` leaves them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ManifestError, NotFoundError, UsageError
+from ..format.chunking import DEFAULT_PARAMS
+from ..format.foreign import LFS_LAYOUTS, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers
+from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads
+from .layout import Registry
+
+log = logging.getLogger(__name__)
+
+LOOKUPS_AT_ONCE = 16  # table entries asked side by side
+TABLE = "adopted"
+
+@dataclass(frozen=True)
+class Wanted:
+    """One file of the version to be: where its object is, and what it must hash to."""
+    path: str  # in the version
+    source: ForeignStore
+    key: str  # under the source's prefix
+    md5: str | None = None  # DVC: the object's md5
+    sha256: str | None = None  # Git LFS: its oid
+    size: int | None = None  # what the checkout says (None: a DVC directory's files say none)
+    legacy: bool = False  # a DVC 2 output (md5-dos2unix)
+
+    @property
+    def table_id(self) -> str:
+        return f"md5/{self.md5}" if self.md5 else f"sha256/{self.sha256}"
+
+    @property
+    def what(self) -> str:
+        return f"{self.path} ({self.source.kind} object s3://{self.source.bucket}/{self.source.key(self.key)})"
+
+
+def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remote: str | None = None,
+         lfs_store: str | None = None, lfs_layout: str = "sharded", lfs_endpoint: str | None = None,
+         lfs_known: dict[str, Manifest] | None = None) -> list[Wanted]:
+    """The files a checkout's DVC outputs and Git LFS pointers make (paths relative to
+    ``subdir``, when given), each with its object; a DVC directory's listing is read here.
+    ``lfs_known``: table entries by ``sha256/<oid>`` that say where pointers' objects are
+    (a mount of a checkout), instead of ``lfs_store``."""
+    if not checkout.is_dir():
+        raise UsageError(f"{checkout} is not a directory")
+    wanted = _dvc_wanted(registry, checkout, remote)
+    pointers = lfs_pointers(checkout)
+    if pointers and lfs_known is not None:
+        for p in pointers:
+            e = lfs_known.get(f"sha256/{p.oid}")
+            if e is None:
+                raise UsageError(f"{p.path}: Git LFS object {p.oid[:16]}… was never adopted into {registry.ref}: "
+                                 "run `modelfs adopt` on this checkout first")
+            f = e.files[0]
+            assert f.foreign is not None
+            wanted.append(Wanted(p.path, e.sources[0], f.foreign.key, sha256=p.oid, size=p.size))
+    elif pointers:
+        if lfs_store is None:
+            raise UsageError(f"{checkout} has {len(pointers)} Git LFS pointer file(s) ({pointers[0].path}, ...): "
+                             "pass --lfs-store s3://BUCKET/PREFIX where the LFS server keeps its objects")
+        if lfs_layout not in LFS_LAYOUTS:
+            raise UsageError(f"--lfs-layout {lfs_layout!r}: one of {', '.join(LFS_LAYOUTS)}")
+        src = ForeignStore("git-lfs", lfs_store.rstrip("/"), lfs_endpoint)
+        wanted += [Wanted(p.path, src, lfs_key(p.oid, lfs_layout), sha256=p.oid, size=p.size) for p in pointers]
+    if subdir:
+        subdir = check_path(subdir.strip("/"), "--path")
+        wanted = [Wanted(**{**w.__dict__, "path": w.path[len(subdir) + 1:]}) for w in wanted
+                  if w.path.startswith(subdir + "/")]
+    if not wanted:
+        raise UsageError(f"{checkout}{'/' + subdir if subdir else ''} has no DVC outputs and no Git LFS pointers: "
+                         "nothing to adopt")
+    seen: dict[str, Wanted] = {}
+    for w in wanted:
+        if w.path in seen:
+            raise UsageError(f"{w.path} is named twice ({seen[w.path].source.kind} and {w.source.kind})")
+        seen[w.path] = w
+    return sorted(wanted, key=lambda w: w.path)
+
+
+def _dvc_wanted(registry: Registry, checkout: Path, remote: str | None) -> list[Wanted]:
+    outs = dvc_outputs(checkout) if (checkout / ".dvc").is_dir() else []
+    if not outs:
+        return []
+    r = dvc_remote(checkout, remote)
+    src = ForeignStore("dvc", r.url, r.endpoint)
+    wanted = []
+    for o in outs:
+        if not o.is_dir:
+            wanted.append(Wanted(o.path, src, o.key(), md5=o.md5, size=o.size, legacy=o.legacy))
+            continue
+        key = src.key(o.key())
+        try:
+            listing = registry.foreign_store(src).get(key)
+        except NotFoundError:
+            raise UsageError(f"{o.declared_in}: directory {o.path!r} was not pushed: s3://{src.bucket}/{key} "
+                             "is missing (dvc push first)") from None
+        for rel, md5 in dir_listing(listing, f"{o.path} (s3://{src.bucket}/{key})"):
+            wanted.append(Wanted(f"{o.path}/{rel}", src, dvc_key(md5, o.legacy), md5=md5, legacy=o.legacy))
+    return wanted
+
+
+def is_checkout(path: Path) -> bool:
+    """Whether ``path`` is a DVC checkout, or a Git checkout that keeps files in Git LFS."""
+    try:
+        return (path / ".dvc").is_dir() or "filter=lfs" in (path / ".gitattributes").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def checkout_manifest(registry: Registry, checkout: Path, *, remote: str | None = None) -> Manifest:
+    """A checkout whose objects were adopted into ``registry``, as a version (never stored):
+    each DVC output and LFS pointer at its path, read in place. Every object must be in
+    the adoption table (else one line says to adopt first); nothing is read but the
+    table and DVC directory listings."""
+    lfs = [f"sha256/{p.oid}" for p in lfs_pointers(checkout)]
+    wanted = plan(registry, checkout, remote=remote, lfs_known=table_entries(registry, lfs))
+    known = table_entries(registry, [w.table_id for w in wanted if w.md5]) | table_entries(registry, lfs)
+    sources: list[ForeignStore] = []
+    files = []
+    for w in wanted:
+        e = known.get(w.table_id)
+        if e is None:
+            raise UsageError(f"{w.path}: {w.what.split(' (', 1)[1][:-1]} was never adopted into {registry.ref}: "
+                             "run `modelfs adopt` on this checkout first")
+        f = e.files[0]
+        if w.source not in sources:
+            sources.append(w.source)
+        files.append(FileEntry(w.path, f.size, 0o644, f.sha256, f.chunks, f.description, by_blocks=True,
+                               foreign=ForeignObject(sources.index(w.source), w.key, w.md5)))
+    stamp = max((p.stat().st_mtime for p in [checkout / ".dvc", checkout / ".gitattributes"] if p.exists()),
+                default=0)
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in checkout.resolve().name).lstrip("._-") or "checkout"
+    return Manifest(name=name[:128], created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+                    files=tuple(files), directories=(), chunking=DEFAULT_PARAMS.as_json(), origin=str(registry.ref),
+                    sources=tuple(sources))
+
+
+# -- the adoption table: objects read before, by content ------------------------------------------
+
+def _table_key(registry: Registry, table_id: str) -> str:
+    return registry.ref.key(TABLE, f"{table_id}.json")
+
+
+def table_entries(registry: Registry, table_ids: list[str]) -> dict[str, Manifest]:
+    """The table entries there are of ``table_ids`` (``md5/<hex>``, ``sha256/<hex>``): each
+    a one-file adopted manifest (its chunks, description, and where it was read)."""
+    def one(table_id: str) -> tuple[str, Manifest | None]:
+        key = _table_key(registry, table_id)
+        try:
+            data = registry.store.get(key)
+        except NotFoundError:
+            return table_id, None
+        try:
+            entry = loads(data, source=key)
+            if len(entry.files) != 1 or entry.files[0].foreign is None:
+                raise ManifestError("not one adopted file")
+            return table_id, entry
+        except ManifestError as e:
+            log.warning("adoption table entry %s is damaged (%s): the object is read again", key, e)
+            return table_id, None
+    with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
+        return {k: e for k, e in pool.map(one, table_ids) if e is not None}
+
+
+def remember(registry: Registry, w: Wanted, e: FileEntry) -> int:
+    """Write the table entry of ``w`` read as ``e``: the bytes it took."""
+    entry = Manifest(name="adopted", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     files=(FileEntry("object", e.size, 0o644, e.sha256, e.chunks, e.description,
+                                      foreign=ForeignObject(0, w.key, w.md5)),),
+                     directories=(), chunking=DEFAULT_PARAMS.as_json(), sources=(w.source,))
+    data = entry.to_bytes()
+    registry.store.put(_table_key(registry, w.table_id), data, "application/json")
+    return len(data)
