@@ -317,3 +317,18 @@ def test_an_adopted_checkout_mounts_directly_each_output_at_its_path(env, bucket
     got = {k: v[0] for k, v in tree_digest(mnt).items() if v[0] != "dir"}
     assert got == _expected(dvc_repo)
     assert objects(s3, bucket) == before  # a version made on the fly: nothing written
+
+
+def test_copy_in_makes_the_foreign_store_retirable(env, bucket, s3, dvc_repo, mounts, tmp_path):
+    reg = f"s3://{bucket}/reg"
+    cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "--tag", "prod", "-q")
+    out = cli(env, "copy-in", f"{reg}/m@prod", "-q").stdout
+    assert "prod" in out and "latest" in out
+    for k in objects(s3, dvc_repo.bucket):  # the DVC remote retired
+        s3.delete_object(Bucket=dvc_repo.bucket, Key=k)
+    m = json.loads(cli(env, "inspect", "--json", f"{reg}/m@prod").stdout)
+    assert "sources" not in m and not any("source" in f for f in m["files"])
+    mnt = mounts.mount(f"{reg}/m@prod")
+    assert {k: v[0] for k, v in tree_digest(mnt).items() if v[0] != "dir"} == _expected(dvc_repo)
+    again = cli(env, "copy-in", f"{reg}/m@prod", check=False)
+    one_line_error(again, "not an adopted version")

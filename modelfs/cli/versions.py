@@ -1,4 +1,4 @@
-"""Commands that write a registry: publish, adopt, tag, sign, rm, gc, and keygen for an encrypted one."""
+"""Commands that write a registry: publish, adopt, copy-in, tag, sign, rm, gc, and keygen for an encrypted one."""
 
 from __future__ import annotations
 
@@ -156,6 +156,40 @@ def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, l
                + (", the checkout's other files)" if with_files else ")"))
     click.echo(f"  took      {s.seconds:.1f} s")
     click.echo(f"  ref       {reg.ref}/{name}@{result.version}")
+
+
+@main.command("copy-in")
+@click.argument("ref")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def copy_in_cmd(ctx, ref: str, quiet: bool):
+    """Copy adopted version REF's chunks from its DVC or Git LFS store into the registry.
+
+    Writes the same files as a new native version and moves every tag that named REF's
+    version to it, so the foreign store can be retired; the adopted version itself stays
+    (and reads the foreign store) until `modelfs rm`."""
+    from ..ops.adopt import copy_in
+    from ..progress import Progress
+    from ..registry.catalog import Catalog
+
+    mref = parse_model(ref)
+    reg = registry_of(ctx, mref.registry)
+    version, m = Catalog(reg).resolve(mref)
+    if not m.sources:
+        raise UsageError(f"{m.name}@{version} is not an adopted version: its chunks are in the registry already")
+    bar = Progress("copy-in", enabled=False if quiet else None)
+    bar.start(sum(m.unique_chunks[h] for h in m.foreign_chunks))
+    try:
+        native, s = copy_in(reg, m, bar.advance)
+    finally:
+        bar.close()
+    moved = [t for t, v in reg.tags(m.name).items() if v == version]
+    for t in moved:
+        reg.set_tag(m.name, t, native.version_id)
+    click.echo(f"copied {m.name}@{version} in as {m.name}@{native.version_id}")
+    click.echo(f"  chunks    {s.copied_chunks} copied ({fmt_bytes(s.copied_bytes)}), {s.present_chunks} already here")
+    click.echo(f"  tags      {', '.join(moved) or 'none'} moved to {native.version_id}")
+    click.echo(f"  ref       {reg.ref}/{m.name}@{native.version_id} (reads nothing outside the registry)")
 
 
 @main.command()

@@ -23,6 +23,7 @@ save a re-read); the manifest goes before the tags, as in publish.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError, NotFoundError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
-from ..format.codec import check_raw
+from ..format.codec import check_raw, encode
 from ..format.foreign import dvc_outputs
 from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, loads
 from ..format.refs import check_name, check_tag
@@ -282,3 +283,46 @@ def check_sources(registry: Registry, m: Manifest) -> tuple[int, list[Moved]]:
     with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
         moved = [x for x in pool.map(one, files) if x is not None]
     return len(files), moved
+
+
+# -- copying an adopted version in, so its foreign store can be retired ------------------------------
+
+COPIES_AT_ONCE = 8
+
+
+@dataclass
+class CopyStats(Counters):
+    chunks: int = 0
+    copied_chunks: int = 0
+    copied_bytes: int = 0  # stored bytes PUT
+    present_chunks: int = 0  # already in the registry
+
+
+def copy_in(registry: Registry, m: Manifest, on_progress: Callable[[int], None] | None = None
+            ) -> tuple[Manifest, CopyStats]:
+    """Copy the chunks ``m`` reads from foreign stores into the registry (each read as a
+    range of its object, verified, stored as publish stores it) and write the same
+    version without sources: its files, chunk ids and description unchanged, its id new.
+    Under a lease: a concurrent gc keeps the copied chunks until the manifest is in."""
+    stats = CopyStats()
+    store = registry.store
+    on_progress = on_progress or (lambda n: None)
+
+    def one(item: tuple[str, int]) -> None:
+        h, n = item
+        key = registry.chunk_key(h)
+        if store.stat(key) is not None:
+            stats.add(chunks=1, present_chunks=1)
+        else:
+            data = encode(registry.get_chunk(h, n))
+            store.put(key, data)
+            stats.add(chunks=1, copied_chunks=1, copied_bytes=len(data))
+        on_progress(n)
+    sizes = m.unique_chunks
+    with Lease(registry, f"copy-in {m.name}"):
+        with concurrent.futures.ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
+            list(pool.map(one, [(h, sizes[h]) for h in m.foreign_chunks]))
+        native = dataclasses.replace(m, files=tuple(dataclasses.replace(f, foreign=None) for f in m.files),
+                                     sources=(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        registry.put_manifest(native)
+    return native, stats
