@@ -332,3 +332,36 @@ def test_copy_in_makes_the_foreign_store_retirable(env, bucket, s3, dvc_repo, mo
     assert {k: v[0] for k, v in tree_digest(mnt).items() if v[0] != "dir"} == _expected(dvc_repo)
     again = cli(env, "copy-in", f"{reg}/m@prod", check=False)
     one_line_error(again, "not an adopted version")
+
+
+def test_a_host_without_read_access_to_the_foreign_bucket_is_told_so(tmp_path, mounts, sample_model):
+    """Adopted files are read in place: a host that may read the registry but not the LFS
+    bucket gets EIO and a line that says which bucket it needs."""
+    from modelfs.dev.devserver import ACCESS_KEY, SECRET_KEY, SeaweedServer
+    import boto3
+    reader = {"name": "reader", "credentials": [{"accessKey": "READERKEY", "secretKey": "readersecret"}],
+              "actions": ["Read:reg", "List:reg"]}
+    with SeaweedServer(tmp_path / "auth-s3", auth=True, identities=(reader,)) as srv:
+        admin = dict(os.environ, **srv.env(), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+        s3 = boto3.client("s3", endpoint_url=srv.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY)
+        for b in ("reg", "lfs"):
+            s3.create_bucket(Bucket=b)
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        weights = sample_model / "model-00001-of-00002.safetensors"
+        pointer = _run(["git", "lfs", "pointer", f"--file={weights}"], tmp_path, admin)
+        (repo / "w.safetensors").write_text(pointer)
+        s3.upload_file(str(weights), "lfs", hashlib.sha256(weights.read_bytes()).hexdigest())
+        cli(admin, "adopt", str(repo), "s3://reg/r", "--name", "m", "--lfs-store", "s3://lfs", "--lfs-layout", "flat",
+            "-q")
+        mounts.env = dict(admin, AWS_ACCESS_KEY_ID="READERKEY", AWS_SECRET_ACCESS_KEY="readersecret")
+        mnt = mounts.mount("s3://reg/r/m@latest")
+        try:
+            with pytest.raises(OSError) as e:
+                (mnt / "w.safetensors").read_bytes()
+            assert e.value.errno == errno.EIO
+            log = next((mounts.cache_dir / "logs").glob(f"*_{mnt.name}.log")).read_text()
+            assert "needs read access to bucket 'lfs'" in log, log[-2000:]
+        finally:
+            mounts.cleanup()

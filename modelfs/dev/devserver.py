@@ -73,9 +73,12 @@ class SeaweedServer:
     """
 
     def __init__(self, workdir: Path, auth: bool = False, host: str = "127.0.0.1",
-                 launcher: list[str] | None = None):
+                 launcher: list[str] | None = None, identities: tuple[dict, ...] = ()):
         self.workdir = Path(workdir)
         self.auth = auth
+        # with auth, users beside the admin: {"name", "credentials": [{accessKey, secretKey}],
+        # "actions": ["Read:BUCKET", ...]} (SeaweedFS's identity format)
+        self.identities = identities
         self.host, self.launcher = host, list(launcher or [])
         self.proc: subprocess.Popen | None = None
         self.ports: list[int] = []
@@ -107,7 +110,7 @@ class SeaweedServer:
             conf = self.workdir / "s3-identities.json"
             conf.write_text(json.dumps({"identities": [{
                 "name": "dev", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}, *self.identities]}))
             cmd.append(f"-s3.config={conf}")
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

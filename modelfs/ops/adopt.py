@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, NotFoundError, UsageError
+from ..errors import IntegrityError, NotFoundError, StoreError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
 from ..format.codec import check_raw, encode
 from ..format.foreign import dvc_outputs
@@ -224,6 +224,11 @@ class Adopter:
                 n = store.download(key, sink)
             except NotFoundError:
                 raise UsageError(f"{w.what} is missing from its store (not pushed?)") from None
+            except StoreError as e:
+                if "access denied" not in str(e):
+                    raise
+                raise StoreError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
+                                 f"the version, need read access to bucket {w.source.bucket!r}") from None
         self.stats.add(read_objects=1, read_bytes=n)
         if w.size is not None and n != w.size:
             raise IntegrityError(f"{w.what}: the checkout says {w.size} bytes, the object has {n}")

@@ -49,7 +49,7 @@ import trio
 
 from ..cache import BlockCache
 from ..config import Timeouts
-from ..errors import IntegrityError, ModelfsError, StoreError, StoreUnavailableError
+from ..errors import IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
 from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message, Named,
                        Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
@@ -532,7 +532,9 @@ class Lanes:
             f"{flight.what} (chunk {flight.h})" if flight.h else flight.what
         if r.kind in (Failure.HTTP, Failure.THROTTLED, Failure.UNAVAILABLE) and r.status is not None \
                 and self.registry is not None and flight.h:
-            err = self.registry.store.http_error(self.registry.chunk_key(flight.h), r.status, r.code, msg)
+            at = self.registry.locate(flight.h) if flight.foreign_at is not None else None
+            store, key = (at.store, at.key) if at is not None else (self.registry.store, self.registry.chunk_key(flight.h))
+            err = store.http_error(key, r.status, r.code, msg)
             return err if isinstance(err, ModelfsError) else StoreError(str(err))
         if r.kind is Failure.UNAVAILABLE:
             return StoreUnavailableError(f"{label}: {msg}")
@@ -567,9 +569,13 @@ class Lanes:
         at = self.registry.locate(flight.h) if self.registry is not None else None
         if at is None:
             return error
-        gone = "is gone" if "404" in str(error) or "NoSuchKey" in str(error) else "no longer holds the adopted bytes"
-        error = type(error)(f"{at.version} reads {at.url}, which {gone} (changed or deleted after adoption: "
-                            f"`modelfs verify --deep` lists what moved): {error}")
+        if "access denied" in str(error):
+            error = type(error)(f"{at.version} reads {at.url} in place (an adopted version), and this host may not "
+                                f"read it: it needs read access to bucket {at.store.bucket!r} too: {error}")
+        else:
+            gone = "is gone" if isinstance(error, NotFoundError) else "no longer holds the adopted bytes"
+            error = type(error)(f"{at.version} reads {at.url}, which {gone} (changed or deleted after adoption: "
+                                f"`modelfs verify --deep` lists what moved): {error}")
         if at.url not in self._foreign_failed:
             self._foreign_failed.add(at.url)
             log.error("%s", error)
