@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, NotFoundError, StoreError, UsageError
+from ..errors import IntegrityError, StoreError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
 from ..format.codec import check_raw, encode
 from ..format.foreign import dvc_outputs
@@ -47,7 +47,7 @@ from .publish import Publisher, SourceFile, scan
 
 log = logging.getLogger(__name__)
 
-SPOOL_BYTES = 4 << 30  # objects spooled at once (one larger object alone)
+SPOOL_BYTES = 4 << 30  # objects spooled before they are cut (one larger object alone)
 OBJECTS_AT_ONCE = 4  # objects streamed side by side
 
 
@@ -177,13 +177,16 @@ class Adopter:
 
     # -- reading objects --------------------------------------------------------------------
     def _read(self, todo: list[Wanted]) -> dict[str, FileEntry]:
-        """Each object streamed once into a spool file (md5 checked on the way for DVC),
-        then cut and named by the fetch workers; in batches of at most ``SPOOL_BYTES``."""
+        """Each object fetched once into a spool file (its md5 checked for DVC), then cut and
+        named by the fetch workers, in batches of at most ``SPOOL_BYTES``. Fetching and
+        cutting run one after the other, not side by side: cutting holds this process's
+        GIL, and overlapped with the fetches' threads it cost ~1 CPU-s/GB more on 2 cores
+        (measured, docs/benchmarks.md)."""
         out: dict[str, FileEntry] = {}
         with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
             batch: list[Wanted] = []
             size = 0
-            for w in todo + [None]:  # type: ignore[list-item]
+            for w in [*todo, None]:
                 if w is not None and (not batch or size + (w.size or 0) <= SPOOL_BYTES):
                     batch.append(w)
                     size += w.size or 0
@@ -195,10 +198,9 @@ class Adopter:
 
     def _read_batch(self, batch: list[Wanted], tmp: Path) -> dict[str, FileEntry]:
         with concurrent.futures.ThreadPoolExecutor(OBJECTS_AT_ONCE) as pool:
-            spooled = list(pool.map(lambda iw: self._spool(iw[1], tmp / f"{iw[0]}"), enumerate(batch)))
+            spooled = list(pool.map(lambda iw: self._spool(iw[1], tmp / str(iw[0])), enumerate(batch)))
         try:
-            pub = Publisher(self.registry, concurrency=self.concurrency, names_only=True)
-            entries = pub.files(spooled)
+            entries = Publisher(self.registry, concurrency=self.concurrency, names_only=True).files(spooled)
         finally:
             for s in spooled:
                 s.full.unlink(missing_ok=True)
@@ -207,32 +209,41 @@ class Adopter:
             if w.sha256 is not None and e.sha256 != w.sha256:
                 raise IntegrityError(f"{w.what}: its bytes' SHA-256 is {e.sha256}, not the pointer's oid "
                                      f"{w.sha256}: the LFS store holds something else under that name")
-            self._remember(w, e)
             out[w.table_id] = e
+        with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
+            list(pool.map(lambda w: self._remember(w, out[w.table_id]), batch))
         return out
 
     def _spool(self, w: Wanted, path: Path) -> SourceFile:
+        """``w``'s object streamed into ``path``, its md5 checked for DVC — computed on the
+        way, unless the store's ETag (the MD5 it computed of a single-part upload) is it.
+        One stream per object, four objects side by side: parallel ranged GETs of one
+        object cost 1–2 CPU-s/GB more here on 2 cores (measured, docs/benchmarks.md)."""
         store = self.registry.foreign_store(w.source)
         key = w.source.key(w.key)
-        md5 = hashlib.md5(usedforsecurity=False)
+        try:
+            info = store.stat(key)
+        except StoreError as e:
+            if "access denied" not in str(e):
+                raise
+            raise StoreError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
+                             f"the version, need read access to bucket {w.source.bucket!r}") from None
+        if info is None:
+            raise UsageError(f"{w.what} is missing from its store (not pushed?)")
+        if w.size is not None and info.size != w.size:
+            raise IntegrityError(f"{w.what}: the checkout says {w.size} bytes, the object has {info.size}")
+        md5 = hashlib.md5(usedforsecurity=False) if w.md5 and info.etag != w.md5 else None
         with open(path, "wb") as f:
             def sink(data: bytes) -> None:
-                md5.update(data)
+                if md5 is not None:
+                    md5.update(data)
                 f.write(data)
                 self.on_progress(len(data), self.stats)
-            try:
-                n = store.download(key, sink)
-            except NotFoundError:
-                raise UsageError(f"{w.what} is missing from its store (not pushed?)") from None
-            except StoreError as e:
-                if "access denied" not in str(e):
-                    raise
-                raise StoreError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
-                                 f"the version, need read access to bucket {w.source.bucket!r}") from None
+            n = store.download(key, sink)
         self.stats.add(read_objects=1, read_bytes=n)
-        if w.size is not None and n != w.size:
-            raise IntegrityError(f"{w.what}: the checkout says {w.size} bytes, the object has {n}")
-        if w.md5 is not None and md5.hexdigest() != w.md5:
+        if n != info.size:
+            raise IntegrityError(f"{w.what}: {n} bytes read where it had {info.size} (it changed while adopted)")
+        if md5 is not None and md5.hexdigest() != w.md5:
             hint = (" (a DVC 2 output: text files were hashed after CRLF normalisation; `dvc cache migrate` "
                     "re-hashes them)") if w.legacy else ""
             raise IntegrityError(f"{w.what}: its bytes' md5 is {md5.hexdigest()}, not {w.md5}{hint}")
