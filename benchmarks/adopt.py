@@ -1,8 +1,10 @@
 """Adoption against the same bytes published natively (issue 29, docs/adopt.md).
 
-    cd /tmp && /work/main/.venv/bin/python /work/main/benchmarks/adopt.py [--shards 4] [--shard-mib 256] [--runs 3]   # as root
+    cd /tmp && /work/main/.venv/bin/python /work/main/benchmarks/adopt.py [--shards 4] [--shard-mib 256] [--runs 3] \
+        [--rtt 20 --mbit 1000]   # as root
 
-One SeaweedFS (loopback); a DVC checkout (real ``dvc`` from ``.venv-dvc``) of a model of
+One SeaweedFS (loopback; with ``--rtt``/``--mbit`` behind :class:`farlink.FarLink`, a store
+across a network); a DVC checkout (real ``dvc`` from ``.venv-dvc``) of a model of
 ``--shards`` safetensors shards, pushed to a DVC remote bucket; the same directory published
 natively. Per run, interleaved: ``modelfs adopt`` into an empty registry (every object read)
 against ``modelfs pull --no-cache`` of the native version (the same bytes from the store,
@@ -14,6 +16,8 @@ ratios, and the bytes adopt uploaded ÷ the model's bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +29,8 @@ sys.path.insert(0, str(HERE))
 from common import client, drop_caches, machine, median, new_bucket, seq_read, timed, write_shards  # noqa: E402
 
 import tempfile  # noqa: E402
+
+from farlink import far_store  # noqa: E402
 
 from modelfs.dev.devserver import SeaweedServer  # noqa: E402
 
@@ -60,14 +66,19 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--shard-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rtt", type=float, help="the store behind a link of this round trip (ms) ...")
+    ap.add_argument("--mbit", type=float, default=1000.0, help="... and this rate")
     args = ap.parse_args()
     if not DVC.exists():
         raise SystemExit(f"{DVC} is missing: bash scripts/setup.sh installs it")
     res: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir="/var/tmp") as d_s, \
-            SeaweedServer(Path(d_s) / "s3") as srv:
-        d = Path(d_s)
-        env = dict(__import__("os").environ, **srv.env(), PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
+    with contextlib.ExitStack() as stack:
+        if args.rtt is not None:
+            d, _, srv, _ = stack.enter_context(far_store(args.rtt, args.mbit, "adopt"))
+        else:
+            d = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir="/var/tmp")))
+            srv = stack.enter_context(SeaweedServer(d / "s3"))
+        env = dict(os.environ, **srv.env(), PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
         c = client(srv)
         repo = d / "repo"
         repo.mkdir()
@@ -108,7 +119,8 @@ def main() -> None:
             print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in res.items()), flush=True)
     m = {k: median(v) for k, v in res.items()}
     gb = model_bytes / 1e9
-    print(f"\n{args.shards} × {args.shard_mib} MiB ({model_bytes / 2**20:.0f} MiB), loopback SeaweedFS, "
+    link = f"{args.rtt:g} ms / {args.mbit:g} Mbit/s" if args.rtt is not None else "loopback"
+    print(f"\n{args.shards} × {args.shard_mib} MiB ({model_bytes / 2**20:.0f} MiB), {link} SeaweedFS, "
           f"medians of {args.runs}; {machine()}\n")
     print("| figure | adopted | native | adopted rate ÷ native | target |\n|---|---|---|---|---|")
     print(f"| adopt vs `pull --no-cache`, MB/s | {model_bytes / m['adopt, s'] / 1e6:.0f} | "

@@ -47,8 +47,9 @@ from .publish import Publisher, SourceFile, scan
 
 log = logging.getLogger(__name__)
 
-SPOOL_BYTES = 4 << 30  # objects spooled before they are cut (one larger object alone)
-OBJECTS_AT_ONCE = 4  # objects streamed side by side
+SPOOL_BYTES = 4 << 30  # spooled at once: this batch and the next (one larger object alone)
+BATCH_OBJECTS = 2  # objects cut together (and fetched side by side)
+AHEAD = 1  # batches fetched while one is cut (2: the same time far, more CPU; measured)
 
 
 @dataclass
@@ -178,27 +179,38 @@ class Adopter:
     # -- reading objects --------------------------------------------------------------------
     def _read(self, todo: list[Wanted]) -> dict[str, FileEntry]:
         """Each object fetched once into a spool file (its md5 checked for DVC), then cut and
-        named by the fetch workers, in batches of at most ``SPOOL_BYTES``. Fetching and
-        cutting run one after the other, not side by side: cutting holds this process's
-        GIL, and overlapped with the fetches' threads it cost ~1 CPU-s/GB more on 2 cores
-        (measured, docs/benchmarks.md)."""
+        named by the fetch workers, a batch at a time (``BATCH_OBJECTS``, at most
+        ``SPOOL_BYTES``): the next batch is fetched while this one is cut, so a far store's
+        link keeps busy (cutting holds this process's GIL: within a batch, fetching and
+        cutting side by side cost ~1 CPU-s/GB more on 2 cores, measured)."""
+        batches: list[list[Wanted]] = []
+        size = 0
+        for w in todo:
+            if batches and len(batches[-1]) < BATCH_OBJECTS and size + (w.size or 0) <= SPOOL_BYTES // (AHEAD + 1):
+                batches[-1].append(w)
+                size += w.size or 0
+            else:
+                batches.append([w])
+                size = w.size or 0
         out: dict[str, FileEntry] = {}
-        with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
-            batch: list[Wanted] = []
-            size = 0
-            for w in [*todo, None]:
-                if w is not None and (not batch or size + (w.size or 0) <= SPOOL_BYTES):
-                    batch.append(w)
-                    size += w.size or 0
-                    continue
-                if batch:
-                    out.update(self._read_batch(batch, Path(tmp)))
-                batch, size = ([w], w.size or 0) if w is not None else ([], 0)
+        with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp, \
+                concurrent.futures.ThreadPoolExecutor(BATCH_OBJECTS * AHEAD) as pool:
+            def fetch(k: int) -> list[concurrent.futures.Future]:
+                if k >= len(batches):
+                    return []
+                return [pool.submit(self._spool, w, Path(tmp) / f"{k}-{i}") for i, w in enumerate(batches[k])]
+            pending = [fetch(k) for k in range(AHEAD)]
+            try:
+                for k, batch in enumerate(batches):
+                    spooled = [f.result() for f in pending.pop(0)]
+                    pending.append(fetch(k + AHEAD))
+                    out.update(self._name(batch, spooled))
+            finally:
+                for f in (f for fs in pending for f in fs):
+                    f.cancel()
         return out
 
-    def _read_batch(self, batch: list[Wanted], tmp: Path) -> dict[str, FileEntry]:
-        with concurrent.futures.ThreadPoolExecutor(OBJECTS_AT_ONCE) as pool:
-            spooled = list(pool.map(lambda iw: self._spool(iw[1], tmp / str(iw[0])), enumerate(batch)))
+    def _name(self, batch: list[Wanted], spooled: list[SourceFile]) -> dict[str, FileEntry]:
         try:
             entries = Publisher(self.registry, concurrency=self.concurrency, names_only=True).files(spooled)
         finally:
@@ -217,8 +229,8 @@ class Adopter:
     def _spool(self, w: Wanted, path: Path) -> SourceFile:
         """``w``'s object streamed into ``path``, its md5 checked for DVC — computed on the
         way, unless the store's ETag (the MD5 it computed of a single-part upload) is it.
-        One stream per object, four objects side by side: parallel ranged GETs of one
-        object cost 1–2 CPU-s/GB more here on 2 cores (measured, docs/benchmarks.md)."""
+        One stream per object (parallel ranged GETs of one object cost 1–2 CPU-s/GB more
+        here on 2 cores, measured)."""
         store = self.registry.foreign_store(w.source)
         key = w.source.key(w.key)
         try:
