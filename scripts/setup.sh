@@ -40,3 +40,13 @@ fi
   .venv-dvc/bin/python -m pip install -q --disable-pip-version-check dvc dvc-s3 2>&1 | grep -v "^WARNING: Location" || true
 }
 .venv-dvc/bin/dvc --version >/dev/null
+
+# giftless, a Git LFS server, for the batch API test; its package declares none of what it
+# imports, so that is listed here (the versions it was tested with as bounds)
+[ -x .venv-lfs/bin/python ] && .venv-lfs/bin/python -c 'import giftless.app' 2>/dev/null || {
+  python3 -m venv .venv-lfs
+  .venv-lfs/bin/python -m pip install -q --disable-pip-version-check 'giftless==0.6.2' boto3 'flask>=3,<4' \
+    flask-classful flask-marshmallow 'marshmallow<5' webargs pyyaml pyjwt cachetools figcan typing-extensions \
+    importlib-metadata cryptography python-dotenv python-dateutil 2>&1 | grep -v "^WARNING: Location" || true
+}
+.venv-lfs/bin/python -c 'import giftless.app'

@@ -365,3 +365,65 @@ def test_a_host_without_read_access_to_the_foreign_bucket_is_told_so(tmp_path, m
             assert "needs read access to bucket 'lfs'" in log, log[-2000:]
         finally:
             mounts.cleanup()
+
+
+# -- Git LFS through a real server's batch API (giftless, its objects in the test SeaweedFS) -----------
+
+GIFTLESS = ROOT / ".venv-lfs" / "bin" / "python"
+
+
+@pytest.fixture
+def giftless(env, seaweed, s3, tmp_path):
+    """A giftless LFS server (read only, anonymous) keeping objects in a bucket of the test
+    SeaweedFS under ``store/<org>/<repo>/<oid>``: (its URL for org/repo, the bucket)."""
+    import socket
+    import time
+    if not GIFTLESS.exists():
+        pytest.fail(f"{GIFTLESS} is missing: scripts/setup.sh installs giftless there")
+    b = f"giftless-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=b)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "giftless.json"  # YAML's superset: JSON
+    cfg.write_text(json.dumps({"TRANSFER_ADAPTERS": {"basic": {
+        "factory": "giftless.transfer.basic_external:factory",
+        "options": {"storage_class": "giftless.storage.amazon_s3:AmazonS3Storage",
+                    "storage_options": {"bucket_name": b, "path_prefix": "store", "endpoint": seaweed.endpoint}}}}}))
+    log = open(tmp_path / "giftless.log", "wb")
+    proc = subprocess.Popen([str(GIFTLESS), "-m", "flask", "--app", "giftless.wsgi_entrypoint", "run", "--host",
+                             "127.0.0.1", "--port", str(port)], env=dict(env, GIFTLESS_CONFIG_FILE=str(cfg)),
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "giftless.log").read_text()
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/org/repo", b
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(10)
+        log.close()
+
+
+def test_a_git_lfs_checkout_is_adopted_through_its_servers_batch_api(env, bucket, s3, lfs_checkout, giftless, mounts):
+    clone, src, store = lfs_checkout
+    url, b = giftless
+    for oid, p in store.items():  # where giftless keeps what `git lfs push` sent it
+        s3.upload_file(str(p), b, f"store/org/repo/{oid}")
+    _run(["git", "config", "-f", ".lfsconfig", "lfs.url", url], clone, env)  # as a repository says it
+    before = objects(s3, b)
+    out = cli(env, "adopt", str(clone), f"s3://{bucket}/reg", "--name", "m", "-q").stdout
+    assert f"s3://{b} at " in out and "git-lfs" in out
+    assert objects(s3, b) == before
+    mnt = mounts.mount(f"s3://{bucket}/reg/m@latest")
+    want = {k: v for k, v in tree_digest(src).items() if k.endswith(".safetensors")}
+    assert {k: v for k, v in tree_digest(mnt).items() if v[0] != "dir"} == want
+    # an object the server does not have: one line, nothing written
+    s3.delete_object(Bucket=b, Key=f"store/org/repo/{sorted(store)[0]}")
+    r = cli(env, "adopt", str(clone), f"s3://{bucket}/reg", "--name", "other", "-q", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "modelfs: error:" in r.stderr, r.stderr

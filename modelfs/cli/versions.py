@@ -108,6 +108,8 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
               help="sharded: PREFIX/oid[0:2]/oid[2:4]/oid[4:] (Gitea, Forgejo, GitLab); flat: PREFIX/oid (giftless, "
                    "with the organisation and repository in PREFIX).")
 @click.option("--lfs-endpoint", metavar="URL", help="The LFS store's S3 endpoint, when not the registry's.")
+@click.option("--lfs-url", metavar="URL", help="The Git LFS server whose batch API says where each object is "
+                                              "(default: the checkout's lfs.url or origin); without --lfs-store.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where objects are spooled while they are cut (default: the system's temporary directory).")
 @click.option("--with-files", is_flag=True,
@@ -115,8 +117,8 @@ def publish(ctx, src: Path, registry: str, name: str, tags, dry_run, no_compress
                    "of the version (uploaded; usually small).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, lfs_store, lfs_endpoint, lfs_layout,
-          work_dir, with_files, quiet):
+def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, lfs_store, lfs_endpoint, lfs_url,
+          lfs_layout, work_dir, with_files, quiet):
     """Make a version of NAME in REGISTRY from what a DVC or Git LFS CHECKOUT names, in place.
 
     Each object its .dvc files, dvc.lock and LFS pointers name is read once and cut into
@@ -129,7 +131,7 @@ def adopt(ctx, checkout: Path, registry: str, name: str, tags, subdir, remote, l
 
     reg = registry_of(ctx, parse_registry(registry), creating=True)
     wanted = plan(reg, checkout, subdir=subdir, remote=remote, lfs_store=lfs_store, lfs_layout=lfs_layout,
-                  lfs_endpoint=lfs_endpoint)
+                  lfs_endpoint=lfs_endpoint, lfs_url=lfs_url)
     plain = plain_files(checkout, wanted, subdir) if with_files else []
     tag_list = list(dict.fromkeys(["latest", *tags]))
     bar = Progress("adopt", enabled=False if quiet else None)

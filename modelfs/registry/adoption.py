@@ -13,14 +13,21 @@ Entries are content-addressed: never changed, never needed by a reader of a vers
 from __future__ import annotations
 
 import concurrent.futures
+import configparser
+import json
 import logging
+import os
+import re
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ManifestError, NotFoundError, UsageError
+from ..errors import ManifestError, NotFoundError, StoreError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
-from ..format.foreign import LFS_LAYOUTS, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers
+from ..format.foreign import LFS_LAYOUTS, LfsPointer, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers
 from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads
 from .layout import Registry
 
@@ -51,11 +58,12 @@ class Wanted:
 
 def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remote: str | None = None,
          lfs_store: str | None = None, lfs_layout: str = "sharded", lfs_endpoint: str | None = None,
-         lfs_known: dict[str, Manifest] | None = None) -> list[Wanted]:
+         lfs_known: dict[str, Manifest] | None = None, lfs_url: str | None = None) -> list[Wanted]:
     """The files a checkout's DVC outputs and Git LFS pointers make (paths relative to
     ``subdir``, when given), each with its object; a DVC directory's listing is read here.
     ``lfs_known``: table entries by ``sha256/<oid>`` that say where pointers' objects are
-    (a mount of a checkout), instead of ``lfs_store``."""
+    (a mount of a checkout), instead of ``lfs_store``; without either, the LFS server's
+    batch API (``lfs_url``, or the checkout's) says where each object is."""
     if not checkout.is_dir():
         raise UsageError(f"{checkout} is not a directory")
     wanted = _dvc_wanted(registry, checkout, remote)
@@ -69,10 +77,14 @@ def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remot
             f = e.files[0]
             assert f.foreign is not None
             wanted.append(Wanted(p.path, e.sources[0], f.foreign.key, sha256=p.oid, size=p.size))
+    elif pointers and lfs_store is None:
+        url = lfs_url or lfs_server_url(checkout)
+        if url is None:
+            raise UsageError(f"{checkout} has {len(pointers)} Git LFS pointer file(s) ({pointers[0].path}, ...) and "
+                             "names no LFS server: pass --lfs-url URL (its batch API) or --lfs-store s3://BUCKET/PREFIX")
+        wanted += _lfs_by_batch_api(url, pointers)
     elif pointers:
-        if lfs_store is None:
-            raise UsageError(f"{checkout} has {len(pointers)} Git LFS pointer file(s) ({pointers[0].path}, ...): "
-                             "pass --lfs-store s3://BUCKET/PREFIX where the LFS server keeps its objects")
+        assert lfs_store is not None
         if lfs_layout not in LFS_LAYOUTS:
             raise UsageError(f"--lfs-layout {lfs_layout!r}: one of {', '.join(LFS_LAYOUTS)}")
         src = ForeignStore("git-lfs", lfs_store.rstrip("/"), lfs_endpoint)
@@ -90,6 +102,86 @@ def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remot
             raise UsageError(f"{w.path} is named twice ({seen[w.path].source.kind} and {w.source.kind})")
         seen[w.path] = w
     return sorted(wanted, key=lambda w: w.path)
+
+
+LFS_BATCH = 100  # objects per batch request
+LFS_TIMEOUT = 60.0
+
+
+def lfs_server_url(checkout: Path) -> str | None:
+    """The checkout's Git LFS endpoint, as git-lfs finds it: ``lfs.url`` in ``.lfsconfig``
+    or ``.git/config``, else the ``origin`` remote's URL + ``/info/lfs`` (http(s) only)."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cp.read([checkout / ".lfsconfig", checkout / ".git" / "config"], encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return None
+    url = cp.get("lfs", "url", fallback=None)
+    if url:
+        return url.strip()
+    origin = cp.get('remote "origin"', "url", fallback="").strip()
+    if origin.startswith(("http://", "https://")):
+        return origin.rstrip("/") + ("/info/lfs" if origin.endswith(".git") else ".git/info/lfs")
+    return None
+
+
+def _lfs_by_batch_api(url: str, pointers: list[LfsPointer]) -> list[Wanted]:
+    """Ask the LFS server where each pointer's object is (``POST …/objects/batch``, download):
+    its answer is a presigned URL of its store; the object is read there, in place, with this
+    host's own credentials (``MODELFS_LFS_AUTHORIZATION``: an Authorization header for the
+    server, if it wants one)."""
+    out = []
+    for i in range(0, len(pointers), LFS_BATCH):
+        part = pointers[i:i + LFS_BATCH]
+        body = json.dumps({"operation": "download", "transfers": ["basic"],
+                           "objects": [{"oid": p.oid, "size": p.size} for p in part]}).encode()
+        headers = {"Content-Type": "application/vnd.git-lfs+json", "Accept": "application/vnd.git-lfs+json"}
+        if os.environ.get("MODELFS_LFS_AUTHORIZATION"):
+            headers["Authorization"] = os.environ["MODELFS_LFS_AUTHORIZATION"]
+        req = urllib.request.Request(url.rstrip("/") + "/objects/batch", data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=LFS_TIMEOUT) as r:
+                doc = json.loads(r.read(64 << 20))
+        except urllib.error.HTTPError as e:
+            raise StoreError(f"the Git LFS server at {url} refused the batch request: HTTP {e.code}") from None
+        except (OSError, ValueError) as e:
+            raise StoreError(f"the Git LFS server at {url} did not answer its batch API: {e}") from None
+        answers = {o.get("oid"): o for o in doc.get("objects", []) if isinstance(o, dict)} \
+            if isinstance(doc, dict) else {}
+        for p in part:
+            o = answers.get(p.oid, {})
+            href = ((o.get("actions") or {}).get("download") or {}).get("href") if isinstance(o, dict) else None
+            if not isinstance(href, str):
+                why = (o.get("error") or {}).get("message", "no download action") if isinstance(o, dict) else "no answer"
+                raise UsageError(f"{p.path}: the Git LFS server at {url} has no object {p.oid[:16]}… ({why})")
+            src, key = _s3_location(href, p.path)
+            out.append(Wanted(p.path, src, key, sha256=p.oid, size=p.size))
+    return out
+
+
+def _s3_location(href: str, what: str) -> tuple[ForeignStore, str]:
+    """(the store, the object's key) a presigned S3 URL names: path style
+    (``http://HOST/BUCKET/KEY``) or AWS virtual-hosted (``https://BUCKET.s3….amazonaws.com/KEY``)."""
+    u = urllib.parse.urlsplit(href)
+    path = urllib.parse.unquote(u.path).lstrip("/")
+    host = u.hostname or ""
+    m = re.fullmatch(r"([a-z0-9][a-z0-9.-]+)\.s3[.-]([a-z0-9-]+\.)?amazonaws\.com", host)
+    if m:
+        bucket, key, endpoint = m.group(1), path, None
+    else:
+        bucket, _, key = path.partition("/")
+        endpoint = f"{u.scheme}://{u.netloc}"
+    if u.scheme not in ("http", "https") or not bucket or not key:
+        raise UsageError(f"{what}: the LFS server's download URL is not an S3 object ({u.scheme}://{host}/…): "
+                         "only servers that keep objects in S3 can be adopted from")
+    return ForeignStore("git-lfs", f"s3://{bucket}", endpoint), _safe_key(key, what)
+
+
+def _safe_key(key: str, what: str) -> str:
+    try:
+        return check_path(key, f"{what}: object key")
+    except ManifestError as e:
+        raise UsageError(str(e)) from None
 
 
 def _dvc_wanted(registry: Registry, checkout: Path, remote: str | None) -> list[Wanted]:
