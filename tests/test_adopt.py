@@ -427,3 +427,18 @@ def test_a_git_lfs_checkout_is_adopted_through_its_servers_batch_api(env, bucket
     s3.delete_object(Bucket=b, Key=f"store/org/repo/{sorted(store)[0]}")
     r = cli(env, "adopt", str(clone), f"s3://{bucket}/reg", "--name", "other", "-q", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "modelfs: error:" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("piece", [4096, 9999, 1 << 20, 7 << 20])
+def test_cutting_a_stream_gives_the_chunks_cutting_the_whole_gives(piece):
+    """Adopt cuts objects as they stream in; a version's chunk ids must be publish's."""
+    import random
+    from modelfs.format.chunking import ChunkParams, chunk_hash, cut
+    from modelfs.ops.adopt import StreamCutter
+    params = ChunkParams(min_size=16 << 10, avg_size=64 << 10, max_size=128 << 10)
+    data = random.Random(piece).randbytes(3 << 20) + bytes(200 << 10)  # a run of zeros: max_size cuts
+    whole = [(chunk_hash(data[o:o + n]), n) for o, n in cut(data, params)]
+    c = StreamCutter(params, window=0)
+    for i in range(0, len(data), piece):
+        c.feed(data[i:i + piece])
+    assert c.close() == whole and len(whole) > 20

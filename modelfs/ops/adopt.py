@@ -1,10 +1,10 @@
 """``modelfs adopt``: a version whose files stay where DVC or Git LFS put them.
 
 A checkout's ``.dvc`` files, ``dvc.lock`` and Git LFS pointers name objects in another
-store (a DVC remote, an LFS server's bucket). Adoption reads each object once — streamed
-to a spool file on this host, its md5 checked on the way for DVC — and has the fetch
-workers cut and name it exactly as ``publish`` does (FastCDC, BLAKE3 block ids), without
-sending a chunk: the version's manifest says, per file, which foreign object holds its
+store (a DVC remote, an LFS server's bucket). Adoption reads each object once, as one
+stream, and on the way checks its md5 (DVC) or SHA-256 (LFS) and cuts and names it exactly
+as ``publish`` does (FastCDC, BLAKE3 block ids: :class:`StreamCutter`), without sending a
+chunk: the version's manifest says, per file, which foreign object holds its
 bytes (``files[].source``; chunk *i* of a file is the object's bytes at the chunk's
 offset), so a mount reads them as ranged GETs of that object, each chunk verified.
 Uploaded: the manifest and, per object read, a small entry of the adoption table
@@ -26,7 +26,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IntegrityError, StoreError, UsageError
-from ..format.chunking import DEFAULT_PARAMS
+from ..describe.headers import describe
+from ..format.chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
 from ..format.codec import check_raw, encode
 from ..format.foreign import dvc_outputs
 from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, loads
@@ -47,9 +47,9 @@ from .publish import Publisher, SourceFile, scan
 
 log = logging.getLogger(__name__)
 
-SPOOL_BYTES = 4 << 30  # spooled at once: this batch and the next (one larger object alone)
-BATCH_OBJECTS = 2  # objects cut together (and fetched side by side)
-AHEAD = 1  # batches fetched while one is cut (2: the same time far, more CPU; measured)
+OBJECTS_AT_ONCE = 4  # objects streamed (and cut as they arrive) side by side
+STREAM_PIECE = 1 << 20  # what the stream hands over at a time
+CUT_WINDOW = 32 << 20  # bytes gathered before cutting (at least two largest chunks)
 
 
 @dataclass
@@ -94,6 +94,37 @@ def plain_files(checkout: Path, wanted: list[Wanted], subdir: str | None = None)
         out.append(f)
     return out
 
+
+
+class StreamCutter:
+    """Chunks of a byte stream, fed piece by piece, exactly as :func:`cut` makes them of the
+    whole: FastCDC decides a chunk's end from its own bytes alone (at most ``max_size``), so
+    every chunk found in a window except its last is final; the last waits for more bytes.
+    Each chunk is named (BLAKE3 of its blocks' digests, which releases the GIL) as found."""
+
+    def __init__(self, params: ChunkParams = DEFAULT_PARAMS, window: int = CUT_WINDOW):
+        self.params, self.window = params, max(window, 2 * params.max_size)
+        self.buf = bytearray()
+        self.chunks: list[tuple[str, int]] = []
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self.buf += data
+        if len(self.buf) >= self.window:
+            self._cut(final=False)
+
+    def close(self) -> list[tuple[str, int]]:
+        self._cut(final=True)
+        return self.chunks
+
+    def _cut(self, final: bool) -> None:
+        with memoryview(self.buf) as mv:
+            found = list(cut(mv, self.params))
+            if not final:
+                found = found[:-1]
+            for off, n in found:
+                self.chunks.append((chunk_hash(mv[off:off + n]), n))
+        if found:
+            del self.buf[:found[-1][0] + found[-1][1]]
 
 
 class Adopter:
@@ -178,59 +209,30 @@ class Adopter:
 
     # -- reading objects --------------------------------------------------------------------
     def _read(self, todo: list[Wanted]) -> dict[str, FileEntry]:
-        """Each object fetched once into a spool file (its md5 checked for DVC), then cut and
-        named by the fetch workers, a batch at a time (``BATCH_OBJECTS``, at most
-        ``SPOOL_BYTES``): the next batch is fetched while this one is cut, so a far store's
-        link keeps busy (cutting holds this process's GIL: within a batch, fetching and
-        cutting side by side cost ~1 CPU-s/GB more on 2 cores, measured)."""
-        batches: list[list[Wanted]] = []
-        size = 0
-        for w in todo:
-            if batches and len(batches[-1]) < BATCH_OBJECTS and size + (w.size or 0) <= SPOOL_BYTES // (AHEAD + 1):
-                batches[-1].append(w)
-                size += w.size or 0
-            else:
-                batches.append([w])
-                size = w.size or 0
+        """Each object read once, ``OBJECTS_AT_ONCE`` side by side, and its table entry
+        written as soon as it is named (an interrupted adoption resumes from there)."""
         out: dict[str, FileEntry] = {}
-        with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp, \
-                concurrent.futures.ThreadPoolExecutor(BATCH_OBJECTS * AHEAD) as pool:
-            def fetch(k: int) -> list[concurrent.futures.Future]:
-                if k >= len(batches):
-                    return []
-                return [pool.submit(self._spool, w, Path(tmp) / f"{k}-{i}") for i, w in enumerate(batches[k])]
-            pending = [fetch(k) for k in range(AHEAD)]
-            try:
-                for k, batch in enumerate(batches):
-                    spooled = [f.result() for f in pending.pop(0)]
-                    pending.append(fetch(k + AHEAD))
-                    out.update(self._name(batch, spooled))
-            finally:
-                for f in (f for fs in pending for f in fs):
-                    f.cancel()
+        with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
+            def one(iw: tuple[int, Wanted]) -> None:
+                i, w = iw
+                spool = Path(tmp) / str(i) / w.path.rsplit("/", 1)[-1]  # its name: describe goes by it
+                spool.parent.mkdir()
+                try:
+                    e = self._adopt_object(w, spool)
+                finally:
+                    spool.unlink(missing_ok=True)
+                self._remember(w, e)
+                out[w.table_id] = e
+            with concurrent.futures.ThreadPoolExecutor(OBJECTS_AT_ONCE) as pool:
+                list(pool.map(one, enumerate(todo)))
         return out
 
-    def _name(self, batch: list[Wanted], spooled: list[SourceFile]) -> dict[str, FileEntry]:
-        try:
-            entries = Publisher(self.registry, concurrency=self.concurrency, names_only=True).files(spooled)
-        finally:
-            for s in spooled:
-                s.full.unlink(missing_ok=True)
-        out = {}
-        for w, e in zip(batch, entries):
-            if w.sha256 is not None and e.sha256 != w.sha256:
-                raise IntegrityError(f"{w.what}: its bytes' SHA-256 is {e.sha256}, not the pointer's oid "
-                                     f"{w.sha256}: the LFS store holds something else under that name")
-            out[w.table_id] = e
-        with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
-            list(pool.map(lambda w: self._remember(w, out[w.table_id]), batch))
-        return out
-
-    def _spool(self, w: Wanted, path: Path) -> SourceFile:
-        """``w``'s object streamed into ``path``, its md5 checked for DVC — computed on the
-        way, unless the store's ETag (the MD5 it computed of a single-part upload) is it.
-        One stream per object (parallel ranged GETs of one object cost 1–2 CPU-s/GB more
-        here on 2 cores, measured)."""
+    def _adopt_object(self, w: Wanted, spool: Path) -> FileEntry:
+        """``w``'s object streamed once: its md5 (DVC) and SHA-256 fed, cut and named as it
+        arrives (FastCDC over a sliding window gives the cuts it gives over the whole
+        file: a chunk's end depends only on its own bytes), and written to ``spool`` for
+        ``describe`` alone (headers, a zip's directory at the end). The md5 is not computed
+        when the store's ETag (the MD5 it took of a single-part upload) is that md5."""
         store = self.registry.foreign_store(w.source)
         key = w.source.key(w.key)
         try:
@@ -245,13 +247,18 @@ class Adopter:
         if w.size is not None and info.size != w.size:
             raise IntegrityError(f"{w.what}: the checkout says {w.size} bytes, the object has {info.size}")
         md5 = hashlib.md5(usedforsecurity=False) if w.md5 and info.etag != w.md5 else None
-        with open(path, "wb") as f:
+        sha = hashlib.sha256()
+        cutter = StreamCutter()
+        with open(spool, "wb") as f:
             def sink(data: bytes) -> None:
                 if md5 is not None:
                     md5.update(data)
+                sha.update(data)
                 f.write(data)
+                cutter.feed(data)
                 self.on_progress(len(data), self.stats)
-            n = store.download(key, sink)
+            n = store.download(key, sink, STREAM_PIECE)
+        chunks = cutter.close()
         self.stats.add(read_objects=1, read_bytes=n)
         if n != info.size:
             raise IntegrityError(f"{w.what}: {n} bytes read where it had {info.size} (it changed while adopted)")
@@ -259,8 +266,10 @@ class Adopter:
             hint = (" (a DVC 2 output: text files were hashed after CRLF normalisation; `dvc cache migrate` "
                     "re-hashes them)") if w.legacy else ""
             raise IntegrityError(f"{w.what}: its bytes' md5 is {md5.hexdigest()}, not {w.md5}{hint}")
-        st = os.stat(path)
-        return SourceFile(w.path, path, st.st_size, 0o644, st.st_mtime_ns)
+        if w.sha256 is not None and sha.hexdigest() != w.sha256:
+            raise IntegrityError(f"{w.what}: its bytes' SHA-256 is {sha.hexdigest()}, not the pointer's oid "
+                                 f"{w.sha256}: the LFS store holds something else under that name")
+        return FileEntry(w.path, n, 0o644, sha.hexdigest(), tuple(chunks), describe(str(spool), n))
 
     # -- chunks the registry holds itself ------------------------------------------------------
     def _native(self, chunks: set[str]) -> set[str]:

@@ -139,9 +139,8 @@ class Publisher:
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,
                  concurrency: int = 16, workers: int = 0, dry_run: bool = False, compress: bool = True,
                  on_progress: Callable[[int, PublishStats], None] | None = None,
-                 signer: SigningKey | None = None, names_only: bool = False):
+                 signer: SigningKey | None = None):
         self.registry = registry
-        self.names_only = names_only  # chunks are named, never sent (adopt: they stay in another store)
         self.signer = signer  # signs the version and the tag records
         self.params = params
         self.concurrency = concurrency
@@ -269,7 +268,7 @@ class Publisher:
     def _decide(self, h: str) -> Go:
         """What a worker does with chunk ``h`` it read: nothing (this run sent it, or the
         previous version has it), or HEAD it and PUT it if the store lacks it."""
-        if h in self._seen or h in self._known or self.names_only:
+        if h in self._seen or h in self._known:
             return Go(0, skip=True)
         self._seen.add(h)
         store, key = self.registry.store, self.registry.chunk_key(h)
