@@ -61,6 +61,22 @@ def test_a_dir_listing_that_is_not_a_list_of_safe_entries_is_refused(data, needl
         foreign.dir_listing(data, "d")
 
 
+def test_dvc_2_outputs_and_the_remote_a_checkout_names(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(
+        "[core]\n    remote = store\n['remote \"store\"']\n    url = s3://bkt/dvc\n"
+        "['remote \"other\"']\n    url = s3://other/x\n")
+    (tmp_path / ".dvc" / "config.local").write_text("['remote \"store\"']\n    endpointurl = http://127.0.0.1:9/\n")
+    assert foreign.dvc_remote(tmp_path) == foreign.DvcRemote("store", "s3://bkt/dvc", "http://127.0.0.1:9")
+    assert foreign.dvc_remote(tmp_path, "other").url == "s3://other/x"
+    with pytest.raises(UsageError, match="no remote 'nope'"):
+        foreign.dvc_remote(tmp_path, "nope")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.bin.dvc").write_text(f"outs:\n- md5: {'ab' * 16}\n  size: 5\n  path: w.bin\n")
+    (out,) = foreign.dvc_outputs(tmp_path)  # DVC 2: no `hash: md5`
+    assert out.path == "sub/w.bin" and out.legacy and out.key() == f"ab/{'ab' * 15}"
+
+
 def test_lfs_pointers_are_read_and_a_bad_oid_or_size_refused():
     ok = f"version {foreign.LFS_SPEC}\noid sha256:{'ab' * 32}\nsize 12\n".encode()
     assert foreign.lfs_pointer(ok, "w.bin") == foreign.LfsPointer("w.bin", "ab" * 32, 12)
@@ -210,6 +226,9 @@ def test_re_adopting_reads_only_what_changed_and_gc_touches_nothing_foreign(env,
     dvc_repo.add_push("single.bin")
     again = cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q").stdout
     assert "read      1 object " in again, again
+    v1 = first.split("adopted m@", 1)[1].split()[0]
+    d = json.loads(cli(env, "diff", f"{reg}/m@{v1}", f"{reg}/m@latest", "--json").stdout)["files"]
+    assert [c["path"] for c in d["changed"]] == ["single.bin"] and not d["added"] and not d["removed"], d
     before = objects(s3, dvc_repo.bucket)
     report = cli(env, "gc", reg, "--grace", "0s", "--delete").stdout
     assert report.count(f"reads s3://{dvc_repo.bucket}/dvcstore in place") == 2, report  # both versions
