@@ -29,6 +29,10 @@ class StoreError(ModelfsError):
     """The object store failed: unreachable, denied, missing bucket, 5xx after retries."""
 
 
+class AccessDeniedError(StoreError):
+    """The store refused this host's credentials for an object or bucket (403)."""
+
+
 class StoreUnavailableError(StoreError):
     """The store could not be reached, timed out, or failed on its side (5xx): maybe passing."""
 

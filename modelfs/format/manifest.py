@@ -14,6 +14,7 @@ import bisect
 import json
 import posixpath
 import re
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -183,6 +184,11 @@ class Manifest:
     @cached_property
     def _by_path(self) -> dict[str, FileEntry]:
         return {f.path: f for f in self.files}
+
+
+def utc_stamp(seconds: float | None = None) -> str:
+    """RFC 3339 UTC time to the second (``created``; tags' and leases' times): now, or ``seconds``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def version_id_of(data: bytes) -> str:

@@ -32,15 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, StoreError, UsageError
+from ..errors import AccessDeniedError, IntegrityError, UsageError
 from ..describe.headers import describe
 from ..format.chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
 from ..format.codec import check_raw, encode
 from ..format.foreign import dvc_outputs
-from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, loads
+from ..format.manifest import FileEntry, ForeignStore, Manifest, loads, utc_stamp
 from ..format.refs import check_name, check_tag
 from ..progress import Counters
-from ..registry.adoption import LOOKUPS_AT_ONCE, Wanted, remember, table_entries
+from ..registry.adoption import LOOKUPS_AT_ONCE, Wanted, adopted_file, remember, table_entries
 from ..registry.layout import Registry
 from ..registry.lifecycle import Lease
 from .publish import Publisher, SourceFile, scan
@@ -78,13 +78,14 @@ GIT_AND_DVC_FILES = {".gitattributes", ".gitignore", ".gitmodules", ".dvcignore"
 def plain_files(checkout: Path, wanted: list[Wanted], subdir: str | None = None) -> list[SourceFile]:
     """The checkout's files that are neither adopted nor Git's or DVC's own (configs,
     tokenizers, READMEs that Git keeps itself), paths relative to ``subdir``."""
-    root = checkout / subdir.strip("/") if subdir else checkout
+    sub = subdir.strip("/") if subdir else ""
+    root = checkout / sub if sub else checkout
     if not root.is_dir():
         return []
     taken = {w.path for w in wanted}
     dvc_dirs = [o.path for o in (dvc_outputs(checkout) if (checkout / ".dvc").is_dir() else []) if o.is_dir]
-    if subdir:
-        dvc_dirs = [d[len(subdir.strip("/")) + 1:] for d in dvc_dirs if d.startswith(subdir.strip("/") + "/")]
+    if sub:
+        dvc_dirs = [d[len(sub) + 1:] for d in dvc_dirs if d.startswith(sub + "/")]
     out = []
     for f in scan(root)[0]:
         top = f.path.split("/", 1)[0]
@@ -177,19 +178,14 @@ class Adopter:
                 raise IntegrityError(f"{w.what}: the checkout says {w.size} bytes, the object has {e.size}")
             if w.sha256 is not None and w.sha256 != e.sha256:
                 raise IntegrityError(f"{w.what}: its bytes' SHA-256 is {e.sha256}, not the pointer's oid")
-            foreign = None
-            if not all(h in native for h, _ in e.chunks):
-                if w.source not in sources:
-                    sources.append(w.source)
-                foreign = ForeignObject(sources.index(w.source), w.key, w.md5)
-            else:
+            in_registry = all(h in native for h, _ in e.chunks)
+            if in_registry:
                 self.stats.native_files += 1
-            files.append(FileEntry(w.path, e.size, 0o644, e.sha256, e.chunks, e.description, None,
-                                   by_blocks=True, foreign=foreign))
+            files.append(adopted_file(w, e, None if in_registry else sources))
             self.stats.add(files=1, bytes=e.size)
         files = sorted(files + plain, key=lambda f: f.path)
         self.stats.add(files=len(plain), bytes=sum(f.size for f in plain))
-        m = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), files=tuple(files),
+        m = Manifest(name=name, created=utc_stamp(), files=tuple(files),
                      directories=(), chunking=DEFAULT_PARAMS.as_json(), origin=str(self.registry.ref),
                      sources=tuple(sources))
         data = m.to_bytes()
@@ -237,10 +233,8 @@ class Adopter:
         key = w.source.key(w.key)
         try:
             info = store.stat(key)
-        except StoreError as e:
-            if "access denied" not in str(e):
-                raise
-            raise StoreError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
+        except AccessDeniedError as e:
+            raise AccessDeniedError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
                              f"the version, need read access to bucket {w.source.bucket!r}") from None
         if info is None:
             raise UsageError(f"{w.what} is missing from its store (not pushed?)")
@@ -360,6 +354,6 @@ def copy_in(registry: Registry, m: Manifest, on_progress: Callable[[int], None] 
         with concurrent.futures.ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
             list(pool.map(one, [(h, sizes[h]) for h in m.foreign_chunks]))
         native = dataclasses.replace(m, files=tuple(dataclasses.replace(f, foreign=None) for f in m.files),
-                                     sources=(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                                     sources=(), created=utc_stamp())
         registry.put_manifest(native)
     return native, stats

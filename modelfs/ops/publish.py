@@ -37,7 +37,7 @@ from ..errors import ManifestError, UsageError
 from ..transfer.lanes import URL_SECONDS, LaneConfig, Lanes, run_with
 from ..transfer.protocol import Go
 from ..registry.lifecycle import Lease
-from ..format.manifest import DirEntry, FileEntry, Manifest, check_path
+from ..format.manifest import DirEntry, FileEntry, Manifest, check_path, utc_stamp
 from ..progress import Counters
 from ..format.refs import check_name, check_tag
 from ..registry.layout import Registry
@@ -174,7 +174,7 @@ class Publisher:
         if previous is not None:
             self._known = {h for f in previous.files for h, _ in f.chunks}
         entries = self.files(files)
-        manifest = Manifest(name=name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        manifest = Manifest(name=name, created=utc_stamp(),
                             files=tuple(entries), directories=tuple(dirs),
                             chunking=self.params.as_json(), chunk_hash=self.registry.codec.hash_algorithm,
                             origin=str(self.registry.ref))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import configparser
+import dataclasses
 import json
 import logging
 import os
 import re
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import ManifestError, NotFoundError, StoreError, UsageError
 from ..format.chunking import DEFAULT_PARAMS
 from ..format.foreign import LFS_LAYOUTS, LfsPointer, dir_listing, dvc_key, dvc_outputs, dvc_remote, lfs_key, lfs_pointers
-from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads
+from ..format.manifest import FileEntry, ForeignObject, ForeignStore, Manifest, check_path, loads, utc_stamp
 from .layout import Registry
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def plan(registry: Registry, checkout: Path, *, subdir: str | None = None, remot
         wanted += [Wanted(p.path, src, lfs_key(p.oid, lfs_layout), sha256=p.oid, size=p.size) for p in pointers]
     if subdir:
         subdir = check_path(subdir.strip("/"), "--path")
-        wanted = [Wanted(**{**w.__dict__, "path": w.path[len(subdir) + 1:]}) for w in wanted
+        wanted = [dataclasses.replace(w, path=w.path[len(subdir) + 1:]) for w in wanted
                   if w.path.startswith(subdir + "/")]
     if not wanted:
         raise UsageError(f"{checkout}{'/' + subdir if subdir else ''} has no DVC outputs and no Git LFS pointers: "
@@ -206,6 +206,18 @@ def _dvc_wanted(registry: Registry, checkout: Path, remote: str | None) -> list[
     return wanted
 
 
+def adopted_file(w: Wanted, e: FileEntry, sources: list[ForeignStore] | None) -> FileEntry:
+    """The version's entry for ``w``, read as ``e`` (a table entry's file): its bytes in
+    ``w``'s object, whose store joins ``sources`` (the manifest's) if it is not there yet;
+    ``sources`` None: a native file (the registry holds every chunk)."""
+    foreign = None
+    if sources is not None:
+        if w.source not in sources:
+            sources.append(w.source)
+        foreign = ForeignObject(sources.index(w.source), w.key, w.md5)
+    return FileEntry(w.path, e.size, 0o644, e.sha256, e.chunks, e.description, by_blocks=True, foreign=foreign)
+
+
 def is_checkout(path: Path) -> bool:
     """Whether ``path`` is a DVC checkout, or a Git checkout that keeps files in Git LFS."""
     try:
@@ -219,9 +231,9 @@ def checkout_manifest(registry: Registry, checkout: Path, *, remote: str | None 
     each DVC output and LFS pointer at its path, read in place. Every object must be in
     the adoption table (else one line says to adopt first); nothing is read but the
     table and DVC directory listings."""
-    lfs = [f"sha256/{p.oid}" for p in lfs_pointers(checkout)]
-    wanted = plan(registry, checkout, remote=remote, lfs_known=table_entries(registry, lfs))
-    known = table_entries(registry, [w.table_id for w in wanted if w.md5]) | table_entries(registry, lfs)
+    lfs_known = table_entries(registry, [f"sha256/{p.oid}" for p in lfs_pointers(checkout)])
+    wanted = plan(registry, checkout, remote=remote, lfs_known=lfs_known)
+    known = table_entries(registry, [w.table_id for w in wanted if w.md5]) | lfs_known
     sources: list[ForeignStore] = []
     files = []
     for w in wanted:
@@ -229,15 +241,11 @@ def checkout_manifest(registry: Registry, checkout: Path, *, remote: str | None 
         if e is None:
             raise UsageError(f"{w.path}: {w.what.split(' (', 1)[1][:-1]} was never adopted into {registry.ref}: "
                              "run `modelfs adopt` on this checkout first")
-        f = e.files[0]
-        if w.source not in sources:
-            sources.append(w.source)
-        files.append(FileEntry(w.path, f.size, 0o644, f.sha256, f.chunks, f.description, by_blocks=True,
-                               foreign=ForeignObject(sources.index(w.source), w.key, w.md5)))
+        files.append(adopted_file(w, e.files[0], sources))
     stamp = max((p.stat().st_mtime for p in [checkout / ".dvc", checkout / ".gitattributes"] if p.exists()),
                 default=0)
     name = "".join(c if c.isalnum() or c in "._-" else "-" for c in checkout.resolve().name).lstrip("._-") or "checkout"
-    return Manifest(name=name[:128], created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+    return Manifest(name=name[:128], created=utc_stamp(stamp),
                     files=tuple(files), directories=(), chunking=DEFAULT_PARAMS.as_json(), origin=str(registry.ref),
                     sources=tuple(sources))
 
@@ -271,7 +279,7 @@ def table_entries(registry: Registry, table_ids: list[str]) -> dict[str, Manifes
 
 def remember(registry: Registry, w: Wanted, e: FileEntry) -> int:
     """Write the table entry of ``w`` read as ``e``: the bytes it took."""
-    entry = Manifest(name="adopted", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = Manifest(name="adopted", created=utc_stamp(),
                      files=(FileEntry("object", e.size, 0o644, e.sha256, e.chunks, e.description,
                                       foreign=ForeignObject(0, w.key, w.md5)),),
                      directories=(), chunking=DEFAULT_PARAMS.as_json(), sources=(w.source,))

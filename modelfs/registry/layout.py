@@ -32,7 +32,7 @@ from ..format.codec import ChunkCodec, check_raw
 from ..format.encryption import MetadataSealer, RegistryKey, is_sealed
 from ..errors import IntegrityError, ManifestError, NotFoundError, StoreError, StoreUnavailableError, UsageError
 from ..config import StoreConfig
-from ..format.manifest import ForeignStore, Manifest, loads
+from ..format.manifest import ForeignStore, Manifest, loads, utc_stamp
 from ..format.refs import VERSION_RE, RegistryRef, check_name, check_tag, parse_registry
 from .store import ObjectInfo, Store
 from ..format.trust import SigningKey
@@ -293,7 +293,7 @@ class Registry:
             previous = 0
         sequence = max(previous + 1, time.time_ns() // 1_000_000)
         doc: dict[str, Any] = {"format": TAG_FORMAT, "version": version, "sequence": sequence,
-                               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                               "updated": utc_stamp()}
         if signer is not None:
             doc["signature"] = signer.sign_tag(name, tag, version, sequence)
         key = self.tag_key(name, tag)

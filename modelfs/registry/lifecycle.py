@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ModelfsError, NotFoundError, UsageError
+from ..format.manifest import utc_stamp
 from .layout import Registry
 from .store import ObjectInfo
 
@@ -64,7 +65,7 @@ class Lease:
         self.registry = registry
         self.key = registry.lease_key(uuid.uuid4().hex)
         self.doc = {"format": "modelfs-lease", "what": what, "host": socket.gethostname(),
-                    "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "pid": os.getpid(), "started": utc_stamp()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

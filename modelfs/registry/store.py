@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from ..config import StoreConfig
-from ..errors import NotFoundError, StoreError, StoreUnavailableError
+from ..errors import AccessDeniedError, NotFoundError, StoreError, StoreUnavailableError
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "403"}
@@ -193,7 +193,7 @@ class Store:
         if code in _MISSING or status == 404:
             return NotFoundError(f"{where} not found")
         if code in _DENIED or status == 403:
-            return StoreError(
+            return AccessDeniedError(
                 f"access denied to {where} ({code or status}): check the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and permissions"
             )

@@ -49,7 +49,7 @@ import trio
 
 from ..cache import BlockCache
 from ..config import Timeouts
-from ..errors import IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
+from ..errors import AccessDeniedError, IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
 from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message, Named,
                        Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
@@ -569,7 +569,7 @@ class Lanes:
         at = self.registry.locate(flight.h) if self.registry is not None else None
         if at is None:
             return error
-        if "access denied" in str(error):
+        if isinstance(error, AccessDeniedError):
             error = type(error)(f"{at.version} reads {at.url} in place (an adopted version), and this host may not "
                                 f"read it: it needs read access to bucket {at.store.bucket!r} too: {error}")
         else:
