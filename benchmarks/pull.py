@@ -5,7 +5,7 @@
 Publishes a 1 GiB F16 safetensors file to its own SeaweedFS (and the same file as one
 plain object for s5cmd), warms a block cache with it (``prefetch``), then, interleaved,
 page cache dropped before each: ``modelfs pull`` into an empty directory (this tree,
-fetching everything and copying from that cache; with ``--base``, also another source
+fetching everything, the same with ``--verify``, and copying from that cache; with ``--base``, also another source
 tree of modelfs, e.g. an earlier commit's ``git archive``, as it pulls by default) and
 ``s5cmd cp`` of the plain object.
 Prints MB/s (the whole command: start-up, manifest, fetch, verify, SHA-256, fsync) and
@@ -43,6 +43,7 @@ def main() -> None:
         subprocess.run([str(BIN / "modelfs"), "prefetch", f"s3://{b}/reg/m", "--cache-dir", str(cache), "-q"],
                        env=env, check=True, capture_output=True)
         pulls = {"modelfs pull": ([str(BIN / "modelfs")], env, ["--no-cache"]),
+                 "modelfs pull --verify": ([str(BIN / "modelfs")], env, ["--no-cache", "--verify"]),
                  "modelfs pull, chunks in the host's cache": ([str(BIN / "modelfs")], env,
                                                                ["--cache-dir", str(cache)])}
         if args.base:

@@ -128,6 +128,46 @@ class Silent:
         return f"http://127.0.0.1:{self.port}"
 
 
+class Gated:
+    """A store of a few objects (path → bytes) that holds every GET's answer until
+    ``gate`` is set, and records the order GETs arrived in (the object's last path
+    part) and the most that were held at once. Not S3: it ignores signatures."""
+
+    def __init__(self, objects: dict[str, bytes]):
+        self.objects = objects
+        self.gate = threading.Event()
+        self.order: list[str] = []
+        self.held = self.most_held = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(_Quiet):
+            def do_GET(self):
+                name = self.path.split("?")[0].rsplit("/", 1)[-1]
+                with lock:
+                    outer.order.append(name)
+                    outer.held += 1
+                    outer.most_held = max(outer.most_held, outer.held)
+                outer.gate.wait(30)
+                with lock:
+                    outer.held -= 1
+                body = outer.objects.get(name)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class NotS3:
     """A plain web server (Python's own), serving an empty directory: any HTTP, no S3."""
 

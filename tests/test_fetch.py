@@ -24,7 +24,7 @@ from modelfs.registry.layout import Registry
 from modelfs.registry.store import Store
 from modelfs.mount.namespace import Namespace
 
-from proxy import Silent
+from proxy import Gated, Silent
 
 MiB = 1 << 20
 
@@ -309,6 +309,55 @@ def test_lanes_single_flight_and_timeout_against_a_hung_store(cache, monkeypatch
     assert silent.requests == 1  # 16 readers, one GET
 
 
+def test_readahead_waits_in_the_daemon_and_a_reader_s_chunk_goes_next(cache, monkeypatch):
+    """Readahead's loads wait in ``Lanes``, not in the workers: a worker holds at most its
+    allowance, so a chunk a reader comes to want is fetched next (promoted), ahead of
+    those queued before it; every chunk is fetched once and its bytes are the ones stored."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    rnd = __import__("random").Random(3)
+    registry_probe = Registry(Store("b", StoreConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1")),
+                              RegistryRef("b", "reg"))
+    raws = [rnd.randbytes(64 << 10) for _ in range(12)]
+    named = [registry_probe.codec.name(r) for r in raws]
+    objects = {h: b"".join(registry_probe.codec.encode_parts(r, h, False, d)) for r, (h, d) in zip(raws, named)}
+    hs = [h for h, _ in named]
+    store = Gated(objects)
+    registry = Registry(Store("b", StoreConfig(endpoint_url=store.endpoint, region="us-east-1")), RegistryRef("b", "reg"))
+    lanes = Lanes(registry, cache, LaneConfig(workers=1, concurrency=2, timeouts=Timeouts(attempts=1)))
+    assert lanes.allowance == 3  # 2 threads and a spare
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(lanes.run)
+            for h, r in zip(hs[:10], raws):
+                lanes.load_ahead(h, len(r))
+            assert lanes.queued == 10 - lanes.allowance  # the rest wait here
+            while len(store.order) < 2:  # both threads are in a GET, held by the store
+                await trio.sleep(0.01)
+            async with trio.open_nursery() as readers:
+                readers.start_soon(lambda: lanes.load(hs[8], len(raws[8])))  # queued: promoted
+                readers.start_soon(lambda: lanes.load(hs[11], len(raws[11])))  # never asked: sent at once
+                await trio.sleep(0.2)
+                store.gate.set()
+            while lanes.in_flight:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        lanes.close(grace=5)
+        store.close()
+    assert set(store.order[:2]) < set(hs[:3])  # the two GETs the store held (sends may cross)
+    assert set(store.order[2:4]) == {hs[8], hs[11]}  # the readers' chunks next, before 2..7
+    assert sorted(store.order) == sorted(hs[:10] + [hs[11]])  # each fetched once
+    assert store.most_held <= 2  # never more GETs than threads
+    for h, r in zip(hs, raws):
+        if h != hs[10]:
+            assert cache.with_chunk(h, bytes) == r
+
+
 def _safetensors_entry(layers: int = 6) -> tuple[FileEntry, bytes, dict[str, bytes], list[str]]:
     """A safetensors file in a checkpoint's module order (q, k, v, o, gate, up, down per
     layer, 2 MiB each), cut into 1 MiB chunks; and its tensor names."""
@@ -542,11 +591,15 @@ def test_a_reader_reaching_a_files_end_reads_ahead_into_the_next_shard(cache):
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
             stream = Stream(fetcher, one, m)
+            nexts = {h: i for i, (h, _) in enumerate(two.chunks)}
             for off in range(0, one.size, MiB):
                 assert bytes(await stream.read(off, MiB)) == datas[0][off:off + MiB]
+                if off == 6 * MiB:  # read to 7 MiB: the window (8 MiB) reaches 3 MiB past the end, no further
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert max(nexts[h] for h in src.prefetched if h in nexts) == 2
             await trio.testing.wait_all_tasks_blocked()
             asked = set(src.prefetched)
-            assert {h for h, _ in two.chunks[:4]} <= asked  # its head, ahead of any read of it
+            assert {h for h, _ in two.chunks[:8]} <= asked  # the whole window, ahead of any read of it
             assert not {h for h, _ in three.chunks} & asked  # one file ahead, not two
             nxt = Stream(fetcher, two, m)
             assert nxt.window > fetcher.readahead.config.first_window and nxt.run_bytes >= MiB * 2

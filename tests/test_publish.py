@@ -44,6 +44,24 @@ def test_round_trip_publish_pull(env, bucket, sample_model, tmp_path, s3):
     assert tree_digest(out2) == tree_digest(sample_model)
 
 
+def test_pull_verify_checks_each_whole_file_against_its_sha256(env, bucket, sample_model, tmp_path):
+    """Every chunk is checked against its id either way; ``--verify`` also reads each
+    file back and checks its SHA-256: a manifest whose SHA-256 does not match the bytes
+    its chunks make is refused in one line, and no file is left under its real name."""
+    cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "--manifest-out",
+        str(tmp_path / "m.json"))
+    doc = json.loads((tmp_path / "m.json").read_text())
+    big = max(doc["files"], key=lambda f: f["size"])
+    big["sha256"] = "0" * 64
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    one_line_error(cli(env, "pull", str(tmp_path / "bad.json"), str(out), "-q", "--verify", check=False),
+                   "SHA-256 of the assembled file")
+    assert not (out / big["path"]).exists() and not list(out.rglob("*.modelfs-partial"))
+    cli(env, "pull", str(tmp_path / "m.json"), str(out), "-q", "--verify")
+    assert tree_digest(out) == tree_digest(sample_model)
+
+
 def test_pull_resumes_and_repairs(env, bucket, sample_model, tmp_path, seaweed):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
     out = tmp_path / "out"

@@ -188,13 +188,19 @@ def _no_chunks(h: str, n: int) -> bytes:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The host's block cache to copy chunks from (default: the mounts' default, if it exists).")
 @click.option("--no-cache", is_flag=True, help="Fetch every chunk from the store, even ones the host's cache holds.")
+@click.option("--verify", "verify_files", is_flag=True,
+              help="Also read each file back and check its SHA-256 (every chunk is checked, BLAKE3, either way).")
 @trust_option
 @encryption_option
 @tier_option
 @click.pass_context
 def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache_dir: Path | None,
-         no_cache: bool):
-    """Download model REF into DEST, verified, in parallel (chunks the host's cache holds are copied from it)."""
+         no_cache: bool, verify_files: bool):
+    """Download model REF into DEST, verified, in parallel (chunks the host's cache holds are copied from it).
+
+    Every chunk is checked against its id before it is written; each file is fsynced
+    and renamed into place whole. --verify (implied by --trusted-key, whose signatures
+    name the files' SHA-256) adds a SHA-256 check of each whole file."""
     from ..ops.pull import pull as do_pull
 
     cat, version, m = resolve_ref(ctx, ref, registry_url, need_registry=True)
@@ -208,7 +214,8 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
     t0 = time.monotonic()
     try:
         stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance,
-                        signature=cat.signature(m.name, version), cache=cache, tiers=cache_tier(ctx))
+                        signature=cat.signature(m.name, version), cache=cache, tiers=cache_tier(ctx),
+                        verify_files=verify_files or trusted_keys(ctx) is not None)
     finally:
         bar.close()
         if cache is not None:

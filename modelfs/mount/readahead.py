@@ -213,13 +213,14 @@ class Readahead:
             self._learning.pop(key).set()
 
     # -- the next file ---------------------------------------------------------------
-    def follow(self, e: FileEntry, budget: int) -> None:
-        """A reader is about to finish the file before ``e`` (the next one a loader opens):
-        load ``e``'s first ``budget`` bytes in its reading order (its header first), and
-        let ``e``'s stream start at that pace (``followed_by``)."""
-        self._followed[_key(e)] = budget
-        if self._nursery is not None and budget > 0 and e.chunks:
-            self._nursery.start_soon(self._follow, e, budget)
+    def follow(self, e: FileEntry, lo: int, hi: int) -> None:
+        """A reader is finishing the file before ``e`` (the next one a loader opens), and
+        its window reaches ``hi`` bytes into ``e`` (in ``e``'s reading order; [0, lo) was
+        asked for already): load those bytes (the header first), and let ``e``'s stream
+        start at that pace (``followed_by``)."""
+        self._followed[_key(e)] = hi
+        if self._nursery is not None and hi > lo and e.chunks:
+            self._nursery.start_soon(self._follow, e, lo, hi)
 
     def successor(self, m: Manifest, e: FileEntry) -> FileEntry | None:
         """The file a loader opens after ``e``: the next one in name order in its directory
@@ -242,14 +243,15 @@ class Readahead:
         """The window a reader read ahead into ``e`` with, if one did (once)."""
         return self._followed.pop(_key(e), None)
 
-    async def _follow(self, e: FileEntry, budget: int) -> None:
+    async def _follow(self, e: FileEntry, lo: int, hi: int) -> None:
         asked = {0}
-        self.want(*e.chunks[0])  # the header: what a loader reads first
+        if lo == 0:
+            self.want(*e.chunks[0])  # the header: what a loader reads first
         order = self.read_order(e)
         if order is False and (learning := self._learning.get(_key(e))) is not None:
             await learning.wait()
             order = self._orders.get(_key(e))
-        self.want_ranges(e, order.file_ranges(0, budget) if isinstance(order, ReadOrder) else [(0, min(budget, e.size))],
+        self.want_ranges(e, order.file_ranges(lo, hi) if isinstance(order, ReadOrder) else [(lo, min(hi, e.size))],
                          asked)
 
     def want_ranges(self, e: FileEntry, ranges: Iterable[tuple[int, int]], asked: set[int]) -> None:
@@ -344,8 +346,11 @@ class Stream:
 
     A sequential reader whose window reaches the end of its file (in file order: having
     read most of it in order) reads ahead into the file a loader opens next
-    (``Readahead.successor``: the next shard), and that file's stream starts with the
-    window this one had, so the link stays busy across the move.
+    (``Readahead.successor``: the next shard) as far as its window reaches past the end:
+    further at each read, until the whole window lies there when the reader reaches the
+    end; that file's stream starts with this window, so the link stays busy across
+    the move (a window asked for whole at once would let the link drain while the
+    reader finishes the file).
     """
 
     def __init__(self, reader: Reader, entry: FileEntry, manifest: Manifest | None = None):
@@ -365,7 +370,7 @@ class Stream:
         self.t_run = 0  # bytes read in reading order so far (each predictor counts its own)
         self.t_ahead = 0  # reading-order offset up to which loads were started
         self.t_window = cfg.first_window * self.avg_chunk
-        self.followed = False  # readahead went on into ``successor``
+        self.followed = 0  # bytes of ``successor`` (in its reading order) readahead asked for
         if (warm := self.ahead.followed_by(entry)) is not None:
             # an earlier file's reader read ahead into this one: go on at its pace
             self.run_bytes = self.t_run = cfg.trigger_bytes
@@ -417,7 +422,9 @@ class Stream:
                 self._ahead(last + 1, last + self.window)
                 self.window = min(self.window * 2, self.max_window)
             if self.ahead_until >= len(e.chunks) - 1 and 2 * self.run_bytes >= e.size:
-                self._follow()  # read in order, most of it: a copy, or a loader reading in file order
+                # read in order, most of it (a copy, or a loader reading in file order): the
+                # window reaches past the end by what is left of it after this read
+                self._follow(self.window * self.avg_chunk - (e.size - end))
         else:
             self.run_bytes, self.window, self.ahead_until = end - off, cfg.first_window, -1
             self.frontier = end
@@ -437,8 +444,8 @@ class Stream:
         lo, hi = max(self.t_ahead, o), o + self.t_window
         self.ahead.want_ranges(self.entry, order.file_ranges(lo, hi), set())
         self.t_ahead = hi
-        if hi >= order.ostart[-1]:
-            self._follow()
+        if hi >= order.ostart[-1] and 2 * self.t_run >= self.entry.size:  # most of it read in this order
+            self._follow(hi - order.ostart[-1])
         self.t_window = min(self.t_window * 2, self.ahead.window_cap())
 
     def _ahead(self, lo: int, hi: int) -> None:
@@ -448,10 +455,12 @@ class Stream:
             self.ahead.want(h, n)
         self.ahead_until = max(self.ahead_until, min(hi, last))
 
-    def _follow(self) -> None:
-        """The window reaches the end of the file: go on into the next file (once), as
-        far ahead as this reader's window is."""
-        if self.manifest is not None and not self.followed:
-            self.followed = True
-            if (after := self.ahead.successor(self.manifest, self.entry)) is not None:
-                self.ahead.follow(after, min(self.ahead.window_cap(), max(self.window * self.avg_chunk, self.t_window)))
+    def _follow(self, reach: int) -> None:
+        """The window reaches ``reach`` bytes past the end of the file: go on into the next
+        file that far (its header at least), asking only what was not asked yet."""
+        if self.manifest is None or (self.followed and reach < self.followed + self.avg_chunk):
+            return
+        if (after := self.ahead.successor(self.manifest, self.entry)) is not None:
+            reach = max(reach, after.chunks[0][1] if after.chunks else 0, self.followed)
+            self.ahead.follow(after, self.followed, reach)
+            self.followed = reach

@@ -14,6 +14,11 @@ One object, :class:`Lanes`, owns it, with its limits and timeouts:
   disk answers or the host is broken — on worker threads under their own
   ``CapacityLimiter``s.
 
+Readahead's loads wait here, in order, not in the workers: a worker is handed
+only as many as it has threads (and a spare each few, so a thread that finishes
+finds its next chunk at once), so a reader's load, or a queued one a reader comes
+to want (promoted), is always next, never behind a window's worth of predictions.
+
 Single flight: one load per chunk per mount, whoever asks (readers, readahead);
 across mounts and processes on one host the workers' :class:`~modelfs.cache.FetchLock`
 does the same. A reader that gives up (timeout) does not cancel the load for
@@ -39,7 +44,7 @@ import statistics
 import subprocess
 import time
 from base64 import b64encode
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -134,6 +139,7 @@ class _Flight:
     LOAD is in ``Lanes._flights`` (one per chunk), and only until it is done."""
     __slots__ = ("kind", "h", "size", "urgent", "refetch", "pin", "early", "out", "span", "decide", "go",
                  "what", "url", "foreign_at", "retried", "started", "done", "ready", "error", "reply", "buffer")
+    started: float | None
 
     def __init__(self, kind: Kind, h: str, size: int, *, urgent: bool = True, refetch: bool = False,
                  pin: bool = False, early: bool = False, out: tuple[int, int] | None = None,
@@ -150,7 +156,7 @@ class _Flight:
         self.url: str | None = None
         self.foreign_at: int | None = None  # an adopted chunk: raw bytes of a foreign object from here
         self.retried = False
-        self.started = time.monotonic()
+        self.started = None  # when it went to a worker (None: queued in Lanes, or not sent yet)
         self.done = trio.Event()
         self.ready = trio.Event()  # done, or the chunk's verified bytes are here (in _spilled)
         self.error: ModelfsError | None = None
@@ -186,7 +192,9 @@ class Lanes:
     """The fetch workers and the thread limiters of one process (a mount, or a bulk command).
 
     Invariants: at most ``concurrency`` chunk buffers exist in all workers together
-    (their threads); this process holds chunk bytes only for chunks the cache could
+    (their threads); a worker holds at most ``allowance`` readahead loads (sent, not
+    answered), the rest wait in ``_ahead`` in the order they were asked for; a flight is
+    in ``_ahead`` or sent, never both; this process holds chunk bytes only for chunks the cache could
     not store (a full disk) or that are being committed for a waiting reader, mapped
     from the workers' memfds, at most ``spill_bytes``; every flight ends (its
     ``done`` set) even when its worker dies, twice at most per flight; the workers
@@ -213,6 +221,9 @@ class Lanes:
         self.stats = FetchStats()
         self.generation = 0  # bumped whenever a chunk becomes servable
         self._flights: dict[str, _Flight] = {}  # LOADs, by chunk
+        self._ahead: OrderedDict[str, _Flight] = OrderedDict()  # readahead's LOADs not sent yet, oldest first
+        threads = self.worker_config.threads
+        self.allowance = threads + max(1, threads // 4)  # requests a worker holds before readahead waits here
         self._procs: list[_Proc] = []
         self._next_id = 0
         self._nursery: trio.Nursery | None = None
@@ -263,6 +274,7 @@ class Lanes:
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)
         log.debug("fetch worker %d started", s.proc.pid)
+        self._pump()
 
     def close(self, grace: float = 15.0) -> None:
         """After the trio loop ended: let every worker finish and commit what it holds."""
@@ -288,29 +300,50 @@ class Lanes:
 
     @property
     def in_flight(self) -> int:
+        """Chunk loads asked for and not done (readahead's queued ones included)."""
         return len(self._flights)
+
+    @property
+    def queued(self) -> int:
+        """Readahead loads waiting here for a worker's thread."""
+        return len(self._ahead)
 
     # -- chunks ---------------------------------------------------------------------
     async def load(self, h: str, size: int, *, urgent: bool = True, refetch: bool = False, pin: bool = False,
                    early: bool = False) -> mmap.mmap | None:
         """Return once chunk ``h`` is verified in the cache, or with ``early`` (a reader
         waits) once it is verified and handed over (``spilled(h)``) while a worker
-        commits it; ModelfsError if it cannot be. ``urgent`` false: behind readers' loads
-        in the workers' queues (readahead that waits for its chunk).
+        commits it; ModelfsError if it cannot be. ``urgent`` false: queued with readahead's
+        loads, behind readers' (readahead that waits for its chunk); an urgent load of a
+        chunk readahead queued sends that one at once.
 
         With ``pin``, also return the chunk's bytes (a read-only map of a worker's memfd):
         for a reader that found its chunk evicted right after an earlier load.
         """
+        early = early and not pin and not self.config.sealed
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
-            flight = self._start(_Flight(Kind.LOAD, h, size, urgent=urgent, refetch=refetch, pin=pin,
-                                         early=early and not pin and not self.config.sealed))
+            if flight is not None and self._ahead.pop(h, None) is not None:
+                self._send(flight)  # replaced, yet waited for: it goes too (the workers' lock keeps it one GET)
+            flight = self._start(_Flight(Kind.LOAD, h, size, urgent=urgent, refetch=refetch, pin=pin, early=early))
+        elif urgent:
+            self._promote(flight)
         await self._wait(flight, flight.ready if early else flight.done)
         return flight.buffer
 
+    def _promote(self, flight: _Flight) -> None:
+        """A reader wants ``flight`` now: if readahead queued it here, send it, urgent (not
+        ``early``: a hand-over's memfd costs a copy into fresh pages, and a reader catching
+        up with readahead would pay it for most chunks)."""
+        if self._ahead.pop(flight.h, None) is not None:
+            flight.urgent = True
+            if self._trace is not None:
+                self._trace.event("promote", h=flight.h[:12])
+            self._send(flight)
+
     def load_ahead(self, h: str, size: int) -> None:
-        """Start loading ``h`` for a reader that will want it soon (readahead); nobody
-        waits for it. Nothing to do for a chunk loading, or loaded lately."""
+        """Queue ``h`` for a reader that will want it soon (readahead); nobody waits for
+        it. Nothing to do for a chunk loading or queued, or loaded lately."""
         if h not in self._flights and h not in self._recent:
             self._start(_Flight(Kind.LOAD, h, size, urgent=False))
 
@@ -335,16 +368,20 @@ class Lanes:
         chunk loaded behind it (what is fetched is cached). None where that cannot be
         done or does not pay: whole chunks arrive fast (a near store: two small requests
         that each pay its per-object cost are no faster than the chunk), this
-        one is on its way and due soon, or it cannot be read by blocks (zstd; named before
-        block digests); the reader then waits for the whole chunk."""
+        one is on its way and due soon (or queued by readahead: then sent next), or it cannot
+        be read by blocks (zstd; named before block digests); the reader then waits for the
+        whole chunk."""
         if self.config.sealed or self.registry is None:
             return None
         whole = self.stats.whole_chunk_seconds()
         if whole is not None and whole < FAR_SECONDS:
             return None  # a near store
-        if (loading := self._flights.get(h)) is not None and \
-                (whole is None or whole - (time.monotonic() - loading.started) < FAR_SECONDS):
-            return None  # the whole chunk is on its way, and soon here
+        if (loading := self._flights.get(h)) is not None:
+            if loading.started is None:  # queued by readahead: the reader's chunk is next, whole
+                self._promote(loading)
+                return None
+            if whole is None or whole - (time.monotonic() - loading.started) < FAR_SECONDS:
+                return None  # the whole chunk is on its way, and soon here
         flight = self._start(_Flight(Kind.PEEK, h, size, span=(lo, hi)))
         try:
             await self._wait(flight)
@@ -365,8 +402,7 @@ class Lanes:
         ``what`` names the piece in errors ("model.safetensors at byte 0")."""
         flight = _Flight(Kind.UPLOAD, "", size, out=(fd, offset))  # the id comes with the worker's question
         flight.decide, flight.what = decide, what
-        assert self._nursery is not None, "Lanes.run() is not running"
-        self._nursery.start_soon(self._send, flight)
+        self._send(flight)
         await self._wait(flight)
         assert isinstance(flight.reply, Uploaded)
         return flight.reply.h, flight.reply.uploaded, flight.reply.stored
@@ -399,8 +435,8 @@ class Lanes:
             raise flight.error
 
     def _start(self, flight: _Flight) -> _Flight:
-        if self._trace is not None:
-            self._trace.event("start", kind=flight.kind.value, h=flight.h[:12], size=flight.size, urgent=flight.urgent)
+        """Sign ``flight``'s URL and send it to a worker, or queue it (readahead's loads,
+        when the workers hold their allowance)."""
         if flight.kind is Kind.LOAD:  # one per chunk (a delivery or a peek is its own)
             self._flights[flight.h] = flight
         try:
@@ -411,11 +447,25 @@ class Lanes:
         except ModelfsError as e:
             self._finish(flight, e)
             return flight
-        assert self._nursery is not None, "Lanes.run() is not running"
-        self._nursery.start_soon(self._send, flight)
+        if flight.kind is Kind.LOAD and not flight.urgent:
+            self._ahead[flight.h] = flight
+            if self._trace is not None:
+                self._trace.event("queued", h=flight.h[:12], size=flight.size)
+            self._pump()
+        else:
+            self._send(flight)
         return flight
 
-    async def _send(self, flight: _Flight) -> None:
+    def _pump(self) -> None:
+        """Hand queued readahead loads to workers below their allowance, oldest first."""
+        while self._ahead:
+            if not any(not p.dead and len(p.pending) < self.allowance for p in self._procs):
+                return
+            self._send(self._ahead.popitem(last=False)[1])
+
+    def _send(self, flight: _Flight) -> None:
+        """Give ``flight`` to the live worker that holds the fewest requests (its id is in
+        that worker's ``pending`` from now on), and send it there."""
         live = [p for p in self._procs if not p.dead]
         if not live:
             self._finish(flight, StoreError("no fetch worker is running (they keep failing: see the log)"))
@@ -424,6 +474,13 @@ class Lanes:
         self._next_id += 1
         rid = self._next_id
         p.pending[rid] = flight
+        flight.started = time.monotonic()
+        if self._trace is not None:
+            self._trace.event("start", kind=flight.kind.value, h=flight.h[:12], size=flight.size, urgent=flight.urgent)
+        assert self._nursery is not None, "Lanes.run() is not running"
+        self._nursery.start_soon(self._transmit, p, rid, flight)
+
+    async def _transmit(self, p: _Proc, rid: int, flight: _Flight) -> None:
         try:
             await p.sock.sendmsg([encode(flight.request(rid))], fd_message(flight.out[0] if flight.out else None))
         except OSError:
@@ -474,6 +531,7 @@ class Lanes:
                     if flight.kind is Kind.LOAD:
                         self._spilled[flight.h] = flight.buffer
                 self._on_reply(flight, msg)
+                self._pump()
         else:
             log.error("fetch worker %d sent a %s: ignored", p.proc.pid, type(msg).__name__)
 
@@ -601,7 +659,8 @@ class Lanes:
                 self._finish(flight, StoreError(f"chunk {flight.h}: the fetch worker died twice"))
             else:
                 flight.retried = True
-                await self._send(flight)
+                self._send(flight)
+        self._pump()
 
     # -- blocking calls on threads -----------------------------------------------------
     async def store_call(self, fn: Callable[..., T], *args: Any) -> T:
