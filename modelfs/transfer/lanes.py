@@ -192,9 +192,9 @@ class Lanes:
     """The fetch workers and the thread limiters of one process (a mount, or a bulk command).
 
     Invariants: at most ``concurrency`` chunk buffers exist in all workers together
-    (their threads); a worker holds at most ``allowance`` readahead loads (sent, not
-    answered), the rest wait in ``_ahead`` in the order they were asked for; a flight is
-    in ``_ahead`` or sent, never both; this process holds chunk bytes only for chunks the cache could
+    (their threads); readahead's loads go to a worker only while it holds fewer than
+    ``allowance`` requests (sent, not answered), the rest wait in ``_ahead`` in the order
+    they were asked for; a flight is in ``_ahead`` or sent, never both; this process holds chunk bytes only for chunks the cache could
     not store (a full disk) or that are being committed for a waiting reader, mapped
     from the workers' memfds, at most ``spill_bytes``; every flight ends (its
     ``done`` set) even when its worker dies, twice at most per flight; the workers
