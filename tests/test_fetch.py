@@ -358,6 +358,36 @@ def test_readahead_waits_in_the_daemon_and_a_reader_s_chunk_goes_next(cache, mon
             assert cache.with_chunk(h, bytes) == r
 
 
+def test_an_upload_sent_again_after_its_worker_died_is_put_without_a_head(cache):
+    """A worker killed in the middle of a PUT may leave a torn object behind (SeaweedFS kept
+    a 0-byte one, which a HEAD then found 'present'): an upload sent again after its
+    worker died is PUT again, never skipped on a HEAD; a first one may skip."""
+    import socket
+
+    from modelfs.transfer.lanes import _Proc
+    from modelfs.transfer.protocol import Go, decode
+
+    lanes = Lanes(None, cache)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    answers = []
+
+    async def ask(retried: bool) -> None:
+        flight = _Flight(Kind.UPLOAD, "", 10, out=(0, 0))
+        flight.decide = lambda h: Go(0, head="http://s/head", put="http://s/put")
+        flight.retried = retried
+        p = _Proc(None, ours, trio.socket.from_stdlib_socket(ours), 0.0)
+        await lanes._answer(p, 1, flight, "ab" * 32)
+        answers.append(decode(theirs.recv(65536)))
+    try:
+        trio.run(ask, False)
+        trio.run(ask, True)
+    finally:
+        ours.close()
+        theirs.close()
+    assert answers[0].head == "http://s/head" and answers[0].put == "http://s/put"
+    assert answers[1].head is None and answers[1].put == "http://s/put" and not answers[1].skip
+
+
 def _safetensors_entry(layers: int = 6) -> tuple[FileEntry, bytes, dict[str, bytes], list[str]]:
     """A safetensors file in a checkpoint's module order (q, k, v, o, gate, up, down per
     layer, 2 MiB each), cut into 1 MiB chunks; and its tensor names."""

@@ -416,8 +416,12 @@ class Lanes:
                 flight.go = flight.decide(h)
             except ModelfsError as e:  # e.g. a URL that cannot be signed: fail this upload
                 flight.error, flight.go = e, Go(0, skip=True)
+        go = flight.go
+        # a worker died holding this upload, maybe in the middle of its PUT, and a store may
+        # keep what a cut PUT sent (seen: SeaweedFS, a 0-byte object): no HEAD, PUT it again
+        head = None if flight.retried else go.head
         try:
-            await p.sock.send(encode(Go(rid, flight.go.skip, flight.go.head, flight.go.put, flight.go.compress)))
+            await p.sock.send(encode(Go(rid, go.skip, head, go.put, go.compress)))
         except OSError:
             pass  # the worker is gone: _receive sees it and re-sends the upload
 
