@@ -234,8 +234,8 @@ class Adopter:
         try:
             info = store.stat(key)
         except AccessDeniedError as e:
-            raise AccessDeniedError(f"{w.what}: this host may not read it ({e}); adopting, and every host that mounts "
-                             f"the version, need read access to bucket {w.source.bucket!r}") from None
+            raise AccessDeniedError(f"{w.what}: this host may not read it ({e}); adopting, and every host that "
+                                    f"mounts the version, need read access to bucket {w.source.bucket!r}") from None
         if info is None:
             raise UsageError(f"{w.what} is missing from its store (not pushed?)")
         if w.size is not None and info.size != w.size:

@@ -323,8 +323,8 @@ class Lanes:
         early = early and not pin and not self.config.sealed
         flight = self._flights.get(h)
         if flight is None or (refetch and not flight.refetch) or (pin and not flight.pin):
-            if flight is not None and self._ahead.pop(h, None) is not None:
-                self._send(flight)  # replaced, yet waited for: it goes too (the workers' lock keeps it one GET)
+            if flight is not None:
+                self._promote(flight)  # replaced, yet waited for: it goes too (the workers' lock keeps it one GET)
             flight = self._start(_Flight(Kind.LOAD, h, size, urgent=urgent, refetch=refetch, pin=pin, early=early))
         elif urgent:
             self._promote(flight)
@@ -664,7 +664,6 @@ class Lanes:
             else:
                 flight.retried = True
                 self._send(flight)
-        self._pump()
 
     # -- blocking calls on threads -----------------------------------------------------
     async def store_call(self, fn: Callable[..., T], *args: Any) -> T:
