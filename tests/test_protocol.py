@@ -102,16 +102,15 @@ def test_lanes_adopt_workers_started_early_and_end_the_ones_that_do_not_fit(tmp_
 
     from modelfs.cache import BlockCache
     from modelfs.transfer.lanes import LaneConfig, Lanes
-    from modelfs.transfer.spawn import spawn, worker_config
+    from modelfs.transfer.spawn import prestart, spawn
 
     cache = BlockCache(tmp_path / "c", 1 << 30)
     try:
         lane_config = LaneConfig(workers=2, concurrency=4)
-        _, fits = worker_config(str(cache.path.parent), cache.cap, workers=2, concurrency=4,
-                                timeouts=lane_config.timeouts, encrypted=False, sealed=False)
-        early = [spawn(fits), spawn(p.WorkerConfig(str(cache.path.parent), cache.cap, threads=7))]
-        lanes = Lanes(None, cache, lane_config, spawned=early)
-        assert early[1].proc.wait(10) == 0  # ended at once: not what these lanes would start
+        fits = prestart(lane_config, cache, encrypted=False)  # what a command starts before it resolves
+        misfit = spawn(p.WorkerConfig(str(cache.path.parent), cache.cap, threads=7))
+        lanes = Lanes(None, cache, lane_config, spawned=[*fits, misfit])
+        assert misfit.proc.wait(10) == 0  # ended at once: not what these lanes would start
         pids: list[int] = []
 
         async def main():
@@ -121,7 +120,7 @@ def test_lanes_adopt_workers_started_early_and_end_the_ones_that_do_not_fit(tmp_
                 n.cancel_scope.cancel()
         trio.run(main)
         lanes.close(grace=10)
-        assert len(pids) == 2 and early[0].proc.pid in pids and early[1].proc.pid not in pids
-        assert early[0].adopted and early[0].proc.poll() is not None  # closed with the lanes
+        assert len(fits) == 2 and sorted(pids) == sorted(s.proc.pid for s in fits)  # none started anew
+        assert all(s.adopted and s.proc.poll() is not None for s in fits)  # closed with the lanes
     finally:
         cache.close()

@@ -13,7 +13,7 @@ from ..cache import BlockCache
 from ..errors import ModelfsError, UsageError
 from ..format.refs import parse_model, parse_registry
 from ..units import count, fmt_bytes
-from .app import (cache_tier, encryption_option, main, origin_of, registry_of,
+from .app import (cache_tier, encryption_option, main, origin_of, registry_key, registry_of,
                   resolve_ref, tier_option, trust_option, trusted_keys)
 
 
@@ -201,23 +201,32 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
     Every chunk is checked against its id before it is written; each file is fsynced
     and renamed into place whole. --verify (implied by --trusted-key, whose signatures
     name the files' SHA-256) adds a SHA-256 check of each whole file."""
-    from ..ops.pull import pull as do_pull
+    from ..transfer.spawn import LaneConfig, prestart
 
-    cat, version, m = resolve_ref(ctx, ref, registry_url, need_registry=True)
-    assert cat is not None
-    reg = cat.registry
+    config = ctx.obj["config"]
+    lanes = LaneConfig(concurrency=config.concurrency, timeouts=config.timeouts, tiers=cache_tier(ctx))
     cache = None if no_cache else _host_cache(cache_dir)
-    from ..progress import Progress
-
-    bar = Progress("pull", enabled=False if quiet else None)
-    bar.start(m.totals()["bytes"])
-    t0 = time.monotonic()
+    # the workers start on the other cores while this process imports boto3 and resolves REF
+    spawned = prestart(lanes, cache, encrypted=registry_key(ctx) is not None)
     try:
-        stats = do_pull(reg, m, dest, concurrency=ctx.obj["config"].concurrency, on_progress=bar.advance,
-                        signature=cat.signature(m.name, version), cache=cache, tiers=cache_tier(ctx),
-                        verify_files=verify_files or trusted_keys(ctx) is not None)
+        from ..ops.pull import pull as do_pull
+        from ..progress import Progress
+
+        cat, version, m = resolve_ref(ctx, ref, registry_url, need_registry=True)
+        assert cat is not None
+        bar = Progress("pull", enabled=False if quiet else None)
+        bar.start(m.totals()["bytes"])
+        t0 = time.monotonic()
+        try:
+            stats = do_pull(cat.registry, m, dest, lanes_config=lanes, on_progress=bar.advance,
+                            signature=cat.signature(m.name, version), cache=cache, spawned=spawned,
+                            verify_files=verify_files or trusted_keys(ctx) is not None)
+        finally:
+            bar.close()
     finally:
-        bar.close()
+        for s in spawned:
+            if not s.adopted:
+                s.abandon()
         if cache is not None:
             cache.close()
     dt = time.monotonic() - t0

@@ -22,7 +22,7 @@ from .. import logs
 from ..cache import cache_root, default_cache_dir
 from ..config import Timeouts
 from ..errors import ModelfsError
-from ..transfer.spawn import Spawned, spawn, worker_config
+from ..transfer.spawn import LaneConfig, Spawned, spawn, worker_config
 
 
 def start_timeout(timeouts: Timeouts) -> float:
@@ -43,11 +43,12 @@ def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
     of following them. ``Lanes`` adopts those that match what it
     would start (it ends the others); the daemon ends them if it fails before."""
     cache_dir = cache_root(cache_dir_of(settings), sealed=settings["encrypt_cache"])
-    n, config = worker_config(str(cache_dir), settings["cache_size"], workers=settings["fetch_workers"],
-                              concurrency=settings["concurrency"], timeouts=Timeouts.of(settings),
-                              encrypted=settings["encryption_key_file"] is not None,
-                              sealed=settings["encrypt_cache"], tiers=settings["cache_tier"] or ())
-    return [spawn(config) for _ in range(n)]
+    config = LaneConfig(workers=settings["fetch_workers"], concurrency=settings["concurrency"],
+                        timeouts=Timeouts.of(settings), sealed=settings["encrypt_cache"],
+                        tiers=settings["cache_tier"] or ())
+    n, wc = worker_config(config, str(cache_dir), settings["cache_size"],
+                          encrypted=settings["encryption_key_file"] is not None)
+    return [spawn(wc) for _ in range(n)]
 
 
 def log_path(cache_dir: Path, mountpoint: Path) -> Path:

@@ -32,7 +32,8 @@ import trio
 
 from ..cache import BlockCache
 from ..errors import IntegrityError, ModelfsError, UsageError
-from ..transfer.lanes import LaneConfig, Lanes, run_with
+from ..transfer.lanes import Lanes, run_with
+from ..transfer.spawn import LaneConfig, Spawned
 from ..format.manifest import FileEntry, Manifest, all_directories
 from ..progress import Counters
 from ..registry.layout import Registry
@@ -74,16 +75,18 @@ WRITE_BEHIND_MIN = 64 << 20  # files from this size on are written back while th
 WRITE_BEHIND_PERIOD = 0.25  # seconds between the write-behind's fdatasync calls
 
 
-def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int = 16, workers: int = 0,
+def pull(registry: Registry, manifest: Manifest, dest: Path, *, lanes_config: LaneConfig = LaneConfig(),
          on_progress: Callable[[int], None] | None = None, signature: bytes | None = None,
-         cache: BlockCache | None = None, tiers: tuple[str, ...] = (), verify_files: bool = False) -> PullStats:
+         cache: BlockCache | None = None, verify_files: bool = False,
+         spawned: list[Spawned] | None = None) -> PullStats:
     """Write ``manifest``'s files under ``dest`` (each chunk verified, complete files skipped;
     ``verify_files``: each file's SHA-256 checked too) and, for a signed version, its
     signature as ``model.sig`` (what ``model_signing verify`` reads).
-    Chunks ``cache`` holds are copied from it, not fetched; others come through the cache
-    tier ``tiers``, if any, before the store.
+    Chunks ``cache`` holds are copied from it, not fetched; others come through the
+    lanes' cache tier, if any, before the store.
     At most ``2 × concurrency`` chunks are being delivered at a time; this process holds
-    none of their bytes."""
+    none of their bytes. ``spawned``: workers :func:`~modelfs.transfer.spawn.prestart`
+    started for these lanes, while the command resolved its ref."""
     on_progress = on_progress or (lambda n: None)
     stats = PullStats()
     dest.mkdir(parents=True, exist_ok=True)
@@ -102,8 +105,8 @@ def pull(registry: Registry, manifest: Manifest, dest: Path, *, concurrency: int
         else:
             todo.append((entry, target))
     if todo:
-        lanes = Lanes(registry, cache, LaneConfig(workers=workers, concurrency=concurrency, tiers=tiers,
-                                                  timeouts=registry.store.config.timeouts))
+        lanes = Lanes(registry, cache, lanes_config, spawned=spawned)
+        concurrency = lanes_config.concurrency
 
         async def main() -> None:
             chunk_slots, file_slots = trio.Semaphore(2 * concurrency), trio.Semaphore(FILES_AT_ONCE)

@@ -53,13 +53,12 @@ import cachetools
 import trio
 
 from ..cache import BlockCache
-from ..config import Timeouts
 from ..errors import AccessDeniedError, IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
 from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message, Named,
                        Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
                        fd_message, received_fd)
-from .spawn import Spawned, spawn, worker_config
+from .spawn import LaneConfig, Spawned, lanes_workers, spawn
 from .trace import tracer
 
 log = logging.getLogger(__name__)
@@ -70,18 +69,6 @@ WORKER_START_SECONDS = 30.0
 PEEK_SAMPLE = 32  # recent whole-chunk fetches that say whether peeks pay
 FAR_SECONDS = 0.025  # a store whose chunks take longer is far: peeks pay there (and readahead goes further)
 RECENT_SECONDS = 10.0  # a chunk a worker wrote or re-checked this lately: its pages are in memory
-
-
-@dataclass(frozen=True)
-class LaneConfig:
-    workers: int = 0  # fetch worker processes; 0: default_workers()
-    concurrency: int = 16  # parallel GETs over all workers
-    cache_threads: int = 4  # parallel LMDB calls from this process
-    fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
-    timeouts: Timeouts = Timeouts()  # each store request's (the workers' and boto3's)
-    spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
-    sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (no early hand-over)
-    tiers: tuple[str, ...] = ()  # --cache-tier: nodes the workers ask for chunks before the store
 
 
 @dataclass
@@ -208,10 +195,8 @@ class Lanes:
         self.registry = registry
         self.cache = cache
         self.config = config
-        self.n_workers, self.worker_config = worker_config(
-            str(cache.path.parent) if cache is not None else "", cache.cap if cache else 0,
-            workers=config.workers, concurrency=config.concurrency, timeouts=config.timeouts,
-            encrypted=registry is not None and registry.key is not None, sealed=config.sealed, tiers=config.tiers)
+        self.n_workers, self.worker_config = lanes_workers(config, cache, encrypted=registry is not None and
+                                                           registry.key is not None)
         self._early = [s for s in spawned or () if s.config == self.worker_config]
         for s in spawned or ():
             if s not in self._early:

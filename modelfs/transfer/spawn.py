@@ -11,9 +11,13 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import Timeouts
 from .protocol import WorkerConfig
+
+if TYPE_CHECKING:  # not imported: lmdb is not needed to start a worker
+    from ..cache import BlockCache
 
 
 def default_workers() -> int:
@@ -21,13 +25,44 @@ def default_workers() -> int:
     return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
-def worker_config(cache_dir: str, cache_cap: int, *, workers: int, concurrency: int, timeouts: Timeouts,
-                  encrypted: bool, sealed: bool, tiers: tuple[str, ...] = ()) -> tuple[int, WorkerConfig]:
-    """How many workers (``workers`` 0: the default) and the configuration each starts with:
-    ``concurrency`` GETs shared out among them."""
-    n = workers or default_workers()
-    return n, WorkerConfig(cache_dir=cache_dir, cache_cap=cache_cap, threads=max(1, -(-concurrency // n)),
-                           timeouts=timeouts, encrypted=encrypted, sealed=sealed, tiers=tiers)
+@dataclass(frozen=True)
+class LaneConfig:
+    """How :class:`~.lanes.Lanes` run: their workers (made here) and the daemon's side."""
+    workers: int = 0  # fetch worker processes; 0: default_workers()
+    concurrency: int = 16  # parallel GETs over all workers
+    cache_threads: int = 4  # parallel LMDB calls from this process
+    fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
+    timeouts: Timeouts = Timeouts()  # each store request's (the workers' and boto3's)
+    spill_bytes: int = 64 << 20  # verified chunks kept in memory when the cache cannot store them
+    sealed: bool = False  # --encrypt-cache: the cache holds chunks encrypted (no early hand-over)
+    tiers: tuple[str, ...] = ()  # --cache-tier: nodes the workers ask for chunks before the store
+
+
+def worker_config(config: LaneConfig, cache_dir: str, cache_cap: int, *, encrypted: bool
+                  ) -> tuple[int, WorkerConfig]:
+    """How many workers lanes of ``config`` over the cache in ``cache_dir`` ("": none) start
+    (``workers`` 0: the default), and the configuration each starts with: ``concurrency``
+    GETs shared out among them."""
+    n = config.workers or default_workers()
+    return n, WorkerConfig(cache_dir=cache_dir, cache_cap=cache_cap, threads=max(1, -(-config.concurrency // n)),
+                           timeouts=config.timeouts, encrypted=encrypted, sealed=config.sealed, tiers=config.tiers)
+
+
+def lanes_workers(config: LaneConfig, cache: BlockCache | None, *, encrypted: bool) -> tuple[int, WorkerConfig]:
+    """:func:`worker_config` of lanes over ``cache`` (an open one, or None)."""
+    if cache is None:
+        return worker_config(config, "", 0, encrypted=encrypted)
+    return worker_config(config, str(cache.path.parent), cache.cap, encrypted=encrypted)
+
+
+def prestart(config: LaneConfig, cache: BlockCache | None, *, encrypted: bool) -> list[Spawned]:
+    """Start the workers lanes of ``config`` over ``cache`` will want, before a command knows
+    its registry: their start-up (~0.3 s of imports each, on the other cores) then
+    overlaps the command's own (boto3, resolving a ref) instead of following it.
+    ``Lanes(…, spawned=…)`` adopts those whose configuration matches; whoever started
+    them ends those never adopted (``abandon``)."""
+    n, wc = lanes_workers(config, cache, encrypted=encrypted)
+    return [spawn(wc) for _ in range(n)]
 
 
 @dataclass(eq=False)
