@@ -238,6 +238,22 @@ def test_re_adopting_reads_only_what_changed_and_gc_touches_nothing_foreign(env,
     assert (pulled / "single.bin").read_bytes() == (dvc_repo.root / "single.bin").read_bytes()
 
 
+def test_an_object_whose_chunks_the_registry_holds_is_adopted_as_a_native_file(env, bucket, s3, dvc_repo, tmp_path):
+    """The registry is asked for each object's chunks while the others still stream: a
+    file published there before is adopted as native (no source), the others stay foreign."""
+    reg = f"s3://{bucket}/reg"
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(dvc_repo.root / "single.bin", same / "single.bin")
+    cli(env, "publish", str(same), reg, "--name", "published", "-q")
+    out = cli(env, "adopt", str(dvc_repo.root), reg, "--name", "m", "-q").stdout
+    files = json.loads(cli(env, "inspect", "--json", f"{reg}/m@latest").stdout)["files"]
+    native = {f["path"] for f in files if "source" not in f}
+    # single.bin, and files with no chunk at all (an empty one): every chunk is there
+    assert native == {"single.bin"} | {f["path"] for f in files if not f["chunks"]}, native
+    assert f"native    {len(native)} files " in out, out
+
+
 def test_a_size_that_lies_is_refused_and_nothing_is_written(env, bucket, s3, dvc_repo):
     dvcfile = dvc_repo.root / "single.bin.dvc"
     dvcfile.write_text(dvcfile.read_text().replace("size: ", "size: 1"))

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,8 +169,11 @@ class Adopter:
         for w in wanted:
             if w.table_id in known:
                 self.on_progress(known[w.table_id].size, self.stats)
-        known.update(self._read(todo))
-        native = self._native({h for e in known.values() for h, _ in e.chunks})
+        with _NativeChunks(self.registry) as held:
+            for e in known.values():
+                held.ask(e)
+            known.update(self._read(todo, held))
+            native = held.result()
         sources: list[ForeignStore] = []
         files = []
         for w in wanted:
@@ -204,9 +208,10 @@ class Adopter:
         self.stats.add(uploaded_bytes=remember(self.registry, w, e))
 
     # -- reading objects --------------------------------------------------------------------
-    def _read(self, todo: list[Wanted]) -> dict[str, FileEntry]:
+    def _read(self, todo: list[Wanted], held: _NativeChunks) -> dict[str, FileEntry]:
         """Each object read once, ``OBJECTS_AT_ONCE`` side by side, and its table entry
-        written as soon as it is named (an interrupted adoption resumes from there)."""
+        written as soon as it is named (an interrupted adoption resumes from there); the
+        registry asked for its chunks then too (``held``), while the others stream."""
         out: dict[str, FileEntry] = {}
         with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
             def one(iw: tuple[int, Wanted]) -> None:
@@ -217,6 +222,7 @@ class Adopter:
                     e = self._adopt_object(w, spool)
                 finally:
                     spool.unlink(missing_ok=True)
+                held.ask(e)
                 self._remember(w, e)
                 out[w.table_id] = e
             with concurrent.futures.ThreadPoolExecutor(OBJECTS_AT_ONCE) as pool:
@@ -265,14 +271,36 @@ class Adopter:
                                  f"{w.sha256}: the LFS store holds something else under that name")
         return FileEntry(w.path, n, 0o644, sha.hexdigest(), tuple(chunks), describe(str(spool), n))
 
-    # -- chunks the registry holds itself ------------------------------------------------------
-    def _native(self, chunks: set[str]) -> set[str]:
-        store = self.registry.store
 
-        def one(h: str) -> str | None:
-            return h if store.stat(self.registry.chunk_key(h)) is not None else None
-        with concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE) as pool:
-            return {h for h in pool.map(one, sorted(chunks)) if h is not None}
+class _NativeChunks:
+    """Which of an adoption's chunks the registry holds itself (a HEAD each), asked as each
+    object is named, so over a far store the lookups overlap the objects still streaming
+    instead of following the last (~16 round trips per GiB)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._pool = concurrent.futures.ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="native")
+        self._asked: dict[str, concurrent.futures.Future[bool]] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _NativeChunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def ask(self, e: FileEntry) -> None:
+        with self._lock:
+            for h, _ in e.chunks:
+                if h not in self._asked:
+                    self._asked[h] = self._pool.submit(self._held, h)
+
+    def _held(self, h: str) -> bool:
+        return self.registry.store.stat(self.registry.chunk_key(h)) is not None
+
+    def result(self) -> set[str]:
+        """The chunks asked about that the registry holds (a lookup's error is raised here)."""
+        return {h for h, f in self._asked.items() if f.result()}
 
 
 # -- checking an adopted version's sources -----------------------------------------------------
