@@ -21,6 +21,7 @@ class StallProxy:
         self.get_delay = 0.0  # seconds added to every GET request
         self.rate = 0.0  # bytes per second each connection may receive (0: no cap)
         self.refuse = False
+        self.put_heads: list[bytes] = []  # the request line and headers of each PUT passed on
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._socks: list[socket.socket] = []
@@ -59,6 +60,8 @@ class StallProxy:
             while data := src.recv(1 << 16):
                 if upstream and self.get_delay and data.startswith(b"GET "):
                     time.sleep(self.get_delay)
+                if upstream and data.startswith(b"PUT "):
+                    self.put_heads.append(data.split(b"\r\n\r\n", 1)[0])
                 dst.sendall(data)
                 if not upstream and self.rate:
                     time.sleep(len(data) / self.rate)

@@ -211,6 +211,24 @@ def test_slow_store_reads_complete_and_do_not_block_cached_reads(own, two_files,
 
 # -- 3. corruption (chunk in store and cache entry: tests/test_mount.py) ---------------
 
+def test_a_put_sends_its_body_with_its_headers(seaweed, bucket, monkeypatch):
+    """Over a far store a PUT costs one round trip, not two: the client does not ask for
+    "100 Continue" first (manifests, tags and leases are PUT by the boto3 client)."""
+    from modelfs.config import StoreConfig
+    from modelfs.registry.store import Store
+
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    proxy = StallProxy(seaweed.s3_port)
+    try:
+        store = Store(bucket, StoreConfig(endpoint_url=proxy.endpoint, region="us-east-1"))
+        store.put("reg/x.json", b"{}" * 5000)
+        assert store.get("reg/x.json") == b"{}" * 5000
+        assert len(proxy.put_heads) == 1 and b"expect:" not in proxy.put_heads[0].lower(), proxy.put_heads
+    finally:
+        proxy.close()
+
+
 def test_garbage_lmdb_file_is_rebuilt(env, bucket, sample_model, mounts):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "-q")
     mnt = mounts.mount(f"s3://{bucket}/reg/m")

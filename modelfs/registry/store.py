@@ -98,6 +98,7 @@ class Store:
         import boto3
         import botocore.config
         import botocore.exceptions
+        import botocore.handlers
 
         config = self.config
         try:  # a bad profile or an unparsable config/credentials file fails here
@@ -117,9 +118,14 @@ class Store:
                 s3={"addressing_style": "path"} if self._custom else None,
                 tcp_keepalive=True,
             )
-            return session.client("s3", endpoint_url=self._custom, region_name=region, config=bc)
+            client = session.client("s3", endpoint_url=self._custom, region_name=region, config=bc)
         except botocore.exceptions.BotoCoreError as e:
             raise StoreError(f"cannot configure the S3 client: {e}") from None
+        # A PUT's body goes with its headers: botocore's "Expect: 100-continue" would wait a
+        # round trip for the store's go-ahead first (two per PUT; manifests, tags and leases
+        # are small, chunks go through presigned URLs, not this client)
+        client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        return client
 
     # -- error translation -------------------------------------------------
 
