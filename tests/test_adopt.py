@@ -168,7 +168,8 @@ def dvc_repo(dvc_bin, env, seaweed, s3, tmp_path, sample_model):
     s3.create_bucket(Bucket=b)
     repo = DvcRepo(dvc_bin, tmp_path / "repo", env, seaweed.endpoint, b)
     shutil.copytree(sample_model, repo.root / "model")
-    (repo.root / "single.bin").write_bytes(os.urandom(3 << 20) + b"tail")
+    # larger than two parts: adopt reads it as ranged GETs (store.download_parts), the rest streamed
+    (repo.root / "single.bin").write_bytes(os.urandom(17 << 20) + b"tail")
     repo.add_push("model", "single.bin")
     return repo
 
@@ -238,6 +239,26 @@ def test_re_adopting_reads_only_what_changed_and_gc_touches_nothing_foreign(env,
     assert (pulled / "single.bin").read_bytes() == (dvc_repo.root / "single.bin").read_bytes()
 
 
+def test_an_object_read_in_ranged_parts_comes_in_order_and_a_shrunk_one_short(seaweed, bucket, s3, monkeypatch):
+    """``Store.download_parts``, what adopt reads a large object with: every byte in order
+    with several parts in flight; an object shorter than the size asked for (it shrank
+    since its HEAD) ends the read short instead of sinking a part that is not whole."""
+    from modelfs.config import StoreConfig
+    from modelfs.registry.store import Store
+
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    data = os.urandom((5 << 20) + 12345)
+    s3.put_object(Bucket=bucket, Key="o", Body=data)
+    store = Store(bucket, StoreConfig(endpoint_url=seaweed.endpoint, region="us-east-1"))
+    got: list[bytes] = []
+    assert store.download_parts("o", len(data), got.append, 1 << 20, 3) == len(data)
+    assert b"".join(got) == data and len(got) == 6
+    got.clear()
+    n = store.download_parts("o", len(data) + (3 << 20), got.append, 1 << 20, 3)  # it "shrank"
+    assert n == 5 << 20 and b"".join(got) == data[:n]
+
+
 def test_an_object_whose_chunks_the_registry_holds_is_adopted_as_a_native_file(env, bucket, s3, dvc_repo, tmp_path):
     """The registry is asked for each object's chunks while the others still stream: a
     file published there before is adopted as native (no source), the others stay foreign."""
@@ -268,7 +289,7 @@ def test_verify_deep_reports_a_deleted_and_an_overwritten_object(env, bucket, s3
     assert "all in place" in cli(env, "verify", "--deep", f"{reg}/m@latest").stdout
     md5 = hashlib.md5((dvc_repo.root / "single.bin").read_bytes()).hexdigest()
     key = f"dvcstore/files/md5/{md5[:2]}/{md5[2:]}"
-    s3.put_object(Bucket=dvc_repo.bucket, Key=key, Body=os.urandom((3 << 20) + 4))  # same size, other bytes
+    s3.put_object(Bucket=dvc_repo.bucket, Key=key, Body=os.urandom((17 << 20) + 4))  # same size, other bytes
     cfg = next(k for k in objects(s3, dvc_repo.bucket) if k.endswith("files/md5/" + hashlib.md5(
         (dvc_repo.root / "model" / "config.json").read_bytes()).hexdigest()[:2] + "/" + hashlib.md5(
         (dvc_repo.root / "model" / "config.json").read_bytes()).hexdigest()[2:]))

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 OBJECTS_AT_ONCE = 4  # objects streamed (and cut as they arrive) side by side
 STREAM_PIECE = 1 << 20  # what the stream hands over at a time
+PART = 8 << 20  # an object larger than two is read as ranged GETs of this size, in order …
+STREAMS = 8  # … so that about this many are in flight over all objects read side by side
 CUT_WINDOW = 32 << 20  # bytes gathered before cutting (at least two largest chunks)
 
 
@@ -143,6 +145,7 @@ class Adopter:
         self.work_dir = work_dir
         self.on_progress = on_progress or (lambda n, s: None)
         self.stats = AdoptStats()
+        self._parts_ahead = 2  # ranged GETs in flight per object (set by _read)
 
     def run(self, wanted: list[Wanted], name: str, tags: list[str], plain: list[SourceFile] | None = None
             ) -> AdoptResult:
@@ -213,6 +216,8 @@ class Adopter:
         written as soon as it is named (an interrupted adoption resumes from there); the
         registry asked for its chunks then too (``held``), while the others stream."""
         out: dict[str, FileEntry] = {}
+        # each object's share of STREAMS ranged GETs (a single large object gets them all)
+        self._parts_ahead = max(2, STREAMS // max(1, min(OBJECTS_AT_ONCE, len(todo))))
         with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
             def one(iw: tuple[int, Wanted]) -> None:
                 i, w = iw
@@ -257,7 +262,10 @@ class Adopter:
                 f.write(data)
                 cutter.feed(data)
                 self.on_progress(len(data), self.stats)
-            n = store.download(key, sink, STREAM_PIECE)
+            if info.size > 2 * PART:
+                n = store.download_parts(key, info.size, sink, PART, self._parts_ahead)
+            else:
+                n = store.download(key, sink, STREAM_PIECE)
         chunks = cutter.close()
         self.stats.add(read_objects=1, read_bytes=n)
         if n != info.size:

@@ -7,6 +7,9 @@ act on.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import os
 import threading
 import time
@@ -244,6 +247,31 @@ class Store:
                 n += len(data)
         except _errors() as e:
             raise self._fail(e, key) from None
+        return n
+
+    def download_parts(self, key: str, size: int, sink: Callable[[bytes], None], part: int, ahead: int) -> int:
+        """Bytes [0, size) of the object into ``sink``, in order, as ranged GETs of ``part``
+        bytes with ``ahead`` of them in flight: one TCP stream gets a share of a far link,
+        not the link (and a large object read alone would be one stream). At most ``ahead``
+        parts are held. A part that comes back short (the object shrank) ends the
+        download: the bytes sunk are returned, fewer than ``size``."""
+        offsets = iter(range(0, size, part))
+        n = 0
+        with concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="part") as pool:
+            try:
+                inflight = collections.deque(pool.submit(self.get, key, o, min(o + part, size))
+                                             for o in itertools.islice(offsets, ahead))
+                while inflight:
+                    data = inflight.popleft().result()
+                    if len(data) != min(part, size - n):
+                        break
+                    o = next(offsets, None)
+                    if o is not None:
+                        inflight.append(pool.submit(self.get, key, o, min(o + part, size)))
+                    sink(data)
+                    n += len(data)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         return n
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
