@@ -145,7 +145,6 @@ class Adopter:
         self.work_dir = work_dir
         self.on_progress = on_progress or (lambda n, s: None)
         self.stats = AdoptStats()
-        self._parts_ahead = 2  # ranged GETs in flight per object (set by _read)
 
     def run(self, wanted: list[Wanted], name: str, tags: list[str], plain: list[SourceFile] | None = None
             ) -> AdoptResult:
@@ -217,14 +216,14 @@ class Adopter:
         registry asked for its chunks then too (``held``), while the others stream."""
         out: dict[str, FileEntry] = {}
         # each object's share of STREAMS ranged GETs (a single large object gets them all)
-        self._parts_ahead = max(2, STREAMS // max(1, min(OBJECTS_AT_ONCE, len(todo))))
+        ahead = max(2, STREAMS // max(1, min(OBJECTS_AT_ONCE, len(todo))))
         with tempfile.TemporaryDirectory(prefix="modelfs-adopt-", dir=self.work_dir) as tmp:
             def one(iw: tuple[int, Wanted]) -> None:
                 i, w = iw
                 spool = Path(tmp) / str(i) / w.path.rsplit("/", 1)[-1]  # its name: describe goes by it
                 spool.parent.mkdir()
                 try:
-                    e = self._adopt_object(w, spool)
+                    e = self._adopt_object(w, spool, ahead)
                 finally:
                     spool.unlink(missing_ok=True)
                 held.ask(e)
@@ -234,12 +233,13 @@ class Adopter:
                 list(pool.map(one, enumerate(todo)))
         return out
 
-    def _adopt_object(self, w: Wanted, spool: Path) -> FileEntry:
+    def _adopt_object(self, w: Wanted, spool: Path, ahead: int) -> FileEntry:
         """``w``'s object streamed once: its md5 (DVC) and SHA-256 fed, cut and named as it
         arrives (FastCDC over a sliding window gives the cuts it gives over the whole
         file: a chunk's end depends only on its own bytes), and written to ``spool`` for
         ``describe`` alone (headers, a zip's directory at the end). The md5 is not computed
-        when the store's ETag (the MD5 it took of a single-part upload) is that md5."""
+        when the store's ETag (the MD5 it took of a single-part upload) is that md5. A large
+        object comes as ranged parts, ``ahead`` in flight (``Store.download_parts``)."""
         store = self.registry.foreign_store(w.source)
         key = w.source.key(w.key)
         try:
@@ -263,7 +263,7 @@ class Adopter:
                 cutter.feed(data)
                 self.on_progress(len(data), self.stats)
             if info.size > 2 * PART:
-                n = store.download_parts(key, info.size, sink, PART, self._parts_ahead)
+                n = store.download_parts(key, info.size, sink, PART, ahead)
             else:
                 n = store.download(key, sink, STREAM_PIECE)
         chunks = cutter.close()

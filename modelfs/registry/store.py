@@ -252,9 +252,10 @@ class Store:
     def download_parts(self, key: str, size: int, sink: Callable[[bytes], None], part: int, ahead: int) -> int:
         """Bytes [0, size) of the object into ``sink``, in order, as ranged GETs of ``part``
         bytes with ``ahead`` of them in flight: one TCP stream gets a share of a far link,
-        not the link (and a large object read alone would be one stream). At most ``ahead``
-        parts are held. A part that comes back short (the object shrank) ends the
-        download: the bytes sunk are returned, fewer than ``size``."""
+        not the link (and a large object read alone would be one stream). At most
+        ``ahead + 1`` parts are held (in flight, and the one being sunk). A part that comes
+        back short (the object shrank) ends the download: the bytes sunk are returned,
+        fewer than ``size``."""
         offsets = iter(range(0, size, part))
         n = 0
         with concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="part") as pool:
