@@ -201,7 +201,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
     Every chunk is checked against its id before it is written; each file is fsynced
     and renamed into place whole. --verify (implied by --trusted-key, whose signatures
     name the files' SHA-256) adds a SHA-256 check of each whole file."""
-    from ..transfer.spawn import LaneConfig, prestart
+    from ..transfer.spawn import LaneConfig, end_unadopted, prestart
 
     config = ctx.obj["config"]
     lanes = LaneConfig(concurrency=config.concurrency, timeouts=config.timeouts, tiers=cache_tier(ctx))
@@ -224,9 +224,7 @@ def pull(ctx, ref: str, dest: Path, registry_url: str | None, quiet: bool, cache
         finally:
             bar.close()
     finally:
-        for s in spawned:
-            if not s.adopted:
-                s.abandon()
+        end_unadopted(spawned)
         if cache is not None:
             cache.close()
     dt = time.monotonic() - t0

@@ -37,16 +37,21 @@ def cache_dir_of(settings: dict[str, Any]) -> Path:
     return (settings["cache_dir"] or default_cache_dir()).absolute()
 
 
+def lanes_of(settings: dict[str, Any]) -> LaneConfig:
+    """The mount's lanes, from its settings: one place for the daemon's ``MountConfig`` and
+    for the workers started before it (which the lanes adopt only if they match)."""
+    return LaneConfig(workers=settings["fetch_workers"], concurrency=settings["concurrency"],
+                      fetch_timeout=settings["fetch_timeout"], timeouts=Timeouts.of(settings),
+                      sealed=settings["encrypt_cache"], tiers=settings["cache_tier"] or ())
+
+
 def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
     """Start a mount daemon's fetch workers from its settings alone, before it resolves its
     source, so their start-up (~0.13 s of imports each) overlaps that and the mount instead
     of following them. ``Lanes`` adopts those that match what it
     would start (it ends the others); the daemon ends them if it fails before."""
     cache_dir = cache_root(cache_dir_of(settings), sealed=settings["encrypt_cache"])
-    config = LaneConfig(workers=settings["fetch_workers"], concurrency=settings["concurrency"],
-                        timeouts=Timeouts.of(settings), sealed=settings["encrypt_cache"],
-                        tiers=settings["cache_tier"] or ())
-    n, wc = worker_config(config, str(cache_dir), settings["cache_size"],
+    n, wc = worker_config(lanes_of(settings), str(cache_dir), settings["cache_size"],
                           encrypted=settings["encryption_key_file"] is not None)
     return [spawn(wc) for _ in range(n)]
 

@@ -32,9 +32,9 @@ from ..format.encryption import RegistryKey
 from ..format.trust import TrustedKeys
 from ..registry.source import Source, resolve
 from ..transfer.lanes import LaneConfig, Lanes
-from ..transfer.spawn import Spawned
+from ..transfer.spawn import Spawned, end_unadopted
 from . import xattrs
-from .background import cache_dir_of
+from .background import cache_dir_of, lanes_of
 from .fs import ModelFS
 from .metrics import Reporter
 from .mountpoint import check_mountpoint, set_kernel_readahead
@@ -85,9 +85,7 @@ class MountConfig:
             metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
             readahead=ReadaheadConfig(max_bytes=s["readahead"], trigger_bytes=s["readahead_trigger"],
                                       tensor_order=s["readahead_order"] == "tensors"),
-            lanes=LaneConfig(workers=s["fetch_workers"], concurrency=store.concurrency,
-                             fetch_timeout=s["fetch_timeout"], timeouts=store.timeouts,
-                             sealed=s["encrypt_cache"], tiers=s["cache_tier"] or ()))
+            lanes=lanes_of(s))
 
 
 
@@ -275,6 +273,4 @@ def run_foreground(settings: dict[str, Any], ready_fd: int | None, early: Sequen
                 pass
         raise
     finally:
-        for s in early:  # those the daemon failed before adopting (Lanes ends the others)
-            if not s.adopted:
-                s.abandon()
+        end_unadopted(early)  # those the daemon failed before adopting

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,14 @@ def prestart(config: LaneConfig, cache: BlockCache | None, *, encrypted: bool) -
     them ends those never adopted (``abandon``)."""
     n, wc = lanes_workers(config, cache, encrypted=encrypted)
     return [spawn(wc) for _ in range(n)]
+
+
+def end_unadopted(spawned: Iterable[Spawned]) -> None:
+    """End the workers started early that no ``Lanes`` adopted (a command or daemon that
+    failed, or finished, before it needed them; ``Lanes`` ends those it adopted)."""
+    for s in spawned:
+        if not s.adopted:
+            s.abandon()
 
 
 @dataclass(eq=False)
