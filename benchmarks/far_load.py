@@ -20,8 +20,10 @@ Loaders: ``load_file`` (``safetensors.numpy.load_file``: mmap, the file in offse
 whole, in order, then parsed). Time to first tensor: the first
 shard's first tensor, for copy measured as ``s5cmd cp`` of that one shard then that
 tensor, for a mount as mount + that tensor. Prints, per regime, medians: total seconds and
-ratio to copy, first-tensor ratio, CPU seconds of the command's processes and of the
-forwarder (what shaping costs the two cores).
+ratio to copy, first-tensor ratio, CPU seconds of the command's processes, of the
+forwarder (what shaping costs the two cores), of the store and of the loader (this
+process), and the share of the cores all of them kept busy over the run ("cores busy":
+near 100 %, the two cores, not the link or the pipeline, bound the run).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def load(path: Path, loader: str, first_only: bool = False) -> None:
         load_file(str(path))
 
 
+def busy(r: dict) -> float:
+    """The share of the machine's cores that the command, forwarder, store and loader kept
+    busy over the whole run: near 100 %, the run was bound by the CPU, not the link."""
+    return (r["cpu"] + r["fwd_cpu"] + r["store_cpu"] + r["loader_cpu"]) / ((os.cpu_count() or 1) * r["total"])
+
+
 def cpu_of(pid: int) -> float:
     try:
         return proc_cpu_seconds(pid)
@@ -77,8 +85,9 @@ def cpu_of(pid: int) -> float:
 
 
 class Run:
-    def __init__(self, d: Path, env: dict, shards: list[str], loader: str, link: FarLink):
+    def __init__(self, d: Path, env: dict, shards: list[str], loader: str, link: FarLink, store_pid: int):
         self.d, self.env, self.shards, self.loader, self.link = d, env, shards, loader, link
+        self.store_pid = store_pid  # SeaweedFS: its CPU is part of what the two cores do
         self.trace_dir: Path | None = None  # --trace: each mount's timeline (benchmarks/timeline.py)
         self.traced = 0
         self.mount_args: list[str] = []  # --mount-args
@@ -87,11 +96,21 @@ class Run:
     def _fwd_cpu(self) -> float:
         return cpu_of(self.link.proc.pid)
 
+    def _others(self) -> tuple[float, float]:
+        """(store CPU-s, this process's own CPU-s: the loader's) so far."""
+        t = os.times()
+        return cpu_of(self.store_pid), t.user + t.system
+
+    def _others_since(self, r: dict, was: tuple[float, float]) -> dict:
+        now = self._others()
+        r["store_cpu"], r["loader_cpu"] = now[0] - was[0], now[1] - was[1]
+        return r
+
     def _download_then_load(self, cmd: list[str], out: Path, env: dict) -> dict:
         """``cmd`` downloads the shards into ``out``; then the loader reads each there."""
         shutil.rmtree(out, ignore_errors=True)
         drop_caches()
-        f0 = self._fwd_cpu()
+        f0, o0 = self._fwd_cpu(), self._others()
         r0 = os.times()
         t = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, capture_output=True, cwd="/tmp")
@@ -101,9 +120,11 @@ class Run:
             load(out / s, self.loader)
         total = time.perf_counter() - t
         fwd = self._fwd_cpu() - f0
+        r = self._others_since({"total": total, "command": t_cmd, "fwd_cpu": fwd,
+                                "cpu": (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)},
+                               o0)
         shutil.rmtree(out)
-        return {"total": total, "command": t_cmd, "fwd_cpu": fwd,
-                "cpu": (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)}
+        return r
 
     def _s5cmd(self, src: str, out: Path) -> list[str]:
         return [str(Path(sys.executable).parent / "s5cmd"), "--endpoint-url", self.env["AWS_ENDPOINT_URL"],
@@ -142,7 +163,7 @@ class Run:
                                      str(self.perf_dir / f"mount-{self.traced or 1}.data")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        f0 = self._fwd_cpu()
+        f0, o0 = self._fwd_cpu(), self._others()
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "modelfs", "mount", ref, str(mnt), "--cache-dir", str(cache),
                         *self.mount_args],
@@ -156,6 +177,7 @@ class Run:
                 load(mnt / s, self.loader)
             total = time.perf_counter() - t
             cpu = cpu_of(pid)
+            others = self._others_since({}, o0)
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 perf.wait()
@@ -163,7 +185,7 @@ class Run:
             subprocess.run([sys.executable, "-m", "modelfs", "unmount", str(mnt)], env=env, capture_output=True)
         fwd = self._fwd_cpu() - f0
         shutil.rmtree(cache, ignore_errors=True)
-        return {"total": total, "command": t_mount, "first": first, "cpu": cpu, "fwd_cpu": fwd}
+        return {"total": total, "command": t_mount, "first": first, "cpu": cpu, "fwd_cpu": fwd, **others}
 
 
 def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
@@ -178,7 +200,7 @@ def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
         subprocess.run([sys.executable, "-m", "modelfs", "publish", str(m), f"s3://{bucket}/reg", "--name", "m",
                         "--tag", "prod", "-q"], env=dict(env, PYTHONPATH=ROOT), check=True, capture_output=True)
         ref = f"s3://{bucket}/reg/m@prod"
-        run = Run(d, env, shards, args.loader, link)
+        run = Run(d, env, shards, args.loader, link, srv.proc.pid)
         run.trace_dir, run.perf_dir, run.mount_args = args.trace, args.perf, shlex.split(args.mount_args)
         trees = {"mount": ROOT} | ({"mount (base)": str(args.base)} if args.base else {})
         res: dict[str, list[dict]] = {}
@@ -223,7 +245,8 @@ def main() -> None:
     print(f"\n{args.shards} × {args.shard_mib} MiB F16 safetensors, loader {args.loader}, medians of {args.runs}; "
           f"{machine()}\n")
     print("| link (RTT ms / Mbit/s) | target | total s | ÷ copy | command s | first tensor ÷ copy | "
-          "CPU-s (processes) | forwarder CPU-s |\n|---|---|---|---|---|---|---|---|")
+          "CPU-s (processes) | forwarder CPU-s | store CPU-s | loader CPU-s | cores busy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, res in everything.items():
         rtt, mbit = spec.split(":")
         link = "unshaped (forwarding only)" if spec in ("0:0",) else f"{rtt} / {mbit}"
@@ -233,7 +256,9 @@ def main() -> None:
             tot = med(r["total"] for r in rs)
             first = f"{med(r['first'] for r in rs) / copy_f:.2f}" if "first" in rs[0] and name != "copy" else "–"
             print(f"| {link} | {name} | {tot:.2f} | **{tot / copy_t:.2f}** | {med(r['command'] for r in rs):.2f} | "
-                  f"{first} | {med(r['cpu'] for r in rs):.1f} | {med(r['fwd_cpu'] for r in rs):.1f} |")
+                  f"{first} | {med(r['cpu'] for r in rs):.1f} | {med(r['fwd_cpu'] for r in rs):.1f} | "
+                  f"{med(r['store_cpu'] for r in rs):.1f} | {med(r['loader_cpu'] for r in rs):.1f} | "
+                  f"{med(busy(r) for r in rs):.0%} |")
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
 
