@@ -11,7 +11,8 @@ publishes them as a modelfs model, then runs every target ``--runs`` times, inte
 the page cache dropped before each:
 
 * **copy**: ``s5cmd cp`` of the shards into a fresh directory, then the loader on each;
-* **pull**: ``modelfs pull`` (empty cache), then the loader on each;
+* **pull**: ``modelfs pull`` (empty cache), then the loader on each (``--base TREE``: the
+  same with another source tree too);
 * **mount**: ``modelfs mount`` (empty cache, background start) and the loader on each
   shard through it; ``--base TREE`` adds the same with another source tree.
 
@@ -209,7 +210,7 @@ def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
             if "copy" in args.targets:
                 jobs.append(("copy", lambda: run.copy(bucket)))
             if "pull" in args.targets:
-                jobs.append(("pull", lambda: run.pull(ROOT, ref)))
+                jobs += [(n.replace("mount", "pull"), (lambda tr=tr: run.pull(tr, ref))) for n, tr in trees.items()]
             if "mount" in args.targets:
                 jobs += [(n, (lambda tr=tr: run.mount(tr, ref))) for n, tr in trees.items()]
             for name, job in (jobs if i % 2 == 0 else list(reversed(jobs))):

@@ -13,6 +13,7 @@ instance role) finds them, and a config file that tries to hold one is refused.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,19 @@ from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .units import parse_size
+
+
+TRANSFER_CONCURRENCY = 16  # parallel store requests of the bulk commands (pull, publish, prefetch, adopt)
+
+
+def mount_concurrency() -> int:
+    """A mount's parallel store requests by default: four per core, from 8 to 16. A mount's
+    fetches share the cores with the FUSE loop and the loader reading through it; on two
+    cores 8 loaded a model as fast as 16 over 20 ms / 2.5 Gbit/s, 1 % sooner over 20 ms /
+    1 Gbit/s and 10 % sooner, with ~1 CPU-s less per 2 GiB, from a near store
+    (docs/benchmarks.md). A bulk command has the cores to itself: ``pull`` was 3–5 % faster
+    with 16 there, which it keeps (``TRANSFER_CONCURRENCY``)."""
+    return max(8, min(16, 4 * (os.cpu_count() or 2)))
 
 
 def retry_backoff(attempts: int) -> float:
@@ -54,7 +68,7 @@ class StoreConfig:
     endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL or AWS itself
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile
     profile: str | None = None  # None: AWS_PROFILE or the default profile
-    concurrency: int = 16  # parallel transfers; the connection pool is sized to it
+    concurrency: int = TRANSFER_CONCURRENCY  # parallel transfers; the connection pool is sized to it
     timeouts: Timeouts = Timeouts()
 
 
@@ -178,7 +192,7 @@ MOUNT_KEYS: tuple[Key, ...] = (
     Key("encrypt_cache", False, _bool, "Keep this mount's chunks encrypted in the block cache too (needs encryption_key_file; its own cache under <cache_dir>/sealed): a warm read then decrypts each chunk it touches (docs/security.md)."),
     Key("cache_tier", None, _tier_urls, "Cache tier nodes (nginx from `modelfs tier-config`) asked for chunks before the store: each chunk has one node, then the next, then the store; nothing from them is trusted (docs/fleet.md). Flag repeatable; in the file a list."),
     Key("trusted_keys", None, _paths, "Public keys (PEM) whose signatures make a version servable: with any, only versions and tags signed by one of them are shown (docs/security.md). Flag repeatable; in the file a list."),
-    Key("concurrency", 16, _int_in(1, 256), "Parallel S3 requests."),
+    Key("concurrency", mount_concurrency(), _int_in(1, 256), "Parallel S3 requests of the mount (default: four per core, from 8 to 16; other commands: 16)."),
     Key("connect_timeout", Timeouts.connect, _seconds, "Seconds to wait for a connection to the store, per attempt."),
     Key("read_timeout", Timeouts.read, _seconds, "Seconds to wait for the store's next bytes, per attempt."),
     Key("attempts", Timeouts.attempts, _int_in(1, 20), "Tries per store request, the first included (a hung store fails a request after attempts × timeout + backoff)."),

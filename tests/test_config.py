@@ -1,14 +1,16 @@
 """The TOML config file: keys, defaults, precedence and errors (no server needed)."""
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from modelfs.config import MOUNT_KEYS, load_file, resolve
+from modelfs.config import MOUNT_KEYS, StoreConfig, load_file, resolve
 from modelfs.errors import UsageError
+from modelfs.mount.background import lanes_of
 from modelfs.mount.fstab import HelperError, mount_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +63,14 @@ def test_missing_pieces(tmp_path):
         resolve(None, {**BASE, "cache_size": "big"})
 
 
+def test_a_mount_fetches_four_requests_per_core_by_default_and_a_given_count_wins(tmp_path):
+    cores = os.cpu_count() or 2
+    assert lanes_of(resolve(None, BASE)).concurrency == max(8, min(16, 4 * cores))
+    assert lanes_of(resolve(write(tmp_path, "concurrency = 5\n"), BASE)).concurrency == 5
+    assert lanes_of(resolve(None, {**BASE, "concurrency": 16})).concurrency == 16  # `modelfs -j 16 mount`
+    assert StoreConfig().concurrency == 16  # pull, publish, prefetch and adopt: the cores are theirs
+
+
 def test_example_file_and_docs_cover_every_key():
     example = (ROOT / "systemd" / "modelfs.example.toml").read_text()
     parsed = tomllib.loads(example)
@@ -70,6 +80,10 @@ def test_example_file_and_docs_cover_every_key():
     docs = (ROOT / "docs" / "operations.md").read_text()
     for key in MOUNT_KEYS:
         assert f"`{key.name}`" in docs, f"docs/operations.md lacks {key.name}"
+        if key.name == "concurrency":  # the one default that depends on the machine: both say how
+            assert "four per core, from 8 to 16" in example and "four per core, from `8` to `16`" in docs
+            assert key.default == max(8, min(16, 4 * (os.cpu_count() or 2)))  # a mount's; other commands 16
+            continue
         if key.default is not None:
             assert uncommented[key.name] == key.default, key.name  # the example shows the real default
             assert f"`{json.dumps(key.default) if isinstance(key.default, (bool, str)) else key.default}`" \

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .. import __version__, logs
-from ..config import DEFAULTS, KEYS, LOG_LEVELS, StoreConfig, Timeouts
+from ..config import DEFAULTS, KEYS, LOG_LEVELS, TRANSFER_CONCURRENCY, StoreConfig, Timeouts
 from ..errors import ModelfsError, UsageError
 
 if TYPE_CHECKING:  # imported where used: a command that needs no store (mount's parent,
@@ -97,8 +97,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL).")
 @click.option("--region", help="Region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's).")
 @click.option("--profile", help="AWS profile (default: $AWS_PROFILE).")
-@click.option("--concurrency", "-j", default=DEFAULTS["concurrency"], show_default=True,
-              type=click.IntRange(1, 256), help="Parallel transfers.")
+@click.option("--concurrency", "-j", default=TRANSFER_CONCURRENCY, show_default=True,
+              type=click.IntRange(1, 256),
+              help="Parallel transfers (a mount's default: four per core, from 8 to 16).")
 @click.option("--connect-timeout", default=DEFAULTS["connect_timeout"], show_default=True, type=_SECONDS,
               help=KEYS["connect_timeout"].doc)
 @click.option("--read-timeout", default=DEFAULTS["read_timeout"], show_default=True, type=_SECONDS,
