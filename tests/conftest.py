@@ -14,7 +14,9 @@ import errno
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -116,6 +118,21 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def settled_counts(seaweed, bucket: str) -> Counter:
+    """``seaweed.request_counts(bucket)`` once it stops changing: SeaweedFS counts a request
+    after it has answered it, so a count read right after a request (the fixture's bucket
+    creation, a command's last PUT) may not include it yet. Read until two reads 50 ms
+    apart agree (at most 3 s)."""
+    last, deadline = seaweed.request_counts(bucket), time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = seaweed.request_counts(bucket)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def gets(seaweed, bucket: str) -> int:

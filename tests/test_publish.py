@@ -15,7 +15,7 @@ from modelfs.dev.devserver import free_ports
 from modelfs.dev.sample import write_safetensors, layer_tensors
 from modelfs.units import fmt_bytes
 
-from conftest import cli, damage_cache_entry, gets, objects, one_line_error, tree_digest
+from conftest import cli, damage_cache_entry, gets, objects, one_line_error, settled_counts, tree_digest
 
 AVG = DEFAULT_PARAMS.avg_size
 
@@ -138,11 +138,11 @@ def test_pull_onto_a_full_disk_says_so_and_leaves_nothing_half_written(env, buck
 
 def test_republish_unchanged_uploads_no_chunk(env, bucket, sample_model, s3, seaweed):
     cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
-    before, puts = chunk_objects(s3, bucket), seaweed.request_counts(bucket)[("PUT", "200")]
+    before, puts = chunk_objects(s3, bucket), settled_counts(seaweed, bucket)[("PUT", "200")]
     r = cli(env, "publish", str(sample_model), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod")
     assert chunk_objects(s3, bucket) == before
     # server side: exactly the publish's lease, the manifest and the two tags were written, no chunk
-    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == 4
+    assert settled_counts(seaweed, bucket)[("PUT", "200")] - puts == 4
     assert not objects(s3, bucket, "reg/leases/")  # the lease is gone with the publish
     assert "uploaded  0 B in 0 chunks" in r.stdout
 
@@ -215,13 +215,13 @@ def test_killed_publish_leaves_no_dangling_manifest_and_resumes(env, bucket, tmp
     assert not objects(s3, bucket, "reg/models/"), "a manifest or tag was written before its chunks"
     done = chunk_objects(s3, bucket)
     assert done
-    puts = seaweed.request_counts(bucket)[("PUT", "200")]
+    puts = settled_counts(seaweed, bucket)[("PUT", "200")]
     r = cli(env, "publish", str(d), f"s3://{bucket}/reg", "--name", "m", "--tag", "prod", "--no-compress")
     after = chunk_objects(s3, bucket)
     missing = len(after) - len(done)
     assert missing > 0 and f"reused    {len(done)} chunks" in r.stdout
     # server side: only the missing chunks, its lease, one manifest and two tags were PUT
-    assert seaweed.request_counts(bucket)[("PUT", "200")] - puts == missing + 4
+    assert settled_counts(seaweed, bucket)[("PUT", "200")] - puts == missing + 4
     out = tmp_path / "out"
     cli(env, "pull", f"s3://{bucket}/reg/m@prod", str(out))
     assert tree_digest(out) == tree_digest(d)
@@ -278,11 +278,11 @@ def test_a_file_changed_after_the_scan_is_refused_before_any_manifest(registry, 
 
 
 def test_dry_run_writes_nothing(env, bucket, sample_model, s3, seaweed):
-    puts = seaweed.request_counts(bucket)[("PUT", "200")]
+    puts = settled_counts(seaweed, bucket)[("PUT", "200")]
     r = cli(env, "publish", "--dry-run", str(sample_model), f"s3://{bucket}/reg", "--name", "m")
     assert r.stdout.startswith("dry run: would publish m@")
     assert not objects(s3, bucket)
-    assert seaweed.request_counts(bucket)[("PUT", "200")] == puts
+    assert settled_counts(seaweed, bucket)[("PUT", "200")] == puts
 
 
 def test_ls_inspect_and_tag(env, bucket, sample_model, tmp_path):
