@@ -138,13 +138,13 @@ def settled_counts(seaweed, bucket: str) -> Counter:
 def gets(seaweed, bucket: str) -> int:
     """Successful GETs the server has answered on ``bucket`` so far (whole objects, and
     ranges of them: a small read's blocks)."""
-    counts = seaweed.request_counts(bucket)
+    counts = settled_counts(seaweed, bucket)
     return counts[("GET", "200")] + counts[("GET", "206")]
 
 
 def ranged_gets(seaweed, bucket: str) -> int:
     """Of those, the GETs of a range (206): a small read's block digests and blocks."""
-    return seaweed.request_counts(bucket)[("GET", "206")]
+    return settled_counts(seaweed, bucket)[("GET", "206")]
 
 
 def objects(s3, bucket: str, prefix: str = "") -> dict[str, int]:

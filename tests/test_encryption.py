@@ -23,7 +23,7 @@ from modelfs.format.refs import RegistryRef
 from modelfs.registry.layout import open_registry
 from modelfs.errors import IntegrityError, UsageError
 
-from conftest import cli, gets, one_line_error, tree_digest
+from conftest import cli, gets, one_line_error, settled_counts, tree_digest
 
 MARKER = b"TOP-SECRET-WEIGHTS-MARKER-7f3a9c"
 
@@ -307,7 +307,7 @@ def test_a_registry_checked_here_is_not_asked_for_its_marker_again(seaweed, buck
     cache = BlockCache(tmp_path / "cache", 1 << 30)
     try:
         def marker_gets() -> int:
-            c = seaweed.request_counts(bucket)
+            c = settled_counts(seaweed, bucket)
             return c[("GET", "200")] + c[("GET", "404")]
         open_registry(ref, cfg, key, cache=cache)
         n = marker_gets()

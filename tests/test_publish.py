@@ -71,11 +71,11 @@ def test_pull_resumes_and_repairs(env, bucket, sample_model, tmp_path, seaweed):
     with open(shard, "r+b") as f:
         f.seek(1000)
         f.write(b"garbage")
-    before = seaweed.request_counts(bucket)[("GET", "200")]
+    before = settled_counts(seaweed, bucket)[("GET", "200")]
     r = cli(env, "pull", f"s3://{bucket}/reg/m", str(out))
     assert "2 files written" in r.stdout
     assert tree_digest(out) == tree_digest(sample_model)
-    gets = seaweed.request_counts(bucket)[("GET", "200")] - before
+    gets = settled_counts(seaweed, bucket)[("GET", "200")] - before
     shard_chunks = sum(1 for _ in json.loads(cli(env, "inspect", "--json", f"s3://{bucket}/reg/m").stdout)
                        ["files"][3]["chunks"])
     assert gets <= shard_chunks + 1 + 4  # the broken shard, config.json, tag + manifest lookups
