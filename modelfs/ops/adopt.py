@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import TRANSFER_CONCURRENCY
 from ..errors import AccessDeniedError, IntegrityError, UsageError
 from ..describe.headers import describe
 from ..format.chunking import DEFAULT_PARAMS, ChunkParams, chunk_hash, cut
@@ -135,7 +136,7 @@ class Adopter:
     """One adoption run into ``registry`` (never an encrypted one: a foreign object is
     plaintext in its own store, and a mount reads it there)."""
 
-    def __init__(self, registry: Registry, *, concurrency: int = 16, work_dir: Path | None = None,
+    def __init__(self, registry: Registry, *, concurrency: int = TRANSFER_CONCURRENCY, work_dir: Path | None = None,
                  on_progress: Callable[[int, AdoptStats], None] | None = None):
         if registry.key is not None:
             raise UsageError(f"{registry.ref} is an encrypted registry: adopted files stay in their own store, "

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from ..cache import BlockCache
+from ..config import TRANSFER_CONCURRENCY
 from ..errors import ModelfsError
 from ..transfer.lanes import LaneConfig, Lanes, run_with
 from ..format.manifest import Manifest
@@ -58,7 +59,7 @@ def chunks_to_fetch(manifest: Manifest, cache: BlockCache) -> tuple[dict[str, in
     return missing, have
 
 
-def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, concurrency: int = 16,
+def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, concurrency: int = TRANSFER_CONCURRENCY,
                workers: int = 0, sealed: bool = False,
                on_progress: Callable[[int], None] = lambda n: None, tiers: tuple[str, ...] = ()) -> PrefetchStats:
     """Load the missing chunks through the same fetch workers a mount uses (GET, verify,
@@ -77,7 +78,7 @@ def warm_cache(registry: Registry, manifest: Manifest, cache: BlockCache, *, con
     return stats
 
 
-def warm_tier(registry: Registry, manifest: Manifest, tiers: tuple[str, ...], *, concurrency: int = 16,
+def warm_tier(registry: Registry, manifest: Manifest, tiers: tuple[str, ...], *, concurrency: int = TRANSFER_CONCURRENCY,
               workers: int = 0, on_progress: Callable[[int], None] = lambda n: None) -> PrefetchStats:
     """Pass every chunk of ``manifest`` through the cache tier ``tiers`` so its nodes hold it:
     workers without a cache GET each through its node (a bad copy is refreshed there) and

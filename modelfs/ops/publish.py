@@ -33,6 +33,7 @@ import trio
 
 from ..format.chunking import DEFAULT_PARAMS, ChunkParams, cut
 from ..describe.headers import describe
+from ..config import TRANSFER_CONCURRENCY
 from ..errors import ManifestError, UsageError
 from ..transfer.lanes import URL_SECONDS, LaneConfig, Lanes, run_with
 from ..transfer.protocol import Go
@@ -137,7 +138,7 @@ class Publisher:
     the manifest is written only after every chunk is in the store, the tags after it."""
 
     def __init__(self, registry: Registry, *, params: ChunkParams = DEFAULT_PARAMS,
-                 concurrency: int = 16, workers: int = 0, dry_run: bool = False, compress: bool = True,
+                 concurrency: int = TRANSFER_CONCURRENCY, workers: int = 0, dry_run: bool = False, compress: bool = True,
                  on_progress: Callable[[int, PublishStats], None] | None = None,
                  signer: SigningKey | None = None):
         self.registry = registry

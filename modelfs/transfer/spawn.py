@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import Timeouts
+from ..config import TRANSFER_CONCURRENCY, Timeouts
 from .protocol import WorkerConfig
 
 if TYPE_CHECKING:  # not imported: lmdb is not needed to start a worker
@@ -30,7 +30,7 @@ def default_workers() -> int:
 class LaneConfig:
     """How :class:`~.lanes.Lanes` run: their workers (made here) and the daemon's side."""
     workers: int = 0  # fetch worker processes; 0: default_workers()
-    concurrency: int = 16  # parallel GETs over all workers
+    concurrency: int = TRANSFER_CONCURRENCY  # parallel GETs over all workers (a mount passes its own)
     cache_threads: int = 4  # parallel LMDB calls from this process
     fetch_timeout: float = 60.0  # a chunk not loaded by then is EIO for its reader
     timeouts: Timeouts = Timeouts()  # each store request's (the workers' and boto3's)
