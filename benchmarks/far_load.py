@@ -97,15 +97,13 @@ class Run:
     def _fwd_cpu(self) -> float:
         return cpu_of(self.link.proc.pid)
 
-    def _others(self) -> tuple[float, float]:
-        """(store CPU-s, this process's own CPU-s: the loader's) so far."""
+    def _others(self) -> dict[str, float]:
+        """The store's CPU-s and this process's own (the loader's), so far."""
         t = os.times()
-        return cpu_of(self.store_pid), t.user + t.system
+        return {"store_cpu": cpu_of(self.store_pid), "loader_cpu": t.user + t.system}
 
-    def _others_since(self, r: dict, was: tuple[float, float]) -> dict:
-        now = self._others()
-        r["store_cpu"], r["loader_cpu"] = now[0] - was[0], now[1] - was[1]
-        return r
+    def _others_since(self, was: dict[str, float]) -> dict[str, float]:
+        return {k: v - was[k] for k, v in self._others().items()}
 
     def _download_then_load(self, cmd: list[str], out: Path, env: dict) -> dict:
         """``cmd`` downloads the shards into ``out``; then the loader reads each there."""
@@ -121,11 +119,10 @@ class Run:
             load(out / s, self.loader)
         total = time.perf_counter() - t
         fwd = self._fwd_cpu() - f0
-        r = self._others_since({"total": total, "command": t_cmd, "fwd_cpu": fwd,
-                                "cpu": (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)},
-                               o0)
+        others = self._others_since(o0)
         shutil.rmtree(out)
-        return r
+        return {"total": total, "command": t_cmd, "fwd_cpu": fwd,
+                "cpu": (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system), **others}
 
     def _s5cmd(self, src: str, out: Path) -> list[str]:
         return [str(Path(sys.executable).parent / "s5cmd"), "--endpoint-url", self.env["AWS_ENDPOINT_URL"],
@@ -178,7 +175,7 @@ class Run:
                 load(mnt / s, self.loader)
             total = time.perf_counter() - t
             cpu = cpu_of(pid)
-            others = self._others_since({}, o0)
+            others = self._others_since(o0)
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 perf.wait()
