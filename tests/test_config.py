@@ -10,7 +10,7 @@ import pytest
 
 from modelfs.config import MOUNT_KEYS, StoreConfig, load_file, resolve
 from modelfs.errors import UsageError
-from modelfs.mount.background import lanes_of
+from modelfs.mount.settings import lanes_of
 from modelfs.mount.fstab import HelperError, mount_args
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -72,3 +72,12 @@ def test_the_worker_and_stats_stay_light():
             "import modelfs.cli, modelfs.mount.metrics, modelfs.mount.mountpoint, modelfs.mount.xattrs;"
             "assert 'pyfuse3' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_mount_forks_before_anything_heavy_is_imported():
+    """What ``modelfs mount`` imports before it forks its helper and daemon: no FUSE, trio,
+    boto3, or the key and signature libraries (each process imports what it needs after)."""
+    code = ("import sys, modelfs.cli.host, modelfs.mount.background, modelfs.mount.resolving;"
+            "bad = {'trio', 'pyfuse3', 'boto3', 'botocore', 'cryptography', 'model_signing'} & set(sys.modules);"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

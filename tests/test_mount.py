@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from modelfs.cache import BlockCache
 from modelfs.dev.sample import layer_tensors, write_safetensors
 
-from conftest import cli, damage_cache_entry, gets, ranged_gets, tree_digest
+from conftest import cli, damage_cache_entry, gets, ranged_gets, settled_counts, tree_digest
 
 
 def publish(env, bucket, src, name="m", *tags):
@@ -197,6 +197,21 @@ def test_a_remount_within_the_ttl_starts_from_the_cache_alone(env, bucket, sampl
     mnt = mounts.mount(ref, "--metadata-ttl", "1", mnt=mnt)
     assert os.getxattr(mnt, "user.modelfs.version").decode() == v2
     assert (mnt / "config.json").read_bytes() == (m2 / "config.json").read_bytes()
+
+
+def test_a_cold_start_resolves_its_ref_once(env, bucket, sample_model, mounts, seaweed):
+    """A cold start's helper resolves the tag beside the daemon's start (mount/resolving.py),
+    and the daemon serves what it found from what it recorded: each record is asked for
+    once, by the helper (the daemon asks for none, the signature included: what the helper
+    found absent counts), and the mount shows that version."""
+    v = publish(env, bucket, sample_model, "m", "prod")
+    before = settled_counts(seaweed, bucket)
+    mnt = mounts.mount(f"s3://{bucket}/reg/m@prod")
+    after = settled_counts(seaweed, bucket)
+    assert after[("GET", "200")] - before[("GET", "200")] == 2  # the tag, the manifest
+    assert after[("GET", "404")] - before[("GET", "404")] == 2  # no encryption marker, no signature
+    assert os.getxattr(mnt, "user.modelfs.version").decode() == v
+    assert tree_digest(mnt) == tree_digest(sample_model)
 
 
 def test_cache_smaller_than_model_stays_under_cap(env, bucket, big, mounts, tmp_path):

@@ -54,8 +54,14 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     of *.modelfs.json pointer files (a git checkout: each pointer shows as a
     directory). Both may come from --config instead.
     """
+    import gc
+
     from ..config import Timeouts, resolve
 
+    # what a start allocates (imports, boto3's models, the manifest) lives as long as the
+    # daemon: no collection until it serves, when it is frozen and the collector comes back
+    # on (mount/daemon.py); collections were ~13 % of the start's imports and S3 client
+    gc.disable()
     given = {**ctx.obj["given"], **{k: v for k, v in flags.items() if v not in (None, ())}}
     if source is not None:
         given["source"] = source
@@ -64,11 +70,14 @@ def mount(ctx, source, mountpoint, config_file, foreground, ready_fd, **flags):
     settings = resolve(config_file, given)
     logs.setup(settings["log_level"])  # the config file may name one
     if foreground:
+        from ..mount.resolving import resolve_ahead
+
+        ahead = resolve_ahead(settings)  # resolving the source while this process imports the daemon
         from ..mount.background import prestart_workers
         from ..mount.daemon import run_foreground
 
         early = prestart_workers(settings)  # after the imports (see background._become_daemon)
-        run_foreground(settings, ready_fd, early)
+        run_foreground(settings, ready_fd, early, ahead)
         return
     # the waiting parent: what the daemon refuses (a bad key file, a bad ref) it says through
     # the ready pipe; here only what is cheap to check, before starting anything

@@ -1,6 +1,8 @@
 """The mount: a read-only FUSE filesystem of a model version, a registry or a checkout.
 
-Owns the daemon's life (``daemon``), the FUSE operations (``fs``, the one user of
+Owns the daemon's life (``daemon``), what it shows, resolved (``resolving``: by the
+daemon, or by a helper forked beside its start) and its settings as each of its processes
+needs them (``settings``), the FUSE operations (``fs``, the one user of
 pyfuse3, thin over the next two), the namespace (``namespace``: names, inodes, TTL'd
 listings), where a reader's bytes come from (``reader``), readahead (``readahead``:
 policy, knobs and execution), the mount point as the OS sees it (``mountpoint``),

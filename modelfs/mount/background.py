@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
-from ..cache import cache_root, default_cache_dir
+from ..cache import cache_root
 from ..config import Timeouts
 from ..errors import ModelfsError
-from ..transfer.spawn import LaneConfig, Spawned, spawn, worker_config
+from ..transfer.spawn import Spawned, spawn, worker_config
+from .resolving import Ahead, resolve_ahead
+from .settings import cache_dir_of, lanes_of
 
 
 def start_timeout(timeouts: Timeouts) -> float:
@@ -30,19 +32,6 @@ def start_timeout(timeouts: Timeouts) -> float:
     start-up requests (a tag, a manifest) to fail with their error on a hung store, so
     the user sees that error rather than a bare timeout."""
     return 3 * timeouts.request_bound() + 30.0
-
-
-def cache_dir_of(settings: dict[str, Any]) -> Path:
-    """The mount's cache directory: the setting, else the default one, made absolute."""
-    return (settings["cache_dir"] or default_cache_dir()).absolute()
-
-
-def lanes_of(settings: dict[str, Any]) -> LaneConfig:
-    """The mount's lanes, from its settings: one place for the daemon's ``MountConfig`` and
-    for the workers started before it (which the lanes adopt only if they match)."""
-    return LaneConfig(workers=settings["fetch_workers"], concurrency=settings["concurrency"],
-                      fetch_timeout=settings["fetch_timeout"], timeouts=Timeouts.of(settings),
-                      sealed=settings["encrypt_cache"], tiers=settings["cache_tier"] or ())
 
 
 def prestart_workers(settings: dict[str, Any]) -> list[Spawned]:
@@ -66,18 +55,37 @@ def start_background(settings: dict[str, Any], log_path: Path, timeout: float) -
     """Start the daemon for ``settings`` detached; return its PID once it serves.
 
     The daemon is this process, forked (no new interpreter, no second import of the CLI:
-    ~0.14 s of a start), in a session of its own, its output in ``log_path``. Nothing
-    heavy is imported before the fork, and no thread or LMDB environment exists yet, so
-    the child starts clean."""
+    ~0.14 s of a start), in a session of its own, its output in ``log_path``; a model
+    ref's helper (:func:`~.resolving.resolve_ahead`) is forked first, to resolve it while
+    the daemon imports. Nothing heavy is imported before the forks, and no thread or
+    LMDB environment exists yet, so the children start clean."""
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ahead = resolve_ahead(settings, log_path=log_path)
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the daemon: never returns into the command line
         os.close(r)
-        _become_daemon(settings, log_path, w)
+        _become_daemon(settings, log_path, w, ahead.in_sibling() if ahead is not None else None)
     os.close(w)
+    if ahead is not None:
+        ahead.forget()  # the daemon reads the answer
+    ready = False
+    try:
+        pid = _wait_ready(pid, r, log_path, timeout)
+        ready = True
+        return pid
+    finally:
+        if ahead is not None and ready:
+            ahead.reap()  # it has answered: it exits at once
+        elif ahead is not None:
+            ahead.abandon()  # the daemon failed, maybe before it read the answer: nobody will
+
+
+def _wait_ready(pid: int, r: int, log_path: Path, timeout: float) -> int:
+    """Wait for the daemon ``pid``'s line on pipe ``r``: its PID once READY, else the error it
+    said (it has exited then) or one for its silence (it is ended)."""
     deadline = time.monotonic() + timeout
     buf = b""
     with os.fdopen(r, "rb", buffering=0) as pipe:
@@ -100,7 +108,7 @@ def start_background(settings: dict[str, Any], log_path: Path, timeout: float) -
     raise ModelfsError(f"the mount daemon exited ({code}) before serving; see {log_path}")
 
 
-def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int) -> None:
+def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int, ahead: Ahead | None) -> None:
     """In the forked child: detach, log to ``log_path``, serve; exit, never return."""
     code = 1
     try:
@@ -118,7 +126,7 @@ def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int) -> N
         # after the daemon's imports, not before: on a small host the workers' imports would
         # compete with them for the cores; now they overlap resolving the source and mounting
         early = prestart_workers(settings)
-        run_foreground(settings, ready_fd, early)
+        run_foreground(settings, ready_fd, early, ahead)
         code = 0
     except ModelfsError as e:  # said through the ready pipe; the log says it too
         print(f"modelfs: error: {e}", file=sys.stderr)

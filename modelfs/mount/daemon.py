@@ -26,91 +26,49 @@ import trio
 
 from .. import malloc
 from ..cache import BlockCache, CacheView, cache_root
-from ..config import StoreConfig, Timeouts
-from ..errors import ModelfsError, UsageError
-from ..format.encryption import RegistryKey
-from ..format.trust import TrustedKeys
-from ..registry.source import Source, resolve
+from ..errors import ModelfsError
+from ..registry.source import Source
 from ..transfer.lanes import LaneConfig, Lanes
 from ..transfer.spawn import Spawned, end_unadopted
 from . import xattrs
-from .background import cache_dir_of, lanes_of
 from .fs import ModelFS
 from .metrics import Reporter
 from .mountpoint import check_mountpoint, set_kernel_readahead
 from .namespace import Namespace
 from .readahead import ReadaheadConfig
 from .reader import Reader, Unsealer
+from .resolving import Ahead, resolve_source, root_signature, start_signature
+from .settings import SourceSpec, cache_dir_of, lanes_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MountConfig:
-    source: str  # s3://bucket/prefix (registry), s3://…/name@sel (model) or a manifest file
+    spec: SourceSpec  # what to show, and what resolving it takes
     mountpoint: Path
     cache_dir: Path
     cache_size: int
-    registry_url: str | None = None  # chunks of a manifest file (default: its origin)
     allow_other: bool = False
     nonempty: bool = False  # mount over a directory that has entries
-    metadata_ttl: float = 30.0
     kernel_readahead_kb: int | None = 1024
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_address: str = "127.0.0.1"
     readahead: ReadaheadConfig = field(default_factory=ReadaheadConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
     lanes: LaneConfig = field(default_factory=LaneConfig)
-    encryption_key: RegistryKey | None = None  # an encrypted registry's key (never shown)
-    trust: TrustedKeys | None = None  # serve only versions (and tags) these keys signed
-    encrypt_cache: bool = False  # keep chunks encrypted in the cache (under <cache_dir>/sealed)
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> MountConfig:
         """From :func:`modelfs.config.resolve`'s merged, parsed settings."""
-        store = StoreConfig(endpoint_url=s["endpoint_url"], region=s["region"], profile=s["profile"],
-                            concurrency=s["concurrency"],
-                            timeouts=Timeouts.of(s))
-        key_file = s["encryption_key_file"]
-        if s["encrypt_cache"] and key_file is None:
-            raise UsageError("encrypt_cache needs the registry's key: pass --encryption-key FILE too")
         return cls(
-            encrypt_cache=s["encrypt_cache"],
-            encryption_key=RegistryKey.load(key_file) if key_file is not None else None,
-            trust=TrustedKeys(s["trusted_keys"]) if s["trusted_keys"] else None,
-            source=s["source"], mountpoint=s["mountpoint"].absolute(), registry_url=s["registry"],
+            spec=SourceSpec.of(s), mountpoint=s["mountpoint"].absolute(),
             cache_dir=cache_dir_of(s), cache_size=s["cache_size"],
-            allow_other=s["allow_other"], nonempty=s["nonempty"], metadata_ttl=s["metadata_ttl"],
+            allow_other=s["allow_other"], nonempty=s["nonempty"],
             kernel_readahead_kb=s["kernel_readahead_kb"] or None,
-            metrics_port=s["metrics_port"], metrics_address=s["metrics_address"], store=store,
+            metrics_port=s["metrics_port"], metrics_address=s["metrics_address"],
             readahead=ReadaheadConfig(max_bytes=s["readahead"], trigger_bytes=s["readahead_trigger"],
                                       tensor_order=s["readahead_order"] == "tensors"),
             lanes=lanes_of(s))
-
-
-
-
-# -- what to show ------------------------------------------------------------------
-
-def resolve_source(cfg: MountConfig, cache: BlockCache | None = None) -> Source:
-    """What the mount shows; with trusted keys, a version is resolved only if it verifies.
-    A tag this host resolved within the metadata TTL is not asked again (a warm start
-    then needs no store request: see :func:`_after_ready`)."""
-    return resolve(cfg.source, cfg.store, key=cfg.encryption_key, trust=cfg.trust, registry_url=cfg.registry_url,
-                   cache=cache, sealed=cfg.encrypt_cache, need_registry=True, whole_registry_ok=True,
-                   offline_ok=True, fresh_for=cfg.metadata_ttl)
-
-
-def root_signature(source: Source, *, fresh_for: float | None = None) -> bytes | None:
-    """The signature of a single-version mount's version, for model.sig (None: unsigned or,
-    without trusted keys, not reachable now; with ``fresh_for``, from the cache alone:
-    see :meth:`Catalog.signature`)."""
-    assert source.catalog is not None and source.model is not None and source.version is not None
-    try:
-        return source.catalog.signature(source.model, source.version, fresh_for=fresh_for)
-    except ModelfsError as e:
-        log.info("signature of %s@%s: %s", source.model, source.version, e)
-        return None
 
 
 # -- the daemon ----------------------------------------------------------------------
@@ -125,39 +83,39 @@ def _bound_malloc() -> None:
     malloc.tune(mmap_threshold=1 << 20, arena_max=4)
 
 
-def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: Sequence[Spawned] = ()) -> None:
+def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: Sequence[Spawned] = (),
+          ahead: Ahead | None = None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT: clean unmount).
-    ``early``: fetch workers already started (``background.prestart_workers``)."""
+    ``early``: fetch workers already started (``background.prestart_workers``); ``ahead``:
+    the helper resolving the source meanwhile (:mod:`.resolving`)."""
     _bound_malloc()
-    cache = BlockCache(cache_root(cfg.cache_dir, sealed=cfg.encrypt_cache), cfg.cache_size)
+    cache = BlockCache(cache_root(cfg.cache_dir, sealed=cfg.spec.sealed), cfg.cache_size)
     try:
-        _serve(cfg, cache, on_ready, list(early))
+        _serve(cfg, cache, on_ready, list(early), ahead)
     finally:
         cache.close()
     log.info("unmounted %s", cfg.mountpoint)
 
 
-def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned]) -> None:
-    source = resolve_source(cfg, cache)
+def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned],
+           ahead: Ahead | None) -> None:
+    source = resolve_source(cfg.spec, cache, ahead)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
     lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)
     view = CacheView(cache)
-    unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.encrypt_cache and lanes.registry else None
+    unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.spec.sealed and lanes.registry else None
     reader = Reader(view, lanes, cfg.readahead, unsealer=unsealer)
-    ns = Namespace(lanes, source.catalog, ttl=cfg.metadata_ttl)
+    ns = Namespace(lanes, source.catalog, ttl=cfg.spec.ttl)
     if source.pointers is not None:
         ns.root_pointers(source.pointers)
     elif source.manifest is not None:
-        # a start that resolved from the cache alone (no S3 client yet) makes no store request
-        # before READY: a signature the cache does not know is looked up once serving
-        # (model.sig appears then); with trusted keys the catalog has it already
-        warm = source.catalog is not None and not source.catalog.registry.store.connected
+        # with trusted keys the catalog has the signature already
         ns.root_version(source.model, source.version, source.manifest,
-                        root_signature(source, fresh_for=cfg.metadata_ttl if warm else None))
+                        start_signature(source, cfg.spec.ttl, ahead) if source.catalog is not None else None)
     else:
         ns.root_registry()
     ops = ModelFS(ns, reader)
-    reporter = Reporter(lanes, cache, cfg.source, cfg.mountpoint, source.version)
+    reporter = Reporter(lanes, cache, cfg.spec.source, cfg.mountpoint, source.version)
     ops.root_xattrs[xattrs.key_of(xattrs.PID)] = lambda: str(os.getpid()).encode()
     ops.root_xattrs[xattrs.key_of(xattrs.STATS)] = reporter.refreshed_json
     metrics_server = reporter.serve_http(cfg.metrics_address, cfg.metrics_port) if cfg.metrics_port else None
@@ -168,8 +126,10 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], ea
         pyfuse3.init(ops, str(cfg.mountpoint), options)
         # what exists now (imports, botocore's models, manifests) lives as long as the
         # mount: keep it out of the collector's full passes, each of which would
-        # otherwise walk it all (~60 ms here) while every reader waits on the FUSE loop
+        # otherwise walk it all (~60 ms here) while every reader waits on the FUSE loop;
+        # `modelfs mount` turned the collector off for the start (cli/host.py)
         gc.freeze()
+        gc.enable()
         try:
             trio.run(_main, cfg, source, lanes, ns, reader, view, reporter, on_ready)
         finally:
@@ -218,7 +178,7 @@ async def _when_serving(cfg: MountConfig, source: Source, ns: Namespace, lanes: 
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
     if cfg.kernel_readahead_kb:
         await trio.to_thread.run_sync(set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
-    log.info("serving %s at %s", cfg.source, cfg.mountpoint)
+    log.info("serving %s at %s", cfg.spec.source, cfg.mountpoint)
     on_ready()
     await _after_ready(source, ns, lanes)
     await reporter.run(sd_notify)  # then STATUS= figures for systemctl status, until unmounted
@@ -254,17 +214,19 @@ def sd_notify(message: str) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
-def run_foreground(settings: dict[str, Any], ready_fd: int | None, early: Sequence[Spawned] = ()) -> None:
+def run_foreground(settings: dict[str, Any], ready_fd: int | None, early: Sequence[Spawned] = (),
+                   ahead: Ahead | None = None) -> None:
     """Serve in this process (``settings``: :func:`modelfs.config.resolve`'s); tell systemd
-    and/or a waiting parent once files are readable, or the parent what failed first."""
+    and/or a waiting parent once files are readable, or the parent what failed first.
+    ``early``, ``ahead``: see :func:`serve`."""
     def ready() -> None:
-        sd_notify(f"READY=1\nSTATUS=serving {cfg.source} at {cfg.mountpoint}")
+        sd_notify(f"READY=1\nSTATUS=serving {cfg.spec.source} at {cfg.mountpoint}")
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
     try:
         cfg = MountConfig.from_settings(settings)
-        serve(cfg, ready, early)
+        serve(cfg, ready, early, ahead)
     except ModelfsError as e:
         if ready_fd is not None:
             try:
@@ -274,3 +236,5 @@ def run_foreground(settings: dict[str, Any], ready_fd: int | None, early: Sequen
         raise
     finally:
         end_unadopted(early)  # those the daemon failed before adopting
+        if ahead is not None:
+            ahead.abandon()  # a daemon that failed before it read the helper's answer

@@ -89,6 +89,16 @@ def resolve(ref: str, config: StoreConfig, *, key: RegistryKey | None = None, tr
     return Source(catalog, manifest.name, manifest.version_id, manifest)
 
 
+def as_resolved(registry: Registry, name: str, version: str, *, trust: TrustedKeys | None = None,
+                cache: BlockCache | None = None, sealed: bool = False) -> Source:
+    """Model ``name`` of ``registry`` as another process of this host resolved a ref of it
+    moments ago, to ``version``, with ``cache``: what :func:`resolve` returned there, made
+    from the records it left (the manifest; with trusted keys, its signature). No store
+    request while the cache holds them; the registry's encryption was checked there."""
+    catalog = Catalog(registry, cache, trust, sealed=sealed)
+    return Source(catalog, name, version, catalog.manifest(name, version))
+
+
 def _registry_or_model(url: str, config: StoreConfig, key: RegistryKey | None, catalog_of) -> Source:
     """``s3://BUCKET/PREFIX``: a registry if it holds models (or is a bucket's root), else
     ``s3://…/NAME`` read as ``NAME@latest``, as pull and inspect do."""

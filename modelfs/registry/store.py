@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import StoreConfig
 from ..errors import AccessDeniedError, NotFoundError, StoreError, StoreUnavailableError
@@ -59,6 +59,11 @@ class Store:
     starts from its cache serves before it needs the store, and boto3's import and
     client (~0.3 s) would otherwise be most of its start."""
 
+    # called once this process has made its first client, before its first request: a mount's
+    # helper, resolving ahead of its daemon, tells the daemon then to make its own while the
+    # requests' round trips leave the cores idle (mount/resolving.py)
+    on_first_client: ClassVar[Callable[[], None] | None] = None
+
     def __init__(self, bucket: str, config: StoreConfig | None = None):
         self.bucket = bucket
         self.config = config or StoreConfig()
@@ -95,6 +100,9 @@ class Store:
         with self._lock:
             if self._client is None:
                 self._client = self._make_client()
+                hook, Store.on_first_client = Store.on_first_client, None
+                if hook is not None:
+                    hook()
             return self._client
 
     def _make_client(self) -> Any:

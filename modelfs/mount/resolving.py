@@ -1,0 +1,235 @@
+"""What a mount shows, resolved: by the daemon, or beside its start by a helper process.
+
+A cold start's two big costs are ~0.2 s of boto3 (its import, its client) and a ref's
+requests, and ~0.15 s of importing FUSE, trio and the mount. In one process they run
+one after the other while the second core idles. So ``modelfs mount`` of a model ref
+first forks a short-lived helper (:func:`resolve_ahead`: before anything heavy is
+imported, while no thread or LMDB environment exists) that makes exactly the calls a
+cold daemon would (:func:`resolve_source`, then :func:`root_signature`), which record
+the tag's resolution, the manifest and its signature in the block cache, and says on a
+pipe which version it found. The daemon imports meanwhile, then takes that version and
+builds its source from the cache alone (:meth:`Ahead.result`), sending no store
+request and making no S3 client before it serves. An error the helper met (a bad ref
+or key, a store down with nothing cached) the daemon raises as its own, so it is
+reported as before and met only once; a helper that dies without an answer leaves the
+daemon to resolve by itself. A whole registry, a manifest file, pointer files and a
+checkout are resolved by the daemon alone, as before.
+
+Light on purpose (no FUSE, trio or boto3 at import): the command imports it before it forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .. import errors, logs
+from ..errors import ModelfsError
+from ..format.refs import is_model_ref
+
+if TYPE_CHECKING:  # imported where used: the command forks the helper before importing them
+    from ..cache import BlockCache
+    from ..registry.source import Source
+    from .settings import SourceSpec
+
+log = logging.getLogger(__name__)
+
+STORE = b"STORE\n"  # the helper's first line when it makes an S3 client
+MAX_FD = 4096  # the helper closes every descriptor below this but its answer's and 0-2
+
+
+def resolve_source(spec: SourceSpec, cache: BlockCache | None = None, ahead: Ahead | None = None) -> Source:
+    """What the mount shows; with trusted keys, a version is resolved only if it verifies.
+    A tag this host resolved within the metadata TTL is not asked again (a warm start
+    then needs no store request), nor one its helper (``ahead``) just resolved."""
+    from ..format.refs import parse_model
+    from ..registry.layout import open_registry
+    from ..registry.source import as_resolved, resolve
+
+    if ahead is not None:
+        mref = parse_model(spec.source)
+        registry = open_registry(mref.registry, spec.store, spec.key, check=False)
+        # the helper went to the store: so will our first reads (cold chunks need signed
+        # URLs), so make the client while the helper's requests run rather than after
+        version = ahead.result(on_store=registry.store.connect)  # raises what the helper met
+        if version is not None:
+            return as_resolved(registry, mref.name, version, trust=spec.trust, cache=cache, sealed=spec.sealed)
+    return resolve(spec.source, spec.store, key=spec.key, trust=spec.trust, registry_url=spec.registry_url,
+                   cache=cache, sealed=spec.sealed, need_registry=True, whole_registry_ok=True,
+                   offline_ok=True, fresh_for=spec.ttl)
+
+
+def root_signature(source: Source, *, fresh_for: float | None = None) -> bytes | None:
+    """The signature of a single-version mount's version, for model.sig (None: unsigned or,
+    without trusted keys, not reachable now; with ``fresh_for``, from the cache alone:
+    see :meth:`Catalog.signature`)."""
+    assert source.catalog is not None and source.model is not None and source.version is not None
+    try:
+        return source.catalog.signature(source.model, source.version, fresh_for=fresh_for)
+    except ModelfsError as e:
+        log.info("signature of %s@%s: %s", source.model, source.version, e)
+        return None
+
+
+def start_signature(source: Source, ttl: float, ahead: Ahead | None = None) -> bytes | None:
+    """A single-version mount's signature at its start: from the store if this process
+    went there for the source anyway, else from the cache alone (a start from the cache,
+    or from what its helper ``ahead`` recorded, makes no request before it serves; a
+    signature the cache does not know is looked up once serving, and model.sig appears
+    then). ``ttl``: how old a cached "unsigned" may be."""
+    assert source.catalog is not None
+    if ahead is not None and ahead.version is not None:
+        return root_signature(source, fresh_for=ahead.fresh_for(ttl))
+    warm = not source.catalog.registry.store.connected
+    return root_signature(source, fresh_for=ttl if warm else None)
+
+
+class Ahead:
+    """The helper process resolving a mount's source, and the read end of its answer.
+
+    Invariants: the helper is reaped once, by whoever reads its answer (:meth:`result`),
+    gives it up (:meth:`abandon`) or, not reading it, waits for it (:meth:`reap`); the
+    answer is one line, ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE``
+    if the helper made an S3 client; what the helper
+    recorded in the cache is newer than ``since``."""
+
+    def __init__(self, pid: int, fd: int, since: float):
+        self.pid, self.since = pid, since
+        self.fd: int | None = fd
+        self.reaped = False  # or not ours to reap
+        self.version: str | None = None  # what it answered
+
+    def in_sibling(self) -> Ahead:
+        """This, in a process forked after the helper (a background start's daemon): it reads
+        the answer, but the helper is its parent's child, to reap or end."""
+        self.reaped = True
+        return self
+
+    def result(self, on_store: Callable[[], object] = lambda: None) -> str | None:
+        """The version the helper found (None: it died without saying; resolve alone).
+        Raises the ModelfsError it met, as its class. ``on_store``: called (here) when
+        the helper says it is making an S3 client, i.e. the start is cold."""
+        assert self.fd is not None
+        data = b""
+        try:
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
+                if data.startswith(STORE):
+                    data = data[len(STORE):]
+                    on_store()
+        finally:
+            self.forget()
+            self.reap()
+        word, _, rest = data.decode(errors="replace").strip().partition(" ")
+        if word == "OK" and rest:
+            self.version = rest
+            return rest
+        if word == "ERROR":
+            name, _, message = rest.partition(" ")
+            cls = getattr(errors, name, None)
+            raise (cls if isinstance(cls, type) and issubclass(cls, ModelfsError) else ModelfsError)(message)
+        log.warning("the helper resolving the source (pid %d) gave no answer: resolving it here", self.pid)
+        return None
+
+    def fresh_for(self, ttl: float) -> float:
+        """How old a cache record may be and still count as fresh: the metadata TTL, or what
+        the helper recorded since it started, whichever is longer."""
+        return max(ttl, time.time() - self.since + 1.0)
+
+    def forget(self) -> None:
+        """Close this process's end of the answer (the waiting command, which never reads it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def reap(self) -> None:
+        """Wait for the helper to exit (it does once it answered, or found nobody to answer)."""
+        if not self.reaped:
+            self.reaped = True
+            os.waitpid(self.pid, 0)
+
+    def abandon(self) -> None:
+        """Nobody will read the answer (the daemon failed first): end the helper now."""
+        if not self.reaped:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.forget()
+        self.reap()
+
+
+def resolve_ahead(settings: dict[str, Any], *, log_path: Path | None = None) -> Ahead | None:
+    """Fork the helper that resolves the mount's source (``settings``: :func:`modelfs.config.resolve`'s)
+    into its cache while the daemon starts (see the module's docstring); None where it
+    cannot help. Call before anything heavy is imported: no thread and no LMDB
+    environment may exist. ``log_path``: where the helper logs (the daemon's log), else
+    this process's stderr."""
+    if not is_model_ref(settings["source"]):
+        return None
+    r, w = os.pipe()
+    since = time.time()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _helper(settings, log_path, w)
+    os.close(w)
+    return Ahead(pid, r, since)
+
+
+def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoReturn:
+    """In the forked helper: resolve into the cache, answer on ``answer``, exit; never return."""
+    line = ""
+    try:
+        # hold nothing of the command's (a parent waiting for a ready pipe's end, a terminal)
+        os.closerange(3, answer)
+        os.closerange(answer + 1, MAX_FD)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        if log_path is not None:  # the daemon's log, where its own lines about resolving went
+            out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(out, 2)
+            os.close(out)
+            logs.setup(settings["log_level"])
+        from ..cache import BlockCache, cache_root
+        from .settings import SourceSpec, cache_dir_of
+
+        from ..registry.store import Store
+
+        Store.on_first_client = lambda: _say(answer, STORE)
+        spec = SourceSpec.of(settings)
+        cache = BlockCache(cache_root(cache_dir_of(settings), sealed=spec.sealed), settings["cache_size"])
+        try:
+            source = resolve_source(spec, cache)
+            assert source.version is not None
+            start_signature(source, spec.ttl)  # recorded too: the daemon's model.sig needs no request
+        finally:
+            cache.close()
+        line = f"OK {source.version}"
+    except ModelfsError as e:
+        line = f"ERROR {type(e).__name__} {e}"
+    except BaseException:  # a bug: the daemon resolves by itself, and meets it with its traceback
+        traceback.print_exc()
+    try:
+        _say(answer, (line + "\n").encode())
+    except OSError:
+        pass  # the daemon is gone
+    finally:
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _say(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
