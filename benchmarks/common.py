@@ -85,6 +85,20 @@ def drop_caches() -> None:
         print(f"warning: cannot drop the page cache ({e}); cold figures are warm", file=sys.stderr)
 
 
+PROGRAMS = ("import modelfs.cli, boto3, pyfuse3, trio, lmdb, blake3, zstandard, xxhash, fastcdc, cachetools, "
+            "cryptography, prometheus_client")
+
+
+def recache_programs(env: dict) -> None:
+    """Read the programs' own files back after ``drop_caches`` (the model's bytes stay
+    dropped): Python's and modelfs's modules (``PYTHONPATH`` in ``env`` names the tree) and
+    s5cmd's binary, as on a host that runs them."""
+    subprocess.run([sys.executable, "-c", PROGRAMS], env=env, check=True, cwd="/tmp")
+    s5cmd = Path(sys.executable).parent / "s5cmd"
+    if s5cmd.exists():
+        subprocess.run([str(s5cmd), "version"], env=env, check=True, capture_output=True)
+
+
 def seq_read(path: Path, block: int = MiB) -> float:
     """Seconds to read the file sequentially in ``block`` reads (like dd bs=1M)."""
     buf = bytearray(block)

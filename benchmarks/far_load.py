@@ -2,13 +2,16 @@
 
     cd /tmp && /work/main/.venv/bin/python /work/main/benchmarks/far_load.py \
         [--regimes 0:0,20:1000,20:2500] [--shards 4] [--shard-mib 512] [--runs 3] \
-        [--loader load_file|keys|read] [--targets copy,pull,mount] [--base TREE] [--trace DIR] [--perf DIR]   # as root
+        [--loader load_file|keys|read] [--targets copy,pull,mount] [--base TREE] [--trace DIR] [--perf DIR] \
+        [--cold-programs]   # as root
 
 For each regime ``RTT_MS:MBIT`` (``0:0``: the plain link, forwarding only) it builds a
 :class:`farlink.FarLink`, starts SeaweedFS on its far side, writes ``--shards`` F16
 safetensors shards of ``--shard-mib`` MiB, uploads them as plain objects (for s5cmd) and
 publishes them as a modelfs model, then runs every target ``--runs`` times, interleaved,
-the page cache dropped before each:
+the page cache dropped before each (then the programs' own files, Python's and the tree's
+modules and s5cmd's binary, read back, as on a host that runs them; ``--cold-programs``:
+not):
 
 * **copy**: ``s5cmd cp`` of the shards into a fresh directory, then the loader on each;
 * **pull**: ``modelfs pull`` (empty cache), then the loader on each (``--base TREE``: the
@@ -43,7 +46,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import client, drop_caches, machine, new_bucket, proc_cpu_seconds, write_shards  # noqa: E402
+from common import (client, drop_caches, machine, new_bucket, proc_cpu_seconds, recache_programs,  # noqa: E402
+                    write_shards)
 from farlink import FarLink, far_store  # noqa: E402
 
 from modelfs.mount.xattrs import PID  # noqa: E402
@@ -93,6 +97,16 @@ class Run:
         self.traced = 0
         self.mount_args: list[str] = []  # --mount-args
         self.perf_dir: Path | None = None  # --perf: `perf record -a` of each mount's load
+        self.cold_programs = False  # --cold-programs: the programs' own files dropped too
+
+    def _drop(self, tree: str = ROOT) -> None:
+        """Drop the page cache before a target; then, unless --cold-programs, read the
+        programs' own files back (Python's and the tree's modules, s5cmd's binary), as on
+        a host that runs them: every target starts with the model's bytes cold, the
+        programs warm."""
+        drop_caches()
+        if not self.cold_programs:
+            recache_programs(dict(self.env, PYTHONPATH=tree))
 
     def _fwd_cpu(self) -> float:
         return cpu_of(self.link.proc.pid)
@@ -108,7 +122,7 @@ class Run:
     def _download_then_load(self, cmd: list[str], out: Path, env: dict) -> dict:
         """``cmd`` downloads the shards into ``out``; then the loader reads each there."""
         shutil.rmtree(out, ignore_errors=True)
-        drop_caches()
+        self._drop(env.get("PYTHONPATH", ROOT))
         f0, o0 = self._fwd_cpu(), self._others()
         r0 = os.times()
         t = time.perf_counter()
@@ -132,7 +146,7 @@ class Run:
         out = self.d / "copy"
         r = self._download_then_load(self._s5cmd(f"s3://{bucket}/plain/*", out), out, self.env)
         # the first tensor after a copy of its shard alone
-        drop_caches()
+        self._drop()
         t = time.perf_counter()
         subprocess.run(self._s5cmd(f"s3://{bucket}/plain/{self.shards[0]}", out), env=self.env, check=True,
                        capture_output=True)
@@ -154,7 +168,7 @@ class Run:
         if self.trace_dir is not None:
             self.traced += 1
             env["MODELFS_TRACE"] = str(self.trace_dir / f"mount-{self.traced}.jsonl")
-        drop_caches()
+        self._drop(tree)
         perf = None
         if self.perf_dir is not None:  # the whole machine, while this mount loads
             perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "299", "-o",
@@ -200,6 +214,7 @@ def regime(args, rtt: float, mbit: float) -> dict[str, list[dict]]:
         ref = f"s3://{bucket}/reg/m@prod"
         run = Run(d, env, shards, args.loader, link, srv.proc.pid)
         run.trace_dir, run.perf_dir, run.mount_args = args.trace, args.perf, shlex.split(args.mount_args)
+        run.cold_programs = args.cold_programs
         trees = {"mount": ROOT} | ({"mount (base)": str(args.base)} if args.base else {})
         res: dict[str, list[dict]] = {}
         for i in range(args.runs):
@@ -234,6 +249,8 @@ def main() -> None:
                     help="KEY=VALUE set in the store's namespace (e.g. net.ipv4.tcp_slow_start_after_idle=0)")
     ap.add_argument("--perf", type=Path, help="a directory: `perf record -a -g` of each mount's load")
     ap.add_argument("--trace", type=Path, help="a directory: each mount's trace (benchmarks/timeline.py)")
+    ap.add_argument("--cold-programs", action="store_true",
+                    help="leave the programs' own files (Python's modules, s5cmd) out of the page cache too")
     args = ap.parse_args()
     everything = {}
     for spec in args.regimes.split(","):

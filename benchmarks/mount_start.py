@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ab_setup, client, drop_caches, machine, new_bucket  # noqa: E402
+from common import ab_setup, client, drop_caches, machine, new_bucket, recache_programs  # noqa: E402
 
 from modelfs.dev.sample import layer_tensors, write_safetensors  # noqa: E402
 
@@ -39,11 +39,7 @@ def mount_once(tree: str, env: dict, ref: str, mnt: Path, cache: Path, f: str) -
     """(mount seconds, first 4 KiB seconds, whole file seconds) of one mount of ``ref``."""
     drop_caches()
     e = dict(env, PYTHONPATH=tree)
-    # a host that runs mounts has Python's files in its page cache: bring them back (the
-    # model's bytes stay dropped)
-    subprocess.run([sys.executable, "-c", "import modelfs.cli, boto3, pyfuse3, trio, lmdb, blake3, zstandard, xxhash, "
-                    "fastcdc, cachetools, cryptography, prometheus_client"],
-                   env=e, check=True, cwd="/tmp")
+    recache_programs(e)  # a host that runs mounts has Python's files in its page cache
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "modelfs", "mount", ref, str(mnt), "--cache-dir", str(cache)],
                        env=e, capture_output=True, text=True, cwd="/tmp")

@@ -58,7 +58,7 @@ def main() -> None:
             spread(lo, hi, ahead, 0, per_second=True)
     for lo, hi, _, _ in waits:
         spread(lo, hi, waited, 0, per_second=True)
-    print(f"| t (s) | MB/s | loads in flight | of them readahead | readers waiting |\n|---|---|---|---|---|")
+    print("| t (s) | MB/s | loads in flight | of them readahead | readers waiting |\n|---|---|---|---|---|")
     for i in range(n):
         print(f"| {i * b:.2f} | {mb[i] / b:.0f} | {inflight[i]:.1f} | {ahead[i]:.1f} | {waited[i]:.2f} |")
     idle = sum(b for i in range(n) if inflight[i] < 0.05)

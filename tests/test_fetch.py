@@ -338,6 +338,10 @@ def test_readahead_waits_in_the_daemon_and_a_reader_s_chunk_goes_next(cache, mon
             async with trio.open_nursery() as readers:
                 readers.start_soon(lambda: lanes.load(hs[8], len(raws[8])))  # queued: promoted
                 readers.start_soon(lambda: lanes.load(hs[11], len(raws[11])))  # never asked: sent at once
+                # both sent (not a fixed wait: on a loaded machine signing them may take longer),
+                # then time for the worker to take them in before the store lets the GETs go
+                while lanes.in_flight < 11 or lanes.queued > 6:
+                    await trio.sleep(0.01)
                 await trio.sleep(0.2)
                 store.gate.set()
             while lanes.in_flight:

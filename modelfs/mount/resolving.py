@@ -203,11 +203,10 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
             os.close(out)
             logs.setup(settings["log_level"])
         from ..cache import BlockCache, cache_root
+        from ..registry.store import Store
         from .settings import SourceSpec, cache_dir_of
 
-        from ..registry.store import Store
-
-        Store.on_first_client = lambda: _say(answer, STORE)
+        Store.on_first_client = lambda: _say(answer, STORE, quiet=True)
         spec = SourceSpec.of(settings)
         cache = BlockCache(cache_root(cache_dir_of(settings), sealed=spec.sealed), settings["cache_size"])
         try:
@@ -219,6 +218,8 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         line = f"OK {source.version}"
     except ModelfsError as e:
         line = f"ERROR {type(e).__name__} {e}"
+    except KeyboardInterrupt:  # Ctrl-C at the command: no answer, no traceback
+        pass
     except BaseException:  # a bug: the daemon resolves by itself, and meets it with its traceback
         traceback.print_exc()
     try:
@@ -230,6 +231,11 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         os._exit(0)
 
 
-def _say(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def _say(fd: int, data: bytes, *, quiet: bool = False) -> None:
+    """All of ``data`` into ``fd`` (``quiet``: a reader gone is no error)."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        if not quiet:
+            raise
