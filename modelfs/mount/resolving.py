@@ -1,19 +1,23 @@
 """What a mount shows, resolved: by the daemon, or beside its start by a helper process.
 
-A cold start's two big costs are ~0.2 s of boto3 (its import, its client) and a ref's
-requests, and ~0.15 s of importing FUSE, trio and the mount. In one process they run
-one after the other while the second core idles. So ``modelfs mount`` of a model ref
-first forks a short-lived helper (:func:`resolve_ahead`: before anything heavy is
-imported, while no thread or LMDB environment exists) that makes exactly the calls a
-cold daemon would (:func:`resolve_source`, then :func:`root_signature`), which record
-the tag's resolution, the manifest and its signature in the block cache, and says on a
-pipe which version it found. The daemon imports meanwhile, then takes that version and
-builds its source from the cache alone (:meth:`Ahead.result`), sending no store
-request and making no S3 client before it serves. An error the helper met (a bad ref
-or key, a store down with nothing cached) the daemon raises as its own, so it is
-reported as before and met only once; a helper that dies without an answer leaves the
-daemon to resolve by itself. A whole registry, a manifest file, pointer files and a
-checkout are resolved by the daemon alone, as before.
+A cold start costs boto3's import and client (~0.17 CPU-s), the ref's requests (the
+encryption marker, the tag, the manifest, the signature: a round trip each, one after
+the other) and the daemon's own imports (FUSE, trio, the mount: ~0.12 s); in one process
+they come one after the other. So ``modelfs mount`` of a model ref first forks a
+short-lived helper (:func:`resolve_ahead`: before anything heavy is imported, while no
+thread or LMDB environment exists) that makes exactly the calls a cold daemon would
+(:func:`resolve_source`, then :func:`start_signature`), which record the tag's
+resolution, the manifest and its signature in the block cache, and says on a pipe which
+version it found. The daemon imports meanwhile; when the helper says it has its S3
+client (``STORE``: the start is cold, and cold chunks will need signed URLs) the daemon
+makes its own while the helper's requests are in flight; then it builds its source from
+the cache alone (:func:`~modelfs.registry.source.as_resolved`), sending no request before
+it serves. An error the helper met (a bad ref or key, a store down with nothing cached)
+the daemon raises as its own, so it is reported as before and met only once; a helper
+that dies without an answer leaves the daemon to resolve by itself. A whole registry, a
+manifest file, pointer files and a checkout are resolved by the daemon alone, as before.
+Measured (docs/benchmarks.md): the gain grows with the store's round trips; on two cores
+with the store on the host the start is bound by the cores and gains little.
 
 Light on purpose (no FUSE, trio or boto3 at import): the command imports it before it forks.
 """
@@ -26,8 +30,8 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import errors, logs
