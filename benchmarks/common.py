@@ -50,7 +50,21 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"fresh pages written at {fresh_page_rate():.1f} GB/s")
+
+
+def fresh_page_rate(mib: int = 256) -> float:
+    """GB/s of copying 256 MiB into newly allocated memory. A VM whose balloon driver reports
+    free pages to its host faults each new page in again, at a cost that varies over
+    hours; a mount (its cache's pages besides the file's) pays more of it than a copy.
+    Printed beside every table, so runs on differing machines are not compared blindly
+    (docs/benchmarks.md, 2026-12-07)."""
+    src = bytes(mib << 20)
+    dst = bytearray(mib << 20)  # calloc'd: its pages are not there until written
+    t = time.perf_counter()
+    dst[:] = src
+    return (mib << 20) / (time.perf_counter() - t) / 1e9
 
 
 def save(name: str, data: dict) -> Path:
