@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer")
@@ -52,3 +53,16 @@ def setup(level: str) -> None:
     root.setLevel(getattr(logging, level.upper()))
     for name in _NOISY:  # their INFO lines are noise for users ("Found credentials ...")
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def to_file(path: Path, level: str) -> None:
+    """A detached process's output (the background daemon's, its helper's): stdin from
+    /dev/null, stdout and stderr appended to ``path`` (made 0600), log lines set up for it."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+    setup(level)  # now for a log file (timestamped)

@@ -69,18 +69,16 @@ def start_background(settings: dict[str, Any], log_path: Path, timeout: float) -
         os.close(r)
         _become_daemon(settings, log_path, w, ahead.in_sibling() if ahead is not None else None)
     os.close(w)
-    if ahead is not None:
-        ahead.forget()  # the daemon reads the answer
-    ready = False
+    if ahead is None:
+        return _wait_ready(pid, r, log_path, timeout)
+    ahead.forget()  # the daemon reads the answer
     try:
         pid = _wait_ready(pid, r, log_path, timeout)
-        ready = True
-        return pid
-    finally:
-        if ahead is not None and ready:
-            ahead.reap()  # it has answered: it exits at once
-        elif ahead is not None:
-            ahead.abandon()  # the daemon failed, maybe before it read the answer: nobody will
+    except BaseException:
+        ahead.abandon()  # the daemon failed, maybe before it read the answer: nobody will
+        raise
+    ahead.reap()  # it has answered: it exits at once
+    return pid
 
 
 def _wait_ready(pid: int, r: int, log_path: Path, timeout: float) -> int:
@@ -113,14 +111,7 @@ def _become_daemon(settings: dict[str, Any], log_path: Path, ready_fd: int, ahea
     code = 1
     try:
         os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(null)
-        os.close(out)
-        logs.setup(settings["log_level"])  # now for a log file (timestamped)
+        logs.to_file(log_path, settings["log_level"])
         from .daemon import run_foreground
 
         # after the daemon's imports, not before: on a small host the workers' imports would

@@ -111,7 +111,7 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], ea
     elif source.manifest is not None:
         # with trusted keys the catalog has the signature already
         ns.root_version(source.model, source.version, source.manifest,
-                        start_signature(source, cfg.spec.ttl, ahead) if source.catalog is not None else None)
+                        start_signature(source, cfg.spec.ttl, ahead))
     else:
         ns.root_registry()
     ops = ModelFS(ns, reader)

@@ -101,8 +101,8 @@ class Ahead:
     Invariants: the helper is reaped once, by whoever reads its answer (:meth:`result`),
     gives it up (:meth:`abandon`) or, not reading it, waits for it (:meth:`reap`); the
     answer is one line, ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE``
-    if the helper made an S3 client; what the helper
-    recorded in the cache is newer than ``since``."""
+    if the helper made an S3 client; what the helper recorded in the cache is newer than
+    ``since``."""
 
     def __init__(self, pid: int, fd: int, since: float):
         self.pid, self.since = pid, since
@@ -197,15 +197,13 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         # hold nothing of the command's (a parent waiting for a ready pipe's end, a terminal)
         os.closerange(3, answer)
         os.closerange(answer + 1, MAX_FD)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.close(null)
         if log_path is not None:  # the daemon's log, where its own lines about resolving went
-            out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.dup2(out, 2)
-            os.close(out)
-            logs.setup(settings["log_level"])
+            logs.to_file(log_path, settings["log_level"])
+        else:  # stderr stays the daemon's (systemd's journal, a terminal)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.close(null)
         from ..cache import BlockCache, cache_root
         from ..registry.store import Store
         from .settings import SourceSpec, cache_dir_of
