@@ -8,7 +8,7 @@ import time
 import pytest
 
 from modelfs.errors import ModelfsError, NotFoundError, UsageError
-from modelfs.mount.resolving import STORE, Ahead
+from modelfs.mount.resolving import STORE, Ahead, first_chunks
 
 pytestmark = pytest.mark.unit
 
@@ -48,21 +48,53 @@ def test_the_version_it_found_and_the_helper_reaped():
     assert a.fresh_for(30.0) == 30.0 and a.fresh_for(0.0) >= 1.0  # what it recorded counts, TTL or not
 
 
-def test_a_store_line_calls_back_before_the_answer():
-    """The daemon makes its S3 client while the helper's requests are in flight, not after."""
-    seen = []
-    a = _helper(STORE, b"OK v1\n", pause=0.3)
-    t = time.monotonic()
-    assert a.result(on_store=lambda: seen.append(time.monotonic() - t)) == "v1"
-    assert len(seen) == 1 and seen[0] < 0.25  # called on the line, before the answer came
-    seen.clear()
-    assert _helper(STORE + b"OK v2\n").result(on_store=lambda: seen.append(1)) == "v2" and seen == [1]
-    assert _helper(b"OK v3\n").result(on_store=lambda: seen.append(2)) == "v3" and seen == [1]  # warm: no client
+def test_a_cold_start_s_lines_before_the_answer():
+    """STORE: the helper went to the store (the daemon makes its own client once serving);
+    SIGNED: GET URLs it signed for the daemon's first cold reads."""
+    a = _helper(STORE, b"SIGNED r/chunks/aa http://s/r/chunks/aa?X-Amz-Signature=1\n"
+                b"SIGNED r/chunks/bb http://s/r/chunks/bb?sig=2\nOK v1\n", pause=0.1)
+    assert a.result() == "v1" and a.went_to_store
+    assert a.signed == {"r/chunks/aa": "http://s/r/chunks/aa?X-Amz-Signature=1", "r/chunks/bb": "http://s/r/chunks/bb?sig=2"}
+    warm = _helper(b"OK v2\n")
+    assert warm.result() == "v2" and not warm.went_to_store and warm.signed == {}
+    odd = _helper(STORE + b"SIGNED only-a-key\nOK v3\n")  # a malformed line: the answer is not found past it
+    assert odd.result() is None and odd.signed == {}
+
+
+def test_first_chunks_are_every_file_s_first_then_its_second():
+    from modelfs.format.manifest import FileEntry, ForeignObject, Manifest
+
+    def f(path, *hs, foreign=None):
+        return FileEntry(path, 4 * len(hs), 0o644, "0" * 64, tuple((h, 4) for h in hs), foreign=foreign)
+    m = Manifest("m", "2026-12-07T00:00:00Z", (f("a", "a1", "a2", "a3"), f("b", "b1"), f("empty"),
+                                               f("c", "c1", "a1", "c3"), f("d", "d1", foreign=ForeignObject(0, "k"))),
+                 (), {})
+    assert first_chunks(m, 64) == ["a1", "b1", "c1", "a2", "a3", "c3"]  # once each; an adopted file's not
+    assert first_chunks(m, 2) == ["a1", "b1"]
+    assert first_chunks(Manifest("m", "2026-12-07T00:00:00Z", (), (), {}), 8) == []
+
+
+def test_urls_signed_elsewhere_serve_while_they_last_and_need_no_client(monkeypatch):
+    from modelfs.config import StoreConfig
+    from modelfs.registry.store import Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # signing is local: no request is sent
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    s = Store("b", StoreConfig(endpoint_url="http://127.0.0.1:9"))
+    s.adopt_signed({"k1": "http://127.0.0.1:9/b/k1?signed-elsewhere", "k2": "http://x/k2"}, time.time() + 1000)
+    assert s.presign("k1", 900) == s.presign("k1", 900) == "http://127.0.0.1:9/b/k1?signed-elsewhere"
+    assert not s.connected  # no boto3 client was made for them
+    assert s.presign("k1", 1200) != "http://127.0.0.1:9/b/k1?signed-elsewhere"  # would expire too soon
+    assert s.connected
+    assert "signed-elsewhere" not in s.presign("k1", 900, "HEAD")  # GET only
+    assert s.presign("k3", 900).startswith("http://127.0.0.1:9/b/k3?")  # not signed ahead: signed here
 
 
 def test_an_error_it_met_is_raised_as_its_class():
     with pytest.raises(NotFoundError, match="^no tag 'nope' of model m$"):
         _helper(STORE, b"ERROR NotFoundError no tag 'nope' of model m\n").result()
+    with pytest.raises(UsageError, match="^bad manifest:\nline 2: x$"):  # a message of several lines
+        _helper(b"ERROR UsageError bad manifest:\nline 2: x\n").result()
     with pytest.raises(UsageError, match="pass --encryption-key"):
         _helper(b"ERROR UsageError registry r is encrypted: pass --encryption-key FILE\n").result()
     for name in (b"ValueError", b"Ahead", b"__builtins__"):  # never anything but a ModelfsError

@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import blake3
 import zstandard
 
 from .chunking import (BLOCK, DIGEST, HASH_ALGORITHM, PLAIN_HASH_ALGORITHM, block_digests, blocks_of, plain_hash,
                        root_of)
-from .encryption import OVERHEAD, RegistryKey, Sealer
 from ..errors import IntegrityError
+
+if TYPE_CHECKING:  # imported with a key only: a plain registry's fetch worker starts without it
+    from .encryption import RegistryKey, Sealer
 
 MAGIC = b"MFC1"
 RAW, ZSTD, AES_GCM = 0, 1, 2
@@ -191,7 +194,12 @@ class ChunkCodec:
     def __init__(self, key: RegistryKey | None = None):
         self.key = key
         self._id_key = key.derive("chunk ids") if key is not None else None
-        self._sealer = Sealer(key.derive("chunk cipher")) if key is not None else None
+        self._sealer: Sealer | None = None
+        self._overhead = 0  # what sealing adds to a chunk
+        if key is not None:
+            from . import encryption
+            self._sealer = encryption.Sealer(key.derive("chunk cipher"))
+            self._overhead = HEADER.size + encryption.OVERHEAD
 
     @property
     def encrypted(self) -> bool:
@@ -222,7 +230,7 @@ class ChunkCodec:
 
     def max_stored_size(self, raw_size: int) -> int:
         n = max_stored_size(raw_size)
-        return n + HEADER.size + OVERHEAD if self.encrypted else n
+        return n + self._overhead
 
     def encode(self, raw: bytes | memoryview, h: str, compress: bool = True) -> bytes:
         return b"".join(self.encode_parts(raw, h, compress))

@@ -131,7 +131,9 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], ea
         gc.freeze()
         gc.enable()
         try:
-            trio.run(_main, cfg, source, lanes, ns, reader, view, reporter, on_ready)
+            # a cold start (its helper went to the store) makes the daemon's S3 client once serving
+            cold = ahead is not None and ahead.went_to_store
+            trio.run(_main, cfg, source, lanes, ns, reader, view, reporter, on_ready, cold)
         finally:
             pyfuse3.close(unmount=True)
             view.close()
@@ -142,14 +144,14 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], ea
 
 
 async def _main(cfg: MountConfig, source: Source, lanes: Lanes, ns: Namespace, reader: Reader, view: CacheView,
-                reporter: Reporter, on_ready: Callable[[], None]) -> None:
+                reporter: Reporter, on_ready: Callable[[], None], cold: bool) -> None:
     async with trio.open_nursery() as nursery:
         # workers still starting take requests in their sockets: READY does not wait for them
         await nursery.start(partial(lanes.run, ready_first=False))
         await nursery.start(reader.run)
         nursery.start_soon(_record_uses, lanes, view)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_serving, cfg, source, ns, lanes, reporter, on_ready)
+        nursery.start_soon(_when_serving, cfg, source, ns, lanes, reporter, on_ready, cold)
         await pyfuse3.main()  # returns on terminate() or an external unmount
         nursery.cancel_scope.cancel()
 
@@ -173,22 +175,30 @@ async def _on_signals() -> None:
 
 
 async def _when_serving(cfg: MountConfig, source: Source, ns: Namespace, lanes: Lanes, reporter: Reporter,
-                        on_ready: Callable[[], None]) -> None:
+                        on_ready: Callable[[], None], cold: bool) -> None:
     # From a worker thread, never the trio thread: the loop must be free to answer.
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
     if cfg.kernel_readahead_kb:
         await trio.to_thread.run_sync(set_kernel_readahead, cfg.mountpoint, cfg.kernel_readahead_kb)
     log.info("serving %s at %s", cfg.spec.source, cfg.mountpoint)
     on_ready()
-    await _after_ready(source, ns, lanes)
+    await _after_ready(source, ns, lanes, cold)
     await reporter.run(sd_notify)  # then STATUS= figures for systemctl status, until unmounted
 
 
-async def _after_ready(source: Source, ns: Namespace, lanes: Lanes) -> None:
-    """What a start from the cache left for later: a single-version mount's signature the
-    cache did not know (model.sig). The S3 client is not made here but when first needed:
-    its ~0.3 s of imports would compete with a warm host's first reads for the CPU and
-    the GIL (measured: the first 64 MiB read 0.26 s instead of 0.18 s)."""
+async def _after_ready(source: Source, ns: Namespace, lanes: Lanes, cold: bool) -> None:
+    """What the start left for later. ``cold`` (the helper went to the store): the S3
+    client, which the cold reads past the helper's signed URLs need (mount/resolving.py),
+    made now beside the first reads rather than before serving. Else it is made when first
+    needed: its ~0.3 s of imports would compete with a warm host's first reads for the CPU
+    and the GIL (measured: the first 64 MiB read 0.26 s instead of 0.18 s). Then a
+    single-version mount's signature the cache did not know (model.sig)."""
+    if cold and lanes.registry is not None and not lanes.registry.store.connected:
+        try:
+            await lanes.store_call(lanes.registry.store.connect)
+            gc.freeze()  # botocore's models live as long as the mount (see serve)
+        except ModelfsError as e:  # the first read that needs it meets it again, with its error
+            log.warning("S3 client: %s", e)
     cat = source.catalog
     if cat is None or source.manifest is None or source.version is None or cat.knows_signature(source.version):
         return

@@ -8,11 +8,13 @@ short-lived helper (:func:`resolve_ahead`: before anything heavy is imported, wh
 thread or LMDB environment exists) that makes exactly the calls a cold daemon would
 (:func:`resolve_source`, then :func:`start_signature`), which record the tag's
 resolution, the manifest and its signature in the block cache, and says on a pipe which
-version it found. The daemon imports meanwhile; when the helper says it has its S3
-client (``STORE``: the start is cold, and cold chunks will need signed URLs) the daemon
-makes its own while the helper's requests are in flight; then it builds its source from
-the cache alone (:func:`~modelfs.registry.source.as_resolved`), sending no request before
-it serves. An error the helper met (a bad ref or key, a store down with nothing cached)
+version it found. The daemon imports meanwhile, then builds its source from the cache
+alone (:func:`~modelfs.registry.source.as_resolved`), sending no request before it
+serves. A cold start's first reads need signed URLs, and a daemon of its own would need
+boto3's import and client for them (~0.15 CPU-s) before it could serve; so a helper
+that went to the store (``STORE``) also signs GET URLs of the first chunks of every file
+(``SIGNED``) for the daemon, which makes its own client only once it serves, beside
+those first reads. An error the helper met (a bad ref or key, a store down with nothing cached)
 the daemon raises as its own, so it is reported as before and met only once; a helper
 that dies without an answer leaves the daemon to resolve by itself. A whole registry, a
 manifest file, pointer files and a checkout are resolved by the daemon alone, as before.
@@ -30,7 +32,6 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,12 +41,16 @@ from ..format.refs import is_model_ref
 
 if TYPE_CHECKING:  # imported where used: the command forks the helper before importing them
     from ..cache import BlockCache
+    from ..format.manifest import Manifest
     from ..registry.source import Source
     from .settings import SourceSpec
 
 log = logging.getLogger(__name__)
 
 STORE = b"STORE\n"  # the helper's first line when it makes an S3 client
+SIGNED = "SIGNED"  # a line "SIGNED KEY URL": a GET URL the helper signed for the daemon
+SIGN_AHEAD = 64  # at most this many chunks' URLs (~0.13 ms of the helper's CPU each)
+SIGN_AHEAD_SECONDS = 3600  # how long they are valid; a fetch worker's URL needs 900 s
 MAX_FD = 4096  # the helper closes every descriptor below this but its answer's and 0-2
 
 
@@ -60,10 +65,11 @@ def resolve_source(spec: SourceSpec, cache: BlockCache | None = None, ahead: Ahe
     if ahead is not None:
         mref = parse_model(spec.source)
         registry = open_registry(mref.registry, spec.store, spec.key, check=False)
-        # the helper went to the store: so will our first reads (cold chunks need signed
-        # URLs), so make the client while the helper's requests run rather than after
-        version = ahead.result(on_store=registry.store.connect)  # raises what the helper met
+        version = ahead.result()  # raises what the helper met
         if version is not None:
+            # the first cold reads go out on the helper's URLs; the daemon's own client is made
+            # once it serves (daemon.py: _after_ready)
+            registry.store.adopt_signed(ahead.signed, ahead.since + SIGN_AHEAD_SECONDS)
             return as_resolved(registry, mref.name, version, trust=spec.trust, cache=cache, sealed=spec.sealed)
     return resolve(spec.source, spec.store, key=spec.key, trust=spec.trust, registry_url=spec.registry_url,
                    cache=cache, sealed=spec.sealed, need_registry=True, whole_registry_ok=True,
@@ -100,15 +106,17 @@ class Ahead:
 
     Invariants: the helper is reaped once, by whoever reads its answer (:meth:`result`),
     gives it up (:meth:`abandon`) or, not reading it, waits for it (:meth:`reap`); the
-    answer is one line, ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE``
-    if the helper made an S3 client; what the helper recorded in the cache is newer than
-    ``since``."""
+    answer's last line is ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE``
+    if the helper made an S3 client and then lines ``SIGNED KEY URL``; what the helper
+    recorded in the cache, and every URL it signed, is newer than ``since``."""
 
     def __init__(self, pid: int, fd: int, since: float):
         self.pid, self.since = pid, since
         self.fd: int | None = fd
         self.reaped = False  # or not ours to reap
         self.version: str | None = None  # what it answered
+        self.went_to_store = False  # it made an S3 client: the start is cold
+        self.signed: dict[str, str] = {}  # key → a GET URL it signed, valid SIGN_AHEAD_SECONDS from `since`
 
     def in_sibling(self) -> Ahead:
         """This, in a process forked after the helper (a background start's daemon): it reads
@@ -116,22 +124,29 @@ class Ahead:
         self.reaped = True
         return self
 
-    def result(self, on_store: Callable[[], object] = lambda: None) -> str | None:
+    def result(self) -> str | None:
         """The version the helper found (None: it died without saying; resolve alone).
-        Raises the ModelfsError it met, as its class. ``on_store``: called (here) when
-        the helper says it is making an S3 client, i.e. the start is cold."""
+        Raises the ModelfsError it met, as its class. Sets :attr:`went_to_store` and
+        :attr:`signed` from what it said before."""
         assert self.fd is not None
         data = b""
         try:
             while chunk := os.read(self.fd, 65536):
                 data += chunk
-                if data.startswith(STORE):
-                    data = data[len(STORE):]
-                    on_store()
         finally:
             self.forget()
             self.reap()
-        word, _, rest = data.decode(errors="replace").strip().partition(" ")
+        text = data.decode(errors="replace")
+        while True:  # the lines before the answer (an error's message may span lines)
+            line, nl, after = text.partition("\n")
+            if line == STORE.decode().strip():
+                self.went_to_store = True
+            elif line.startswith(SIGNED + " ") and len(parts := line.split(" ")) == 3:
+                self.signed[parts[1]] = parts[2]
+            else:
+                break
+            text = after
+        word, _, rest = text.strip().partition(" ")
         if word == "OK" and rest:
             self.version = rest
             return rest
@@ -192,7 +207,7 @@ def resolve_ahead(settings: dict[str, Any], *, log_path: Path | None = None) -> 
 
 def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoReturn:
     """In the forked helper: resolve into the cache, answer on ``answer``, exit; never return."""
-    line = ""
+    line = ""  # the answer, but for its STORE line (sent as soon as it is known)
     try:
         # hold nothing of the command's (a parent waiting for a ready pipe's end, a terminal)
         os.closerange(3, answer)
@@ -213,11 +228,16 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         cache = BlockCache(cache_root(cache_dir_of(settings), sealed=spec.sealed), settings["cache_size"])
         try:
             source = resolve_source(spec, cache)
-            assert source.version is not None
+            assert source.version is not None and source.catalog is not None and source.manifest is not None
             start_signature(source, spec.ttl)  # recorded too: the daemon's model.sig needs no request
         finally:
             cache.close()
-        line = f"OK {source.version}"
+        registry = source.catalog.registry
+        if registry.store.connected:  # a cold start: its first reads will want these
+            for h in first_chunks(source.manifest, SIGN_AHEAD):
+                key = registry.chunk_key(h)
+                line += f"{SIGNED} {key} {registry.store.presign(key, SIGN_AHEAD_SECONDS)}\n"
+        line += f"OK {source.version}"
     except ModelfsError as e:
         line = f"ERROR {type(e).__name__} {e}"
     except KeyboardInterrupt:  # Ctrl-C at the command: no answer, no traceback
@@ -231,6 +251,21 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
     finally:
         sys.stderr.flush()
         os._exit(0)
+
+
+def first_chunks(manifest: Manifest, limit: int) -> list[str]:
+    """Up to ``limit`` chunk ids a mount's first reads are likely to want: every file's
+    first chunk (headers, small files), then every file's second, and so on; adopted
+    files' chunks not among them (they are read in place, from another store)."""
+    files = [f.chunks for f in manifest.files if f.foreign is None and f.chunks]
+    out: dict[str, None] = {}
+    for depth in range(max((len(c) for c in files), default=0)):
+        for chunks in files:
+            if depth < len(chunks):
+                out.setdefault(chunks[depth][0])
+                if len(out) >= limit:
+                    return list(out)
+    return list(out)
 
 
 def _say(fd: int, data: bytes, *, quiet: bool = False) -> None:

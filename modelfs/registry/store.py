@@ -60,8 +60,8 @@ class Store:
     client (~0.3 s) would otherwise be most of its start."""
 
     # called once this process has made its first client, before its first request: a mount's
-    # helper, resolving ahead of its daemon, tells the daemon then to make its own while the
-    # requests' round trips leave the cores idle (mount/resolving.py)
+    # helper, resolving ahead of its daemon, tells the daemon then that the start is cold
+    # (mount/resolving.py)
     on_first_client: ClassVar[Callable[[], None] | None] = None
 
     def __init__(self, bucket: str, config: StoreConfig | None = None):
@@ -76,6 +76,7 @@ class Store:
             self._endpoint = f"https://s3.{region}.amazonaws.com"
         self._lock = threading.Lock()
         self._hung: tuple[float, StoreUnavailableError] | None = None  # (until, the error it gave)
+        self._signed: dict[str, tuple[str, float]] = {}  # key → (a GET URL signed elsewhere, valid until)
 
     @property
     def endpoint(self) -> str:
@@ -220,10 +221,19 @@ class Store:
 
     # -- operations ----------------------------------------------------------
 
+    def adopt_signed(self, urls: dict[str, str], valid_until: float) -> None:
+        """GET URLs of ``urls``' keys that another process signed with this store's
+        credentials (a mount's helper: mount/resolving.py), valid until ``valid_until``
+        (POSIX time). :meth:`presign` hands them out while they outlive what it is asked
+        for, so a daemon serves its first cold reads before it has a client of its own."""
+        self._signed.update((k, (u, valid_until)) for k, u in urls.items())
+
     def presign(self, key: str, expires: int = 900, method: str = "GET") -> str:
         """A ``GET``, ``HEAD`` or ``PUT`` URL for ``key`` that works without credentials for
         ``expires`` seconds (for the fetch workers, which hold none). Signing is local:
         no request. A PUT URL signs no payload hash: chunks carry their own id."""
+        if method == "GET" and (signed := self._signed.get(key)) is not None and signed[1] - time.time() >= expires:
+            return signed[0]
         op = {"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[method]
         try:
             return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": key},

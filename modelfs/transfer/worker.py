@@ -31,18 +31,20 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import malloc
 from ..cache import BlockCache, FetchLock
 from ..errors import IntegrityError, UsageError
 from ..format.chunking import BLOCK
 from ..format.codec import ChunkCodec, block_span, check_blocks, check_head, check_raw, head_size
-from ..format.encryption import RegistryKey
 from .http import FetchFailed, HttpClient
 from .tier import Tier, Via
 from .protocol import (Deliver, Done, Early, Failed, Failure, Go, Key, Load, Named, Peek, Peeked, ProtocolError,
                        Ready, Reply, Upload, Uploaded, WorkerConfig, receive, send)
+
+if TYPE_CHECKING:  # imported by an encrypted registry's worker only (~30 ms of a start)
+    from ..format.encryption import RegistryKey
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +364,8 @@ def _receive_key(sock: socket.socket) -> RegistryKey:
             raise SystemExit(0)
         if not isinstance(msg, Key):
             raise ValueError(type(msg).__name__)
+        from ..format.encryption import RegistryKey
+
         return RegistryKey(base64.b64decode(msg.secret, validate=True))
     except (ValueError, OSError, ProtocolError, UsageError):
         raise SystemExit("modelfs worker: the daemon did not send a registry key") from None
