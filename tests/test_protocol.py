@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,7 +15,7 @@ from modelfs.transfer import protocol as p
 pytestmark = pytest.mark.unit
 
 SAMPLES = [
-    p.Key("c2VjcmV0"), p.Ready(42), p.Go(7), p.Go(7, skip=True), p.Go(8, head="http://h", put="http://p", compress=False),
+    p.Key("c2VjcmV0"), p.Connect("http://127.0.0.1:8333/b/k?X-Amz-Signature=0"), p.Ready(42), p.Go(7), p.Go(7, skip=True), p.Go(8, head="http://h", put="http://p", compress=False),
     p.Load(1, "ab" * 32, 4 << 20, "http://u", urgent=False, refetch=True, pin=True, early=True),
     p.Load(2, "ab" * 32, 10, None), p.Peek(3, "cd" * 32, 1 << 20, "http://u", 4096, 8192),
     p.Deliver(4, "ef" * 32, 100, "http://u", 1 << 40), p.Upload(5, 100, 0), p.Early(1),
@@ -124,3 +125,62 @@ def test_lanes_adopt_workers_started_early_and_end_the_ones_that_do_not_fit(tmp_
         assert all(s.adopted and s.proc.poll() is not None for s in fits)  # closed with the lanes
     finally:
         cache.close()
+
+
+def test_connections_opened_ahead_serve_first_requests_and_expire(monkeypatch):
+    """A worker told ``Connect`` opens its connections before the first request: the
+    requests then open none (a loopback server counts what it accepted); one opened too
+    long ago is closed, not used (stores drop idle connections)."""
+    import http.server
+    import threading
+
+    from modelfs.transfer import http as wh
+
+    accepted = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            accepted.append(self.client_address)
+            super().setup()
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/b/k?sig=1"
+    try:
+        c = wh.HttpClient(Timeouts())
+        c.preconnect(url)
+        c.preconnect(url)
+        deadline = time.monotonic() + 5
+        while len(accepted) < 2 and time.monotonic() < deadline:  # the server's thread records them
+            time.sleep(0.01)
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(bytes(c.get(url, 5)))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [b"hello", b"hello"] and len(accepted) == 2  # the two opened ahead, no third
+        c.preconnect(url)
+        monkeypatch.setattr(wh, "SPARE_SECONDS", 0.0)
+        assert bytes(c.get(url, 5)) == b"hello"  # this thread's first: the one opened ahead is too old
+        deadline = time.monotonic() + 5
+        while len(accepted) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(accepted) == 4 and all(not conns for conns in c.spares.values())
+        c.preconnect("http://127.0.0.1:9/nothing-listens-here")  # refused: left to the request, no error
+        c.drop_spares()
+        assert c.spares == {}
+    finally:
+        srv.shutdown()
+        srv.server_close()

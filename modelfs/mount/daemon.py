@@ -101,7 +101,10 @@ def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], ea
            ahead: Ahead | None) -> None:
     source = resolve_source(cfg.spec, cache, ahead)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
-    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)
+    # a cold start's first reads go to the URLs its helper signed: connect there meanwhile
+    first_url = next(iter(ahead.signed.values()), None) if ahead is not None else None
+    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early,
+                  connect=first_url)
     view = CacheView(cache)
     unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.spec.sealed and lanes.registry else None
     reader = Reader(view, lanes, cfg.readahead, unsealer=unsealer)

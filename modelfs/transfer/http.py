@@ -27,6 +27,8 @@ from .protocol import MAX_MESSAGE, Failure
 
 T = TypeVar("T")
 
+SPARE_SECONDS = 10.0  # a connection opened ahead and not taken by then is closed, not used (stores drop idle ones)
+
 
 class FetchFailed(Exception):
     """A request that failed, and why (a worker sends it on as a ``Failed`` reply)."""
@@ -45,6 +47,8 @@ class HttpClient:
     def __init__(self, timeouts: Timeouts):
         self.timeouts = timeouts
         self.local = threading.local()
+        self.spares: dict[tuple[str, str, int | None], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self.spares_lock = threading.Lock()
         self.ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
 
     def _conn(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
@@ -52,12 +56,49 @@ class HttpClient:
         key = (scheme, host, port)
         c = conns.get(key)
         if c is None:
-            if scheme == "https":
-                c = http.client.HTTPSConnection(host, port, timeout=self.timeouts.connect, context=self.ssl)
-            else:
-                c = http.client.HTTPConnection(host, port, timeout=self.timeouts.connect)
-            conns[key] = c
+            c = conns[key] = self._spare(key) or self._new(*key)
         return c
+
+    def _new(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=self.timeouts.connect, context=self.ssl)
+        return http.client.HTTPConnection(host, port, timeout=self.timeouts.connect)
+
+    def preconnect(self, url: str) -> None:
+        """Open a connection to ``url``'s origin for the first thread that has none there, so
+        its first request does not wait for TCP's round trip (and TLS's). Best effort: a
+        connection that fails is left to that request, which says what failed."""
+        u = urlsplit(url)
+        key = (u.scheme, u.hostname or "", u.port)
+        c = self._new(*key)
+        try:
+            c.connect()
+            assert c.sock is not None
+            c.sock.settimeout(self.timeouts.read)
+        except (OSError, http.client.HTTPException):
+            c.close()
+            return
+        with self.spares_lock:
+            self.spares.setdefault(key, []).append((time.monotonic(), c))
+
+    def _spare(self, key: tuple[str, str, int | None]) -> http.client.HTTPConnection | None:
+        """A connection :meth:`preconnect` opened to ``key``'s origin lately, if one is left."""
+        with self.spares_lock:
+            spares = self.spares.get(key, [])
+            while spares:
+                at, c = spares.pop()
+                if time.monotonic() - at < SPARE_SECONDS:
+                    return c
+                c.close()
+        return None
+
+    def drop_spares(self) -> None:
+        """Close the connections opened ahead that no thread took."""
+        with self.spares_lock:
+            spares, self.spares = self.spares, {}
+        for conns in spares.values():
+            for _, c in conns:
+                c.close()
 
     def get(self, url: str, limit: int, span: tuple[int, int] | None = None,
             headers: dict[str, str] | None = None) -> memoryview:

@@ -9,6 +9,7 @@ A conversation::
 
     daemon                                   worker
     [Key]  (encrypted registry: first; the key never goes through argv or env)
+    [Connect]  (a store's URL: open connections there before the first request needs one)
                                              Ready            (imports done, cache open)
     Load / Peek / Deliver+fd / Upload+fd ─►
                                              Early+memfd      (Load with early: verified, before the commit)
@@ -98,6 +99,10 @@ class WorkerConfig:
 @dataclass(frozen=True, slots=True)
 class Key:
     secret: str  # the registry key, base64
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    url: str  # any URL of the store: its origin is what counts
 
 @dataclass(frozen=True, slots=True)
 class Load:
@@ -204,11 +209,11 @@ class Failed:
 
 
 Request = Union[Load, Peek, Deliver, Upload]
-Message = Union[Key, Load, Peek, Deliver, Upload, Go, Ready, Early, Done, Peeked, Named, Uploaded, Failed]
+Message = Union[Key, Connect, Load, Peek, Deliver, Upload, Go, Ready, Early, Done, Peeked, Named, Uploaded, Failed]
 Reply = Union[Done, Peeked, Uploaded, Failed]
 
-_TYPES: dict[str, type] = {cls.__name__: cls for cls in
-                           (Key, Load, Peek, Deliver, Upload, Go, Ready, Early, Done, Peeked, Named, Uploaded, Failed)}
+_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Key, Connect, Load, Peek, Deliver, Upload, Go, Ready, Early,
+                                                         Done, Peeked, Named, Uploaded, Failed)}
 # each field's annotation (a string: annotations are not evaluated here) → the JSON types it takes
 _CHECKS: dict[str, tuple[type, ...]] = {
     "int": (int,), "str": (str,), "bool": (bool,), "float": (float, int), "Failure": (str,),

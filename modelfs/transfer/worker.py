@@ -40,8 +40,8 @@ from ..format.chunking import BLOCK
 from ..format.codec import ChunkCodec, block_span, check_blocks, check_head, check_raw, head_size
 from .http import FetchFailed, HttpClient
 from .tier import Tier, Via
-from .protocol import (Deliver, Done, Early, Failed, Failure, Go, Key, Load, Named, Peek, Peeked, ProtocolError,
-                       Ready, Reply, Upload, Uploaded, WorkerConfig, receive, send)
+from .protocol import (Connect, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Named, Peek, Peeked,
+                       ProtocolError, Ready, Reply, Upload, Uploaded, WorkerConfig, receive, send)
 
 if TYPE_CHECKING:  # imported by an encrypted registry's worker only (~30 ms of a start)
     from ..format.encryption import RegistryKey
@@ -96,6 +96,11 @@ class Worker:
                 msg, fd = None, None
             if msg is None:
                 break
+            if isinstance(msg, Connect):  # a connection per thread, opened beside the requests
+                if self.tier is None:  # (with a tier, requests go to its nodes first)
+                    for _ in range(self.cfg.threads):
+                        self.side.submit(self.http.preconnect, msg.url)
+                continue
             if isinstance(msg, Go):  # the answer an upload waits for
                 with self.answers_lock:
                     waiting = self.answers.pop(msg.id, None)
@@ -123,6 +128,7 @@ class Worker:
             try:
                 _, _, job = self.jobs.get(timeout=IDLE_SECONDS)
             except queue.Empty:  # idle: hand the chunk buffer back (a mount may idle for days)
+                self.http.drop_spares()
                 if self.http.drop_buffer() | (self.tier is not None and self.tier.http.drop_buffer()):
                     malloc.trim()
                 continue
