@@ -76,6 +76,7 @@ def test_a_real_worker_answers_typed_requests_and_exits_on_garbage(tmp_path):
     try:
         msg, fd = p.receive(sock)
         assert isinstance(msg, p.Ready) and msg.pid == proc.pid and fd is None
+        p.send(sock, p.Connect("http://127.0.0.1:9/b/k"))  # nothing listens: no answer, no exit
         p.send(sock, p.Load(1, "ab" * 32, 10, None))  # a worker without a cache cannot load
         reply, _ = p.receive(sock)
         assert reply == p.Failed(1, p.Failure.OTHER, "this fetch worker has no cache")

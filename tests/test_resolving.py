@@ -8,9 +8,11 @@ import time
 import pytest
 
 from modelfs.errors import ModelfsError, NotFoundError, UsageError
-from modelfs.mount.resolving import STORE, Ahead, first_chunks
+from modelfs.mount.resolving import Ahead, first_chunks
 
 pytestmark = pytest.mark.unit
+
+STORE = b"STORE http://127.0.0.1:8333\n"  # the helper made an S3 client; its URLs go there
 
 
 def _helper(*said: bytes, pause: float = 0.0, hang: bool = False) -> Ahead:
@@ -49,14 +51,20 @@ def test_the_version_it_found_and_the_helper_reaped():
 
 
 def test_a_cold_start_s_lines_before_the_answer():
-    """STORE: the helper went to the store (the daemon makes its own client once serving);
+    """STORE: the helper went to the store, and where (the daemon's workers connect there
+    while the helper's requests run; the daemon makes its own client once serving);
     SIGNED: GET URLs it signed for the daemon's first cold reads."""
+    seen = []
     a = _helper(STORE, b"SIGNED r/chunks/aa http://s/r/chunks/aa?X-Amz-Signature=1\n"
-                b"SIGNED r/chunks/bb http://s/r/chunks/bb?sig=2\nOK v1\n", pause=0.1)
-    assert a.result() == "v1" and a.went_to_store
+                b"SIGNED r/chunks/bb http://s/r/chunks/bb?sig=2\nOK v1\n", pause=0.3)
+    t = time.monotonic()
+    assert a.result(on_store=lambda origin: seen.append((origin, time.monotonic() - t))) == "v1"
+    assert len(seen) == 1 and seen[0][0] == "http://127.0.0.1:8333" and seen[0][1] < 0.25  # on the line
+    assert a.went_to_store and a.origin == "http://127.0.0.1:8333"
     assert a.signed == {"r/chunks/aa": "http://s/r/chunks/aa?X-Amz-Signature=1", "r/chunks/bb": "http://s/r/chunks/bb?sig=2"}
     warm = _helper(b"OK v2\n")
-    assert warm.result() == "v2" and not warm.went_to_store and warm.signed == {}
+    assert warm.result(on_store=seen.append) == "v2" and len(seen) == 1  # warm: no store
+    assert not warm.went_to_store and warm.signed == {} and warm.origin is None
     odd = _helper(STORE + b"SIGNED only-a-key\nOK v3\n")  # a malformed line: the answer is not found past it
     assert odd.result() is None and odd.signed == {}
 

@@ -99,12 +99,13 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: 
 
 def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned],
            ahead: Ahead | None) -> None:
-    source = resolve_source(cfg.spec, cache, ahead)
+    def cold(origin: str) -> None:  # the helper went to the store: so will the first reads
+        if cfg.spec.key is None:  # (an encrypted registry's worker takes its key first, from Lanes)
+            for s in early:
+                s.connect(origin)
+    source = resolve_source(cfg.spec, cache, ahead, on_store=cold)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
-    # a cold start's first reads go to the URLs its helper signed: connect there meanwhile
-    first_url = next(iter(ahead.signed.values()), None) if ahead is not None else None
-    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early,
-                  connect=first_url)
+    lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)
     view = CacheView(cache)
     unsealer = Unsealer(lanes, cache, lanes.registry.codec) if cfg.spec.sealed and lanes.registry else None
     reader = Reader(view, lanes, cfg.readahead, unsealer=unsealer)

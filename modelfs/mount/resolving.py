@@ -34,6 +34,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import errors, logs
@@ -48,17 +49,19 @@ if TYPE_CHECKING:  # imported where used: the command forks the helper before im
 
 log = logging.getLogger(__name__)
 
-STORE = b"STORE\n"  # the helper's first line when it makes an S3 client
+STORE = "STORE"  # the helper's first line when it makes an S3 client: "STORE ORIGIN" (where its URLs go)
 SIGNED = "SIGNED"  # a line "SIGNED KEY URL": a GET URL the helper signed for the daemon
 SIGN_AHEAD = 64  # at most this many chunks' URLs (~0.13 ms of the helper's CPU each)
 SIGN_AHEAD_SECONDS = 3600  # how long they are valid; a fetch worker's URL needs 900 s
 MAX_FD = 4096  # the helper closes every descriptor below this but its answer's and 0-2
 
 
-def resolve_source(spec: SourceSpec, cache: BlockCache | None = None, ahead: Ahead | None = None) -> Source:
+def resolve_source(spec: SourceSpec, cache: BlockCache | None = None, ahead: Ahead | None = None,
+                   on_store: Callable[[str], object] = lambda origin: None) -> Source:
     """What the mount shows; with trusted keys, a version is resolved only if it verifies.
     A tag this host resolved within the metadata TTL is not asked again (a warm start
-    then needs no store request), nor one its helper (``ahead``) just resolved."""
+    then needs no store request), nor one its helper (``ahead``) just resolved, which
+    calls ``on_store`` (see :meth:`Ahead.result`)."""
     from ..format.refs import parse_model
     from ..registry.layout import open_registry
     from ..registry.source import as_resolved, resolve
@@ -66,7 +69,7 @@ def resolve_source(spec: SourceSpec, cache: BlockCache | None = None, ahead: Ahe
     if ahead is not None:
         mref = parse_model(spec.source)
         registry = open_registry(mref.registry, spec.store, spec.key, check=False)
-        version = ahead.result()  # raises what the helper met
+        version = ahead.result(on_store)  # raises what the helper met
         if version is not None:
             # the first cold reads go out on the helper's URLs; the daemon's own client is made
             # once it serves (daemon.py: _after_ready)
@@ -107,8 +110,8 @@ class Ahead:
 
     Invariants: the helper is reaped once, by whoever reads its answer (:meth:`result`),
     gives it up (:meth:`abandon`) or, not reading it, waits for it (:meth:`reap`); the
-    answer's last line is ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE``
-    if the helper made an S3 client and then lines ``SIGNED KEY URL``; what the helper
+    answer's last line is ``OK VERSION`` or ``ERROR CLASS MESSAGE``, after a line ``STORE
+    ORIGIN`` if the helper made an S3 client and then lines ``SIGNED KEY URL``; what the helper
     recorded in the cache, and every URL it signed, is newer than ``since``."""
 
     def __init__(self, pid: int, fd: int, since: float):
@@ -117,6 +120,7 @@ class Ahead:
         self.reaped = False  # or not ours to reap
         self.version: str | None = None  # what it answered
         self.went_to_store = False  # it made an S3 client: the start is cold
+        self.origin: str | None = None  # where the store's URLs go (scheme://host[:port])
         self.signed: dict[str, str] = {}  # key → a GET URL it signed, valid SIGN_AHEAD_SECONDS from `since`
 
     def in_sibling(self) -> Ahead:
@@ -125,22 +129,27 @@ class Ahead:
         self.reaped = True
         return self
 
-    def result(self) -> str | None:
+    def result(self, on_store: Callable[[str], object] = lambda origin: None) -> str | None:
         """The version the helper found (None: it died without saying; resolve alone).
-        Raises the ModelfsError it met, as its class. Sets :attr:`went_to_store` and
-        :attr:`signed` from what it said before."""
+        Raises the ModelfsError it met, as its class. Sets :attr:`went_to_store`,
+        :attr:`origin` and :attr:`signed` from what it said before; ``on_store(origin)`` is
+        called (here) as soon as it says it made an S3 client: the start is cold, and the
+        first reads will go to ``origin``."""
         assert self.fd is not None
         data = b""
         try:
             while chunk := os.read(self.fd, 65536):
                 data += chunk
+                if self.origin is None and data.startswith(STORE.encode() + b" ") and b"\n" in data:
+                    self.origin = data.partition(b"\n")[0].decode(errors="replace").split(" ", 1)[1]
+                    on_store(self.origin)
         finally:
             self.forget()
             self.reap()
         text = data.decode(errors="replace")
         while True:  # the lines before the answer (an error's message may span lines)
             line, nl, after = text.partition("\n")
-            if line == STORE.decode().strip():
+            if line.startswith(STORE + " "):
                 self.went_to_store = True
             elif line.startswith(SIGNED + " ") and len(parts := line.split(" ")) == 3:
                 self.signed[parts[1]] = parts[2]
@@ -224,7 +233,7 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         from ..registry.store import Store
         from .settings import SourceSpec, cache_dir_of
 
-        Store.on_first_client = lambda: _say(answer, STORE, quiet=True)
+        Store.on_first_client = lambda store: _say(answer, f"{STORE} {store.origin()}\n".encode(), quiet=True)
         spec = SourceSpec.of(settings)
         cache = BlockCache(cache_root(cache_dir_of(settings), sealed=spec.sealed), settings["cache_size"])
         try:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from ..config import StoreConfig
 from ..errors import AccessDeniedError, NotFoundError, StoreError, StoreUnavailableError
@@ -62,7 +63,7 @@ class Store:
     # called once this process has made its first client, before its first request: a mount's
     # helper, resolving ahead of its daemon, tells the daemon then that the start is cold
     # (mount/resolving.py)
-    on_first_client: ClassVar[Callable[[], None] | None] = None
+    on_first_client: ClassVar[Callable[[Store], None] | None] = None
 
     def __init__(self, bucket: str, config: StoreConfig | None = None):
         self.bucket = bucket
@@ -103,7 +104,7 @@ class Store:
                 self._client = self._make_client()
                 hook, Store.on_first_client = Store.on_first_client, None
                 if hook is not None:
-                    hook()
+                    hook(self)
             return self._client
 
     def _make_client(self) -> Any:
@@ -220,6 +221,12 @@ class Store:
         return cls(f"{where}: {code or status}: {message}")
 
     # -- operations ----------------------------------------------------------
+
+    def origin(self) -> str:
+        """Where this store's objects are asked for (``scheme://host[:port]``), as the URLs
+        it signs say (a virtual-hosted bucket's host names the bucket)."""
+        u = urlsplit(self.presign("origin", 60))
+        return f"{u.scheme}://{u.netloc}"
 
     def adopt_signed(self, urls: dict[str, str], valid_until: float) -> None:
         """GET URLs of ``urls``' keys that another process signed with this store's

@@ -55,7 +55,7 @@ import trio
 from ..cache import BlockCache
 from ..errors import AccessDeniedError, IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
-from .protocol import (FD_SPACE, MAX_MESSAGE, Connect, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message,
+from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message,
                        Named, Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
                        fd_message, received_fd)
 from .spawn import LaneConfig, Spawned, lanes_workers, spawn
@@ -189,13 +189,10 @@ class Lanes:
     """
 
     def __init__(self, registry: Registry | None, cache: BlockCache | None, config: LaneConfig = LaneConfig(), *,
-                 spawned: list[Spawned] | None = None, connect: str | None = None):
+                 spawned: list[Spawned] | None = None):
         """``cache`` None: workers without a cache, for ``deliver`` only. ``spawned``: workers
-        started early (``spawn``), adopted by ``run`` if their configuration is this one's.
-        ``connect``: a URL of the store the first requests go to; each worker opens its
-        connections there as it starts (a mount's first read then waits for none)."""
+        started early (``spawn``), adopted by ``run`` if their configuration is this one's."""
         self.registry = registry
-        self.connect = connect
         self.cache = cache
         self.config = config
         self.n_workers, self.worker_config = lanes_workers(config, cache, encrypted=registry is not None and
@@ -258,8 +255,6 @@ class Lanes:
         if self.worker_config.encrypted:  # the key goes through the socket, never argv or env
             assert self.registry is not None and self.registry.key is not None
             s.sock.send(encode(Key(b64encode(self.registry.key.secret).decode())))
-        if self.connect is not None:
-            s.sock.send(encode(Connect(self.connect)))
         p = _Proc(s.proc, s.sock, trio.socket.from_stdlib_socket(s.sock), time.monotonic())
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)

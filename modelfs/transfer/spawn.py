@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import TRANSFER_CONCURRENCY, Timeouts
-from .protocol import WorkerConfig
+from .protocol import Connect, WorkerConfig, encode
 
 if TYPE_CHECKING:  # not imported: lmdb is not needed to start a worker
     from ..cache import BlockCache
@@ -81,6 +81,14 @@ class Spawned:
     sock: socket.socket
     config: WorkerConfig
     adopted: bool = False  # Lanes owns it now (and ends it)
+
+    def connect(self, url: str) -> None:
+        """Have it open its connections to ``url``'s origin now, so the first requests wait
+        for no handshake (not an encrypted registry's worker: its first message is its key)."""
+        try:
+            self.sock.send(encode(Connect(url)))
+        except OSError:
+            pass  # it died: Lanes replaces it
 
     def abandon(self, grace: float = 5.0) -> None:
         """End it (it exits on end of file; an encrypted one waiting for its key too)."""
