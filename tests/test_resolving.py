@@ -65,6 +65,9 @@ def test_a_cold_start_s_lines_before_the_answer():
     warm = _helper(b"OK v2\n")
     assert warm.result(on_store=seen.append) == "v2" and len(seen) == 1  # warm: no store
     assert not warm.went_to_store and warm.signed == {} and warm.origin is None
+    nowhere = _helper(b"STORE \nOK v4\n")  # it could not say where: cold all the same, nothing to connect to
+    assert nowhere.result(on_store=seen.append) == "v4" and nowhere.went_to_store and nowhere.origin is None
+    assert len(seen) == 1
     odd = _helper(STORE + b"SIGNED only-a-key\nOK v3\n")  # a malformed line: the answer is not found past it
     assert odd.result() is None and odd.signed == {}
 

@@ -33,8 +33,8 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import errors, logs
@@ -140,9 +140,11 @@ class Ahead:
         try:
             while chunk := os.read(self.fd, 65536):
                 data += chunk
-                if self.origin is None and data.startswith(STORE.encode() + b" ") and b"\n" in data:
-                    self.origin = data.partition(b"\n")[0].decode(errors="replace").split(" ", 1)[1]
-                    on_store(self.origin)
+                if not self.went_to_store and data.startswith(STORE.encode() + b" ") and b"\n" in data:
+                    self.went_to_store = True
+                    self.origin = data.partition(b"\n")[0].decode(errors="replace").split(" ", 1)[1] or None
+                    if self.origin is not None:
+                        on_store(self.origin)
         finally:
             self.forget()
             self.reap()
@@ -150,7 +152,7 @@ class Ahead:
         while True:  # the lines before the answer (an error's message may span lines)
             line, nl, after = text.partition("\n")
             if line.startswith(STORE + " "):
-                self.went_to_store = True
+                pass  # seen above
             elif line.startswith(SIGNED + " ") and len(parts := line.split(" ")) == 3:
                 self.signed[parts[1]] = parts[2]
             else:
@@ -233,7 +235,14 @@ def _helper(settings: dict[str, Any], log_path: Path | None, answer: int) -> NoR
         from ..registry.store import Store
         from .settings import SourceSpec, cache_dir_of
 
-        Store.on_first_client = lambda store: _say(answer, f"{STORE} {store.origin()}\n".encode(), quiet=True)
+        def cold(store: Store) -> None:  # the daemon learns now that the start is cold, and where to
+            try:
+                origin = store.origin()
+            except ModelfsError:
+                origin = ""  # (signing cannot fail once the client exists; were it to, no harm)
+            _say(answer, f"{STORE} {origin}\n".encode(), quiet=True)
+
+        Store.on_first_client = cold
         spec = SourceSpec.of(settings)
         cache = BlockCache(cache_root(cache_dir_of(settings), sealed=spec.sealed), settings["cache_size"])
         try:
