@@ -156,8 +156,12 @@ def test_encrypted_registry_keeps_no_plaintext_and_round_trips(env, bucket, s3, 
     cli(env, "pull", f"{reg}/llama@prod", str(tmp_path / "pulled"), "-q", *key)
     pulled = tree_digest(tmp_path / "pulled")
     assert pulled.pop("model.sig") and pulled == want
-    mounted = tree_digest(mounts.mount(f"{reg}/llama@prod", *key))
+    one = mounts.mount(f"{reg}/llama@prod", *key)
+    mounted = tree_digest(one)
     assert mounted.pop("model.sig") and mounted == want
+    # a cold start gives its workers the key, then where to connect, before Lanes adopts them:
+    # the key once (a second one would end the worker, and a new one would take its place)
+    assert json.loads(os.getxattr(one, "user.modelfs.stats"))["worker_restarts"] == 0
     whole = mounts.mount(reg, *key)
     mounted = tree_digest(whole / "llama" / "versions" / version)
     assert mounted.pop("model.sig") and mounted == want

@@ -100,9 +100,8 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: 
 def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned],
            ahead: Ahead | None) -> None:
     def cold(origin: str) -> None:  # the helper went to the store: so will the first reads
-        if cfg.spec.key is None:  # (an encrypted registry's worker takes its key first, from Lanes)
-            for s in early:
-                s.connect(origin)
+        for s in early:
+            s.connect(origin, cfg.spec.key.secret if cfg.spec.key is not None else None)
     source = resolve_source(cfg.spec, cache, ahead, on_store=cold)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
     lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)

@@ -43,7 +43,6 @@ import socket
 import statistics
 import subprocess
 import time
-from base64 import b64encode
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ import trio
 from ..cache import BlockCache
 from ..errors import AccessDeniedError, IntegrityError, ModelfsError, NotFoundError, StoreError, StoreUnavailableError
 from ..registry.layout import Registry
-from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Key, Load, Message,
+from .protocol import (FD_SPACE, MAX_MESSAGE, Deliver, Done, Early, Failed, Failure, Go, Load, Message,
                        Named, Peek, Peeked, ProtocolError, Ready, Request, Upload, Uploaded, decode, encode,
                        fd_message, received_fd)
 from .spawn import LaneConfig, Spawned, lanes_workers, spawn
@@ -254,7 +253,7 @@ class Lanes:
         s.adopted = True
         if self.worker_config.encrypted:  # the key goes through the socket, never argv or env
             assert self.registry is not None and self.registry.key is not None
-            s.sock.send(encode(Key(b64encode(self.registry.key.secret).decode())))
+            s.give_key(self.registry.key.secret)  # (a daemon may have given it already: Spawned.connect)
         p = _Proc(s.proc, s.sock, trio.socket.from_stdlib_socket(s.sock), time.monotonic())
         self._procs.append(p)
         self._nursery.start_soon(self._receive, p)

@@ -10,12 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+from base64 import b64encode
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import TRANSFER_CONCURRENCY, Timeouts
-from .protocol import Connect, WorkerConfig, encode
+from .protocol import Connect, Key, WorkerConfig, encode
 
 if TYPE_CHECKING:  # not imported: lmdb is not needed to start a worker
     from ..cache import BlockCache
@@ -81,11 +82,20 @@ class Spawned:
     sock: socket.socket
     config: WorkerConfig
     adopted: bool = False  # Lanes owns it now (and ends it)
+    keyed: bool = False  # it has its registry key (an encrypted registry's worker waits for it first)
 
-    def connect(self, url: str) -> None:
+    def give_key(self, secret: bytes) -> None:
+        """Send the registry key: an encrypted registry's worker's first message, once."""
+        if not self.keyed:
+            self.keyed = True
+            self.sock.send(encode(Key(b64encode(secret).decode())))
+
+    def connect(self, url: str, secret: bytes | None = None) -> None:
         """Have it open its connections to ``url``'s origin now, so the first requests wait
-        for no handshake (not an encrypted registry's worker: its first message is its key)."""
+        for no handshake (``secret``: an encrypted registry's key, which must come first)."""
         try:
+            if secret is not None:
+                self.give_key(secret)
             self.sock.send(encode(Connect(url)))
         except OSError:
             pass  # it died: Lanes replaces it
