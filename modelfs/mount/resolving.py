@@ -12,9 +12,10 @@ version it found. The daemon imports meanwhile, then builds its source from the 
 alone (:func:`~modelfs.registry.source.as_resolved`), sending no request before it
 serves. A cold start's first reads need signed URLs, and a daemon of its own would need
 boto3's import and client for them (~0.15 CPU-s) before it could serve; so a helper
-that went to the store (``STORE``) also signs GET URLs of the first chunks of every file
-(``SIGNED``) for the daemon, which makes its own client only once it serves, beside
-those first reads. An error the helper met (a bad ref or key, a store down with nothing cached)
+that goes to the store says so at once, and where (``STORE ORIGIN``: the daemon has its
+workers open their connections there meanwhile), and also signs GET URLs of the first
+chunks of every file (``SIGNED``) for the daemon, which makes its own client only once
+it serves, beside those first reads. An error the helper met (a bad ref or key, a store down with nothing cached)
 the daemon raises as its own, so it is reported as before and met only once; a helper
 that dies without an answer leaves the daemon to resolve by itself. A whole registry, a
 manifest file, pointer files and a checkout are resolved by the daemon alone, as before.
