@@ -99,10 +99,10 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None] = lambda: None, early: 
 
 def _serve(cfg: MountConfig, cache: BlockCache, on_ready: Callable[[], None], early: list[Spawned],
            ahead: Ahead | None) -> None:
-    def cold(origin: str) -> None:  # the helper went to the store: so will the first reads
+    def connect_workers(origin: str) -> None:  # the helper went to the store: so will the first reads
         for s in early:
             s.connect(origin, cfg.spec.key.secret if cfg.spec.key is not None else None)
-    source = resolve_source(cfg.spec, cache, ahead, on_store=cold)
+    source = resolve_source(cfg.spec, cache, ahead, on_store=connect_workers)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
     lanes = Lanes(source.catalog.registry if source.catalog else None, cache, cfg.lanes, spawned=early)
     view = CacheView(cache)

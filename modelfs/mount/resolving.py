@@ -137,29 +137,19 @@ class Ahead:
         called (here) as soon as it says it made an S3 client: the start is cold, and the
         first reads will go to ``origin``."""
         assert self.fd is not None
-        data = b""
+        data, answer_at, answering = b"", 0, False  # the answer starts at answer_at (it may span lines)
         try:
             while chunk := os.read(self.fd, 65536):
                 data += chunk
-                if not self.went_to_store and data.startswith(STORE.encode() + b" ") and b"\n" in data:
-                    self.went_to_store = True
-                    self.origin = data.partition(b"\n")[0].decode(errors="replace").split(" ", 1)[1] or None
-                    if self.origin is not None:
-                        on_store(self.origin)
+                while not answering and (end := data.find(b"\n", answer_at)) >= 0:
+                    if self._said(data[answer_at:end].decode(errors="replace"), on_store):
+                        answer_at = end + 1
+                    else:
+                        answering = True
         finally:
             self.forget()
             self.reap()
-        text = data.decode(errors="replace")
-        while True:  # the lines before the answer (an error's message may span lines)
-            line, nl, after = text.partition("\n")
-            if line.startswith(STORE + " "):
-                pass  # seen above
-            elif line.startswith(SIGNED + " ") and len(parts := line.split(" ")) == 3:
-                self.signed[parts[1]] = parts[2]
-            else:
-                break
-            text = after
-        word, _, rest = text.strip().partition(" ")
+        word, _, rest = data[answer_at:].decode(errors="replace").strip().partition(" ")
         if word == "OK" and rest:
             self.version = rest
             return rest
@@ -169,6 +159,21 @@ class Ahead:
             raise (cls if isinstance(cls, type) and issubclass(cls, ModelfsError) else ModelfsError)(message)
         log.warning("the helper resolving the source (pid %d) gave no answer: resolving it here", self.pid)
         return None
+
+    def _said(self, line: str, on_store: Callable[[str], object]) -> bool:
+        """Take ``line``, said before the answer (``STORE ORIGIN``: ``on_store`` is called
+        now; ``SIGNED KEY URL``); False if it is not such a line: the answer starts there."""
+        if line.startswith(STORE + " "):
+            if not self.went_to_store:
+                self.went_to_store = True
+                self.origin = line[len(STORE) + 1:] or None
+                if self.origin is not None:
+                    on_store(self.origin)
+            return True
+        if line.startswith(SIGNED + " ") and len(parts := line.split(" ")) == 3:
+            self.signed[parts[1]] = parts[2]
+            return True
+        return False
 
     def fresh_for(self, ttl: float) -> float:
         """How old a cache record may be and still count as fresh: the metadata TTL, or what

@@ -64,6 +64,12 @@ class HttpClient:
             return http.client.HTTPSConnection(host, port, timeout=self.timeouts.connect, context=self.ssl)
         return http.client.HTTPConnection(host, port, timeout=self.timeouts.connect)
 
+    def _open(self, c: http.client.HTTPConnection) -> None:
+        """Connect ``c`` (the connect timeout), then wait at most the read timeout for each answer."""
+        c.connect()
+        assert c.sock is not None
+        c.sock.settimeout(self.timeouts.read)
+
     def preconnect(self, url: str) -> None:
         """Open a connection to ``url``'s origin for the first thread that has none there, so
         its first request does not wait for TCP's round trip (and TLS's). Best effort: a
@@ -72,9 +78,7 @@ class HttpClient:
         key = (u.scheme, u.hostname or "", u.port)
         c = self._new(*key)
         try:
-            c.connect()
-            assert c.sock is not None
-            c.sock.settimeout(self.timeouts.read)
+            self._open(c)
         except (OSError, http.client.HTTPException):
             c.close()
             return
@@ -155,8 +159,7 @@ class HttpClient:
         where = f"{u.scheme}://{u.netloc}"
         try:
             if c.sock is None:
-                c.connect()
-                c.sock.settimeout(self.timeouts.read)
+                self._open(c)
             yield c, f"{u.path}?{u.query}" if u.query else u.path
         except FetchFailed:
             c.close()
